@@ -1,0 +1,1 @@
+"""The ``clipsearch`` command line: one typer app, thin commands over library calls."""

@@ -1,0 +1,43 @@
+"""The ``clipsearch`` typer app. Command groups live in their own modules.
+
+Nothing here imports torch, open_clip or faiss: ``clipsearch --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+import retrieval
+from cli.common import setup_logging
+
+app = typer.Typer(
+    name="clipsearch",
+    help="Cross-modal (text <-> image) search: build CLIP indexes, query them, serve them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipsearch {retrieval.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv: debug)."),
+) -> None:
+    setup_logging(verbose)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

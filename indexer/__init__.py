@@ -1,0 +1,1 @@
+"""clipsearch write side: sources, the embed pipeline, the shard writer and commits."""

@@ -1,0 +1,135 @@
+"""Encoders: the protocol, the open_clip implementation, and a fake for tests.
+
+``load_encoder`` is the one entry point the indexer, the engine and the CLI use. It maps
+a model name (a preset, an open_clip architecture, or ``fake``/``fake-<dim>``) plus an
+optional pretrained tag / checkpoint path / ``hf-hub:`` id onto an :class:`Encoder`.
+open_clip and torch are imported only when an open_clip model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from retrieval.encoders.base import (
+    BaseEncoder,
+    Encoder,
+    EncoderFingerprint,
+    TextEncoding,
+    l2_normalize,
+)
+from retrieval.encoders.fake import FakeEncoder
+from retrieval.errors import ConfigError
+
+if TYPE_CHECKING:
+    from retrieval.encoders.openclip import OpenClipEncoder
+
+__all__ = [
+    "PRESETS",
+    "BaseEncoder",
+    "Encoder",
+    "EncoderFingerprint",
+    "FakeEncoder",
+    "Preset",
+    "TextEncoding",
+    "encoder_from_fingerprint",
+    "l2_normalize",
+    "load_encoder",
+]
+
+DEFAULT_MODEL = "clipsearch-demo"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """A named (architecture, weights) pair users can pass as ``--model``."""
+
+    # open_clip architecture name.
+    arch: str
+    # Pretrained tag, or "bundled" for weights shipped inside this package.
+    pretrained: str
+    # One line for `clipsearch models list`.
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "clipsearch-demo": Preset(
+        arch="clipsearch-demo",
+        pretrained="bundled",
+        description="small CLIP trained on the generated demo shop catalog; offline, CPU-fast",
+    ),
+    "vit-b-32": Preset(
+        arch="ViT-B-32",
+        pretrained="laion2b_s34b_b79k",
+        description="OpenCLIP ViT-B/32 trained on LAION-2B; the common general-purpose choice",
+    ),
+    "vit-b-16": Preset(
+        arch="ViT-B-16",
+        pretrained="laion2b_s34b_b88k",
+        description="OpenCLIP ViT-B/16 on LAION-2B; better quality, ~4x slower than B/32",
+    ),
+    "vit-l-14": Preset(
+        arch="ViT-L-14",
+        pretrained="laion2b_s32b_b82k",
+        description="OpenCLIP ViT-L/14 on LAION-2B; high quality, GPU recommended",
+    ),
+}
+
+_FAKE = re.compile(r"^fake(?:-(\d+))?$")
+
+
+def load_encoder(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+) -> Encoder:
+    """Load an encoder by name.
+
+    Args:
+        model: a preset name (``clipsearch-demo``, ``vit-b-32``...), any open_clip
+            architecture (``ViT-B-32``), or ``fake`` / ``fake-<dim>`` for the test encoder.
+        pretrained: pretrained tag, local checkpoint path (``.safetensors``, ``.pt``,
+            ``.bin``) or ``hf-hub:org/name``; defaults to the preset's weights. For fakes,
+            an integer seed.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``.
+        precision: ``auto`` (fp16 on GPU, bf16 on CPUs that support it, else fp32),
+            ``fp32``, ``fp16``, ``bf16``.
+        batch_size: items per forward pass; None picks a default per device.
+    """
+    m = _FAKE.match(model)
+    if m:
+        seed = int(pretrained) if pretrained not in (None, "") else 0
+        return FakeEncoder(int(m.group(1) or 64), seed=seed, batch_size=batch_size or 64)
+    from retrieval.encoders.openclip import OpenClipEncoder
+
+    preset = PRESETS.get(model)
+    arch = preset.arch if preset else model
+    if pretrained is None and preset is not None:
+        pretrained = preset.pretrained
+    return OpenClipEncoder(
+        arch,
+        pretrained=pretrained or "",
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )
+
+
+def encoder_from_fingerprint(
+    fp: EncoderFingerprint, *, device: str = "auto", precision: str = "auto"
+) -> Encoder:
+    """Re-create the encoder an index was built with, from its manifest fingerprint."""
+    if fp.kind == "fake":
+        seed_part = fp.pretrained.split(";")[0]
+        seed = int(seed_part.removeprefix("seed="))
+        enc = FakeEncoder(fp.dim, seed=seed, context_length=fp.context_length)
+        if enc.fingerprint != fp:
+            raise ConfigError(f"cannot re-create fake encoder from fingerprint {fp.to_dict()}")
+        return enc
+    if fp.kind == "open_clip":
+        return load_encoder(fp.arch, fp.pretrained, device=device, precision=precision)
+    raise ConfigError(f"unknown encoder kind {fp.kind!r} in fingerprint")

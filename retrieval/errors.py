@@ -1,0 +1,52 @@
+"""The clipsearch exception family.
+
+Every error a user can cause subclasses both ``ClipsearchError`` (so a backend can catch
+all of ours at once) and the matching built-in (so ``except ValueError`` keeps working).
+Messages say what went wrong, where, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Base class of every error clipsearch raises on purpose."""
+
+
+class ConfigError(ClipsearchError, ValueError):
+    """An option or configuration value is invalid (bad batch size, unknown preset...)."""
+
+
+class ModelNotFoundError(ClipsearchError, FileNotFoundError):
+    """Encoder weights could not be found locally and could not be downloaded."""
+
+
+class ImageDecodeError(ClipsearchError, ValueError):
+    """An image could not be decoded, or is unsafe to decode (bomb, absurd size)."""
+
+
+class FingerprintMismatchError(ClipsearchError, ValueError):
+    """The encoder does not match the one an index was built with."""
+
+
+class IndexFormatError(ClipsearchError, ValueError):
+    """An index directory is missing files, corrupt, or of an unknown format version."""
+
+
+class IndexNotFoundError(ClipsearchError, FileNotFoundError):
+    """No index exists at the given path."""
+
+
+class IndexLockedError(ClipsearchError, RuntimeError):
+    """Another writer holds the index lock."""
+
+
+class FilterError(ClipsearchError, ValueError):
+    """A filter expression is malformed, names an unknown column, or mistypes a value."""
+
+
+class QueryError(ClipsearchError, ValueError):
+    """A query is malformed (empty, bad k, unknown modality...)."""
+
+
+class SourceError(ClipsearchError, ValueError):
+    """A corpus source (folder, manifest, text file) cannot be read as configured."""
