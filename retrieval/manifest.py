@@ -1,0 +1,427 @@
+"""The manifest: the one JSON file that describes a committed version of an index.
+
+An index directory holds many immutable manifests (``manifests/v000007.json``) and a
+``CURRENT`` file naming the live one. A manifest lists every shard with its files, byte
+sizes and sha256s, so a reader can pin a version and check it before trusting it. The
+dataclasses here are shared by the reader (``retrieval.store``) and the writer
+(``indexer``); both go through :func:`read_manifest` / :meth:`Manifest.to_dict`.
+
+Layout (all paths in a manifest are relative to the index root)::
+
+    CURRENT                      # "v000007.json\\n"
+    manifests/v000007.json
+    shards/s000042.faiss         # FAISS index, CPU form, ids = row offsets 0..rows-1
+    shards/s000042.parquet       # metadata, row i describes vector i
+    shards/s000042.f16.npy       # float16 [rows, dim] vectors for exact rescoring
+    tombstones/v000007.parquet   # row_id (int64), doc_id: every deleted row, cumulative
+    errors/v000007-build.parquet # source, doc_id, stage, reason of skipped/flagged items
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retrieval.encoders.base import EncoderFingerprint
+from retrieval.errors import ConfigError, IndexFormatError, IndexNotFoundError
+
+# Bump when a reader of the previous version could misread the new layout.
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_DIR = "manifests"
+SHARD_DIR = "shards"
+TOMBSTONE_DIR = "tombstones"
+ERRORS_DIR = "errors"
+# Inner product on L2-normalised vectors, i.e. cosine similarity.
+METRIC = "inner_product"
+MODALITIES = ("image", "text")
+# Fixed metadata columns, in order, before the user's own columns.
+FIXED_COLUMNS = ("row_id", "doc_id", "modality", "source", "content_hash")
+
+_VERSION_NAME = re.compile(r"^v(\d{6,})\.json$")
+
+
+def version_name(version: int) -> str:
+    """``7 -> "v000007"`` (the stem shared by a manifest, its tombstones and error files)."""
+    return f"v{version:06d}"
+
+
+def shard_name(number: int) -> str:
+    """``42 -> "s000042"``; shard numbers are never reused within one index."""
+    return f"s{number:06d}"
+
+
+def manifest_path(version: int) -> str:
+    """Path of a version's manifest relative to the index root."""
+    return f"{MANIFEST_DIR}/{version_name(version)}.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileRecord:
+    """One file a manifest depends on."""
+
+    # Path relative to the index root, with "/" separators.
+    path: str
+    # Exact size in bytes; checked on every open.
+    bytes: int
+    # sha256 hex of the content; checked by `index verify` and `verify_hashes=True`.
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileRecord:
+        return cls(path=str(d["path"]), bytes=int(d["bytes"]), sha256=str(d["sha256"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexSpec:
+    """How one shard's FAISS index was built and how it should be searched."""
+
+    # What was asked for: "auto", "flat", "ivf", "ivfpq", "hnsw" or a factory string.
+    requested: str
+    # The FAISS factory string actually built ("Flat", "IVF256,Flat", "HNSW32", ...).
+    factory: str
+    # Search-time parameters, applied with faiss.ParameterSpace-style names:
+    #   "nprobe" (IVF lists visited), "efSearch" (HNSW beam), and "k_factor": fetch
+    #   k * k_factor candidates from FAISS, then rescore them exactly with the fp16
+    #   vectors and keep the best k (1 = no re-ranking).
+    search_params: dict[str, int] = field(default_factory=dict)
+    # recall@10 measured against exact search on held-out vectors with these params;
+    # None when the index is exact (flat) or too small to measure.
+    measured_recall: float | None = None
+    # The recall@10 the parameter tuning aimed for.
+    target_recall: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.factory:
+            raise ConfigError("IndexSpec.factory must be a FAISS factory string, got ''")
+        for k, v in self.search_params.items():
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"search parameter {k}={v!r} must be a positive integer")
+
+    @property
+    def k_factor(self) -> int:
+        return int(self.search_params.get("k_factor", 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "factory": self.factory,
+            "search_params": dict(self.search_params),
+            "measured_recall": self.measured_recall,
+            "target_recall": self.target_recall,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexSpec:
+        recall = d.get("measured_recall")
+        target = d.get("target_recall")
+        return cls(
+            requested=str(d["requested"]),
+            factory=str(d["factory"]),
+            search_params={str(k): int(v) for k, v in d.get("search_params", {}).items()},
+            measured_recall=None if recall is None else float(recall),
+            target_recall=None if target is None else float(target),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord:
+    """One shard: vectors of one modality, with aligned metadata and a FAISS index."""
+
+    # "s000042"; the stem of the shard's three files.
+    name: str
+    # "image" or "text".
+    modality: str
+    # Vectors in the shard (== FAISS ntotal == metadata rows == .npy rows).
+    rows: int
+    # row_id of the shard's first row; row i has row_id row_id_start + i.
+    row_id_start: int
+    # Vector dimension (== encoder dim).
+    dim: int
+    # How the FAISS index was built and should be searched.
+    index: IndexSpec
+    # The shard's files.
+    faiss: FileRecord
+    vectors: FileRecord
+    metadata: FileRecord
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"shard {self.name}: modality must be one of {MODALITIES}")
+        if self.rows < 0 or self.row_id_start < 0 or self.dim < 1:
+            raise ConfigError(f"shard {self.name}: negative row count, row id or dim")
+
+    @property
+    def row_id_end(self) -> int:
+        """One past the last row_id of the shard."""
+        return self.row_id_start + self.rows
+
+    @property
+    def files(self) -> tuple[FileRecord, ...]:
+        return (self.faiss, self.vectors, self.metadata)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "rows": self.rows,
+            "row_id_start": self.row_id_start,
+            "dim": self.dim,
+            "index": self.index.to_dict(),
+            "files": {
+                "faiss": self.faiss.to_dict(),
+                "vectors": self.vectors.to_dict(),
+                "metadata": self.metadata.to_dict(),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
+        files = d["files"]
+        return cls(
+            name=str(d["name"]),
+            modality=str(d["modality"]),
+            rows=int(d["rows"]),
+            row_id_start=int(d["row_id_start"]),
+            dim=int(d["dim"]),
+            index=IndexSpec.from_dict(d["index"]),
+            faiss=FileRecord.from_dict(files["faiss"]),
+            vectors=FileRecord.from_dict(files["vectors"]),
+            metadata=FileRecord.from_dict(files["metadata"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorReport:
+    """The errors report of one build/add: items skipped or flagged, with the reason."""
+
+    # The Parquet file (columns source, doc_id, stage, reason).
+    file: FileRecord
+    # Rows in the report.
+    rows: int
+    # The version the operation committed.
+    version: int
+    # "build" or "add".
+    operation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file.to_dict(),
+            "rows": self.rows,
+            "version": self.version,
+            "operation": self.operation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ErrorReport:
+        return cls(
+            file=FileRecord.from_dict(d["file"]),
+            rows=int(d["rows"]),
+            version=int(d["version"]),
+            operation=str(d["operation"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A committed version of an index. Immutable once written."""
+
+    # On-disk format version (FORMAT_VERSION when written by this code).
+    format_version: int = FORMAT_VERSION
+    # This version's number (1, 2, ...); the manifest file is manifests/v{version:06d}.json.
+    version: int
+    # The version this one was derived from (None for the first).
+    parent_version: int | None = None
+    # ISO-8601 UTC time of the commit.
+    created_at: str
+    # What produced it: "build", "add", "delete", "compact".
+    operation: str
+    # The encoder every vector was produced with.
+    encoder: EncoderFingerprint
+    # Similarity of the stored vectors; always "inner_product" (cosine on unit vectors).
+    metric: str = METRIC
+    # Every live shard, in row_id order.
+    shards: tuple[ShardRecord, ...] = ()
+    # Cumulative deleted rows (row_id, doc_id), or None when nothing is deleted.
+    tombstones: FileRecord | None = None
+    # Rows in the tombstones file.
+    n_tombstones: int = 0
+    # Errors reports of the builds/adds whose shards are still live.
+    errors: tuple[ErrorReport, ...] = ()
+    # Next unused row id and shard number (never reused, even after compaction).
+    next_row_id: int = 0
+    next_shard: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric != METRIC:
+            raise IndexFormatError(f"unsupported metric {self.metric!r}; expected {METRIC!r}")
+        if self.version < 1:
+            raise ConfigError(f"manifest version must be >= 1, got {self.version}")
+
+    @property
+    def name(self) -> str:
+        """``"v000007"``."""
+        return version_name(self.version)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def n_rows(self) -> int:
+        """Stored rows including tombstoned ones."""
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def n_live(self) -> int:
+        """Rows that searches can return."""
+        return self.n_rows - self.n_tombstones
+
+    @property
+    def n_errors(self) -> int:
+        return sum(e.rows for e in self.errors)
+
+    def rows_by_modality(self) -> dict[str, int]:
+        """Stored rows (tombstoned included) per modality."""
+        out = dict.fromkeys(MODALITIES, 0)
+        for s in self.shards:
+            out[s.modality] += s.rows
+        return out
+
+    def files(self) -> tuple[FileRecord, ...]:
+        """Every file this version references (shards, tombstones, errors reports)."""
+        out = [f for s in self.shards for f in s.files]
+        if self.tombstones is not None:
+            out.append(self.tombstones)
+        out.extend(e.file for e in self.errors)
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "version": self.version,
+            "parent_version": self.parent_version,
+            "created_at": self.created_at,
+            "operation": self.operation,
+            "encoder": self.encoder.to_dict(),
+            "metric": self.metric,
+            "next_row_id": self.next_row_id,
+            "next_shard": self.next_shard,
+            "counts": {
+                "rows": self.n_rows,
+                "live": self.n_live,
+                "tombstones": self.n_tombstones,
+                "errors": self.n_errors,
+                "by_modality": self.rows_by_modality(),
+            },
+            "shards": [s.to_dict() for s in self.shards],
+            "tombstones": None if self.tombstones is None else self.tombstones.to_dict(),
+            "n_tombstones": self.n_tombstones,
+            "errors": [e.to_dict() for e in self.errors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        fmt = d.get("format_version")
+        if fmt != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index format version {fmt!r} is not supported by this clipsearch "
+                f"(it reads version {FORMAT_VERSION}); upgrade clipsearch or rebuild the index"
+            )
+        tomb = d.get("tombstones")
+        parent = d.get("parent_version")
+        return cls(
+            format_version=int(fmt),
+            version=int(d["version"]),
+            parent_version=None if parent is None else int(parent),
+            created_at=str(d["created_at"]),
+            operation=str(d["operation"]),
+            encoder=EncoderFingerprint.from_dict(d["encoder"]),
+            metric=str(d["metric"]),
+            shards=tuple(ShardRecord.from_dict(s) for s in d["shards"]),
+            tombstones=None if tomb is None else FileRecord.from_dict(tomb),
+            n_tombstones=int(d.get("n_tombstones", 0)),
+            errors=tuple(ErrorReport.from_dict(e) for e in d.get("errors", [])),
+            next_row_id=int(d["next_row_id"]),
+            next_shard=int(d["next_shard"]),
+        )
+
+
+def parse_manifest(text: str, *, where: str) -> Manifest:
+    """Parse manifest JSON; ``where`` names the file in error messages."""
+    try:
+        return Manifest.from_dict(json.loads(text))
+    except IndexFormatError:
+        raise
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(
+            f"{where}: not a valid clipsearch manifest ({type(e).__name__}: {e}); "
+            "the index is corrupt, restore it or rebuild it with `clipsearch index build`"
+        ) from e
+
+
+def read_manifest(root: str | Path, version: int) -> Manifest:
+    """Read one version's manifest from an index directory."""
+    path = Path(root) / manifest_path(version)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise IndexFormatError(f"{path}: manifest of version {version} is missing") from e
+    m = parse_manifest(text, where=str(path))
+    if m.version != version:
+        raise IndexFormatError(f"{path}: file says version {m.version}, expected {version}")
+    return m
+
+
+def current_version(root: str | Path) -> int | None:
+    """The version ``CURRENT`` names, or None when the directory has no committed index."""
+    root = Path(root)
+    path = root / CURRENT_FILE
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    m = _VERSION_NAME.match(text)
+    if not m:
+        raise IndexFormatError(
+            f"{path}: expected a manifest name like 'v000007.json', found {text[:60]!r}"
+        )
+    return int(m.group(1))
+
+
+def read_current(root: str | Path) -> Manifest:
+    """The live manifest of an index; raises IndexNotFoundError when there is none."""
+    root = Path(root)
+    if not root.exists():
+        raise IndexNotFoundError(
+            f"{root}: no such directory; build an index with `clipsearch index build ... --out {root}`"
+        )
+    version = current_version(root)
+    if version is None:
+        raise IndexNotFoundError(
+            f"{root}: not a clipsearch index (no {CURRENT_FILE} file); "
+            f"build one with `clipsearch index build ... --out {root}`"
+        )
+    return read_manifest(root, version)
+
+
+def list_versions(root: str | Path) -> list[int]:
+    """Every version with a manifest file in ``root``, ascending."""
+    mdir = Path(root) / MANIFEST_DIR
+    if not mdir.is_dir():
+        return []
+    out = []
+    for p in mdir.iterdir():
+        m = _VERSION_NAME.match(p.name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
