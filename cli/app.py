@@ -30,9 +30,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv: debug)."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More logging (-vv: debug)."
+    ),
 ) -> None:
     setup_logging(verbose)
+
+
+from cli.embed_cmd import embed_cmd  # noqa: E402
+from cli.models_cmd import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+app.command("embed")(embed_cmd)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from retrieval.encoders.base import (
     l2_normalize,
 )
 from retrieval.encoders.fake import FakeEncoder
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, FingerprintMismatchError
 
 if TYPE_CHECKING:
     from retrieval.encoders.openclip import OpenClipEncoder
@@ -31,11 +31,14 @@ __all__ = [
     "Encoder",
     "EncoderFingerprint",
     "FakeEncoder",
+    "OpenClipEncoder",
     "Preset",
     "TextEncoding",
     "encoder_from_fingerprint",
+    "is_fake",
     "l2_normalize",
     "load_encoder",
+    "resolve_model_name",
 ]
 
 DEFAULT_MODEL = "clipsearch-demo"
@@ -102,21 +105,40 @@ def load_encoder(
     """
     m = _FAKE.match(model)
     if m:
-        seed = int(pretrained) if pretrained not in (None, "") else 0
+        try:
+            seed = int(pretrained) if pretrained not in (None, "") else 0
+        except ValueError as e:
+            raise ConfigError(
+                f"the fake encoder takes an integer seed as pretrained, got {pretrained!r}"
+            ) from e
         return FakeEncoder(int(m.group(1) or 64), seed=seed, batch_size=batch_size or 64)
     from retrieval.encoders.openclip import OpenClipEncoder
 
-    preset = PRESETS.get(model)
-    arch = preset.arch if preset else model
-    if pretrained is None and preset is not None:
-        pretrained = preset.pretrained
+    arch, weights = resolve_model_name(model, pretrained)
     return OpenClipEncoder(
         arch,
-        pretrained=pretrained or "",
+        pretrained=weights,
         device=device,
         precision=precision,
         batch_size=batch_size,
     )
+
+
+def is_fake(model: str) -> bool:
+    """True for ``fake`` / ``fake-<dim>``, the torch-free test encoder."""
+    return _FAKE.match(model) is not None
+
+
+def resolve_model_name(model: str, pretrained: str | None = None) -> tuple[str, str]:
+    """Map a preset or architecture plus optional weights onto ``(arch, pretrained)``.
+
+    A preset supplies its own weights unless ``pretrained`` overrides them; a bare
+    architecture without ``pretrained`` means random initialisation (``""``).
+    """
+    preset = PRESETS.get(model)
+    if preset is None:
+        return model, pretrained or ""
+    return preset.arch, preset.pretrained if pretrained is None else pretrained
 
 
 def encoder_from_fingerprint(
@@ -131,5 +153,22 @@ def encoder_from_fingerprint(
             raise ConfigError(f"cannot re-create fake encoder from fingerprint {fp.to_dict()}")
         return enc
     if fp.kind == "open_clip":
-        return load_encoder(fp.arch, fp.pretrained, device=device, precision=precision)
+        loaded = load_encoder(fp.arch, fp.pretrained, device=device, precision=precision)
+        changed = fp.diff(loaded.fingerprint)
+        if changed:
+            detail = "; ".join(f"{k}: index has {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise FingerprintMismatchError(
+                f"the encoder {fp.arch!r} / {fp.pretrained!r} no longer matches the one the index "
+                f"was built with ({detail}); restore the original weights or rebuild the index"
+            )
+        return loaded
     raise ConfigError(f"unknown encoder kind {fp.kind!r} in fingerprint")
+
+
+def __getattr__(name: str) -> object:
+    # OpenClipEncoder imports torch and open_clip; load it only when asked for.
+    if name == "OpenClipEncoder":
+        from retrieval.encoders.openclip import OpenClipEncoder
+
+        return OpenClipEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -112,8 +112,8 @@ class FakeEncoder(BaseEncoder):
         pixels = batch.reshape(n, 3, -1).transpose(0, 2, 1)  # [n, p, 3]
         dist = ((pixels[:, :, None, :] - self._anchors[None, None]) ** 2).sum(-1)
         nearest = dist.argmin(-1)  # [n, p]
-        colour = np.stack([np.bincount(r, minlength=len(PALETTE)) for r in nearest])
-        colour = colour.astype(np.float32) / pixels.shape[1]
+        counts = np.stack([np.bincount(r, minlength=len(PALETTE)) for r in nearest])
+        colour = counts.astype(np.float32) / np.float32(pixels.shape[1])
         detail = batch.reshape(n, -1) @ self._projection
         detail = l2_normalize(detail) * self.detail_weight
         return l2_normalize(np.concatenate([colour, detail], axis=1))
@@ -145,7 +145,7 @@ class FakeEncoder(BaseEncoder):
                 colour[slots.index(name)] = 1.0
             detail += self._token_vector(w)
         if detail.any():
-            detail = detail / np.linalg.norm(detail) * self.detail_weight
+            detail = (detail / np.linalg.norm(detail) * self.detail_weight).astype(np.float32)
         v = np.concatenate([colour, detail])
         if not v.any():  # empty text: a fixed unit vector rather than NaN
             v[-1] = 1.0

@@ -1,0 +1,312 @@
+"""The open_clip encoder: any open_clip architecture with tag, file, hub or bundled weights.
+
+Device, batch size and precision are chosen per machine and reported on the encoder
+(``encoder.device``, ``encoder.precision``, ``encoder.batch_size``); none of them enter
+the fingerprint, because they change speed, not which vectors come out (fp16/bf16
+vectors agree with fp32 to cosine ~0.9999, see ``benchmarks/encode.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import platform
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding
+from retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
+from retrieval.errors import ConfigError
+from retrieval.images import to_rgb
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# Items per forward pass. GPUs want large batches to fill the device; on CPU the
+# throughput curve is flat past ~32 while memory and latency keep growing.
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32, "mps": 64}
+# CPU flags that mean native bf16 matrix math (AVX512-BF16, AMX). Without them bf16 is
+# emulated and slower than fp32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class OpenClipEncoder(BaseEncoder):
+    """An open_clip model behind the :class:`~retrieval.encoders.base.Encoder` protocol."""
+
+    def __init__(
+        self,
+        arch: str,
+        *,
+        pretrained: str = "",
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int | None = None,
+        normalize: bool = True,
+        cache_dir: str | None = None,
+        download: bool = True,
+    ) -> None:
+        """
+        Args:
+            arch: open_clip architecture (``ViT-B-32``, a bundled ``clipsearch-demo``) or
+                ``hf-hub:org/name``.
+            pretrained: tag, checkpoint path, ``hf-hub:`` id, ``bundled``, or ``""`` for a
+                seeded random initialisation (tests, benchmarks).
+            device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda[:n]``, ``mps``.
+            precision: ``auto`` (fp16 on GPU, bf16 on CPUs with native bf16, else fp32),
+                or ``fp32`` / ``fp16`` / ``bf16`` (autocast; weights stay fp32).
+            batch_size: items per forward pass; None picks a default per device.
+            normalize: L2-normalise outputs (then cosine == inner product).
+            cache_dir: weights cache; None uses the HuggingFace / open_clip defaults.
+            download: fetch missing weights when online; False raises instead.
+        """
+        import open_clip
+        import torch
+
+        from retrieval.models import register
+
+        register()
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.device.split(":")[0], 32)
+        self.normalize = normalize
+        self.weights = resolve_weights(arch, pretrained, cache_dir=cache_dir, download=download)
+        self.model = _create_model(self.weights)
+        self._torch_device = torch.device(self.device)
+        self.model.to(self._torch_device).eval()
+        cfg = self.model.visual.preprocess_cfg
+        self._preprocess = open_clip.image_transform(
+            cfg["size"],
+            is_train=False,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            interpolation=cfg["interpolation"],
+            resize_mode=cfg["resize_mode"],
+            fill_color=cfg.get("fill_color", 0),
+        )
+        self.tokenizer = open_clip.get_tokenizer(self.weights.model_name)
+        self.context_length = int(self.tokenizer.context_length)
+        self.n_parameters = sum(p.numel() for p in self.model.parameters())
+        self._fingerprint = self._make_fingerprint(cfg)
+
+    def __repr__(self) -> str:
+        fp = self._fingerprint
+        return (
+            f"OpenClipEncoder({fp.arch!r}, pretrained={fp.pretrained!r}, dim={fp.dim}, "
+            f"device={self.device!r}, precision={self.precision!r})"
+        )
+
+    def _make_fingerprint(self, cfg: dict[str, Any]) -> EncoderFingerprint:
+        size = cfg["size"]
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                raise ConfigError(
+                    f"{self.weights.arch}: non-square input size {tuple(size)} is not supported"
+                )
+            size = size[0]
+        path = self.weights.path
+        return EncoderFingerprint(
+            kind="open_clip",
+            arch=self.weights.arch,
+            pretrained=self.weights.label,
+            weights_sha256=file_sha256(path) if path is not None else None,
+            dim=_embed_dim(self.model),
+            normalize=self.normalize,
+            image_size=int(size),
+            image_mean=tuple(float(x) for x in cfg["mean"]),
+            image_std=tuple(float(x) for x in cfg["std"]),
+            interpolation=str(cfg["interpolation"]),
+            resize_mode=str(cfg["resize_mode"]),
+            tokenizer=_tokenizer_id(self.tokenizer),
+            context_length=self.context_length,
+        )
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """One PIL image -> float32 ``[3, S, S]``: to_rgb, then the model's own transform."""
+        tensor = self._preprocess(to_rgb(image))
+        return np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+
+    def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
+        """float32 ``[n, 3, S, S]`` -> float32 ``[n, dim]`` in chunks of ``batch_size``."""
+        import torch
+
+        batch = np.asarray(batch, dtype=np.float32)
+        size = self._fingerprint.image_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            raise ConfigError(
+                f"encode_prepared expects float32 [n, 3, {size}, {size}], got {batch.shape}; "
+                "prepare images with this encoder's prepare_image"
+            )
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(batch), self.batch_size):
+            x = torch.from_numpy(batch[start : start + self.batch_size]).to(self._torch_device)
+            with self._inference():
+                out.append(self._finish(self.model.encode_image(x)))
+        return np.concatenate(out)
+
+    def encode_texts_detailed(self, texts: Sequence[str]) -> TextEncoding:
+        """Texts -> vectors, which texts were cut to the context, and their token counts."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts_detailed takes a sequence of strings, not one string")
+        texts = list(texts)
+        n_tokens = np.array([self.count_tokens(t) for t in texts], dtype=np.int64)
+        truncated = n_tokens > self.context_length
+        if truncated.any():
+            log.warning(
+                "%d of %d texts exceed the %d-token context of %s and were truncated",
+                int(truncated.sum()),
+                len(texts),
+                self.context_length,
+                self._fingerprint.arch,
+            )
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(texts[start : start + self.batch_size])
+            with self._inference():
+                out.append(self._finish(self.model.encode_text(tokens.to(self._torch_device))))
+        return TextEncoding(vectors=np.concatenate(out), truncated=truncated, n_tokens=n_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` needs, start/end tokens included, before any truncation."""
+        tok = self.tokenizer
+        name = type(tok).__name__
+        if name == "SimpleTokenizer":
+            return len(tok.encode(text)) + 2
+        inner = getattr(tok, "tokenizer", None)
+        if inner is not None and callable(inner):
+            clean = getattr(tok, "clean_fn", lambda s: s)
+            return len(inner(clean(text), add_special_tokens=True)["input_ids"])
+        # Unknown tokenizer: count non-padding ids of the (possibly cut) output.
+        return int((tok([text])[0] != 0).sum())
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        import torch
+
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        with torch.inference_mode():
+            if dtype is None:
+                yield
+            else:
+                with torch.autocast(device_type=self._torch_device.type, dtype=dtype):
+                    yield
+
+    def _finish(self, features: torch.Tensor) -> np.ndarray:
+        import torch.nn.functional as F
+
+        features = features.float()
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _create_model(weights: ResolvedWeights) -> Any:
+    """Build the open_clip model on CPU in fp32 and load the weights file into it."""
+    import open_clip
+    import torch
+
+    # Seeded so that random-init encoders (pretrained="") with equal fingerprints agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return open_clip.create_model(
+                weights.model_name,
+                pretrained=str(weights.path) if weights.path else None,
+                force_quick_gelu=weights.quick_gelu,
+                force_preprocess_cfg=weights.preprocess or None,
+                device="cpu",
+                weights_only=True,
+            )
+        except Exception as e:  # open_clip raises RuntimeError/KeyError/pickle errors
+            raise ConfigError(_load_failure(weights, e)) from e
+
+
+def _load_failure(weights: ResolvedWeights, e: Exception) -> str:
+    where = f"weights {weights.path}" if weights.path else "a random initialisation"
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else type(e).__name__
+    if "Weights only load failed" in str(e) or "weights_only" in str(e):
+        fix = "it is not a plain state dict; re-save it with safetensors or torch.save(model.state_dict())"
+    elif "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+        fix = f"the checkpoint was trained for a different architecture than {weights.arch!r}"
+    else:
+        fix = "check that the file is a complete open_clip checkpoint for this architecture"
+    return f"cannot load model {weights.arch!r} from {where}: {type(e).__name__}: {first}; {fix}"
+
+
+def _embed_dim(model: Any) -> int:
+    dim = getattr(model.visual, "output_dim", None)
+    if dim is None:
+        proj = getattr(model, "text_projection", None)
+        dim = proj.shape[-1] if proj is not None else None
+    if dim is None:
+        raise ConfigError(f"cannot determine the embedding dimension of {type(model).__name__}")
+    return int(dim)
+
+
+def _tokenizer_id(tok: Any) -> str:
+    name = type(tok).__name__
+    if name == "SimpleTokenizer":
+        return "clip-bpe"
+    inner = getattr(tok, "tokenizer", None)
+    source = getattr(inner, "name_or_path", "") or ""
+    return f"{name}:{source}" if source else name
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; checks explicit requests."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise."""
+    if precision == "auto":
+        kind = device.split(":")[0]
+        if kind == "cuda":
+            return "fp16"
+        if kind == "cpu" and cpu_supports_bf16():
+            return "bf16"
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}"
+        )
+    return precision
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return any(f in flags for f in BF16_CPU_FLAGS)
+    return False

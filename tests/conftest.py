@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random open_clip model, registered under a test-only name.
+
+The model is CLIP-shaped but minute (ViT width 64, 2 layers, 32 px images; 2-layer text
+tower of width 64, 16-token context), so open_clip tests run in well under a second
+each after torch is imported. Its weights are saved as safetensors and as torch state
+dicts (bare and wrapped in {"state_dict": ...}), to load back by path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_ARCH = "cs-test-tiny"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    """Weights of one random tiny model, in every supported file format."""
+
+    arch: str
+    model: object  # the in-memory open_clip model the files were saved from (eval mode)
+    safetensors: Path
+    state_dict: Path  # torch.save(model.state_dict())
+    wrapped: Path  # torch.save({"state_dict": ..., "epoch": 3})
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Register the tiny config with open_clip and return its architecture name."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("tiny-config") / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return TINY_ARCH
+
+
+def save_tiny_weights(arch: str, folder: Path, seed: int) -> TinyCheckpoints:
+    """Create a seeded random tiny model and save its weights in three formats."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None).eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    st, sd, wrapped = folder / "tiny.safetensors", folder / "tiny.pt", folder / "tiny-wrapped.pt"
+    save_file(state, str(st))
+    torch.save(state, sd)
+    torch.save({"state_dict": state, "epoch": 3}, wrapped)
+    return TinyCheckpoints(arch, model, st, sd, wrapped)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_arch: str, tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoints:
+    return save_tiny_weights(tiny_arch, tmp_path_factory.mktemp("tiny-weights"), seed=1)
