@@ -43,12 +43,12 @@ def load_image(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
         if isinstance(source, bytes):
             if not source:
                 raise ImageDecodeError(f"{name}: empty input (0 bytes); expected an image file")
-            fp: IO[bytes] = io.BytesIO(source)
+            fp: IO[bytes] | Path = io.BytesIO(source)
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if path.stat().st_size == 0:
                 raise ImageDecodeError(f"{name}: file is empty (0 bytes); re-export or remove it")
-            fp = path.open("rb")
+            fp = path  # Image.open owns (and closes) a file it opened from a path
         else:
             fp = source
         with warnings.catch_warnings():

@@ -1,0 +1,147 @@
+"""Safe decoding (load_image) and conversion to 8-bit RGB (to_rgb)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.errors import ImageDecodeError
+from retrieval.images import BACKGROUND, load_image, to_rgb
+
+
+def _encode(im: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    # A 40x20 landscape picture, red on its left half, stored with "rotate 90 CW" (6).
+    im = Image.new("RGB", (40, 20), "blue")
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = load_image(_encode(im, "JPEG", exif=exif, quality=95))
+    assert out.size == (20, 40)  # shown upright: portrait
+    top = np.asarray(out)[2, 10]
+    assert top[0] > 200 and top[2] < 60  # the red half is now on top
+
+
+def test_rgba_is_composited_on_white() -> None:
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    im.putpixel((0, 0), (255, 0, 0, 255))
+    out = to_rgb(im)
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 0, 0)
+    assert out.getpixel((3, 3)) == BACKGROUND
+
+
+def test_half_transparent_pixel_blends() -> None:
+    out = to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 128)))
+    r, g, b = out.getpixel((0, 0))
+    assert 120 <= r <= 135 and r == g == b
+
+
+def test_palette_with_transparency() -> None:
+    im = Image.new("P", (2, 1))
+    im.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    im.putpixel((0, 0), 0)
+    im.putpixel((1, 0), 1)
+    im.info["transparency"] = 1  # palette index 1 (green) is transparent
+    out = load_image(_encode(im))
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 0, 0)
+    assert out.getpixel((1, 0)) == BACKGROUND
+
+
+def test_cmyk_jpeg_converts_to_rgb() -> None:
+    im = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    out = load_image(_encode(im, "JPEG", quality=95))
+    r, g, b = out.getpixel((4, 4))
+    assert out.mode == "RGB" and r > 200 and g < 60 and b < 60
+
+
+def test_16bit_grayscale_scales_by_nominal_range() -> None:
+    a = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    im = Image.fromarray(a)
+    assert im.mode.startswith("I;16")
+    out = load_image(_encode(im))
+    values = [out.getpixel((x, 0))[0] for x in range(3)]
+    assert values == [0, 128, 255]
+
+
+def test_grayscale_and_la() -> None:
+    assert to_rgb(Image.new("L", (2, 2), 77)).getpixel((0, 0)) == (77, 77, 77)
+    la = to_rgb(Image.new("LA", (1, 1), (0, 0)))
+    assert la.getpixel((0, 0)) == BACKGROUND
+
+
+def test_one_bit_and_float_images() -> None:
+    assert to_rgb(Image.new("1", (2, 2), 1)).getpixel((0, 0)) == (255, 255, 255)
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    out = to_rgb(f)
+    assert [out.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_loads_from_path_and_file_object(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    path.write_bytes(_encode(Image.new("RGB", (3, 2), "green")))
+    assert load_image(path).size == (3, 2)
+    assert load_image(str(path)).size == (3, 2)
+    with path.open("rb") as f:
+        assert load_image(f).size == (3, 2)
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match=r"empty\.jpg: file is empty"):
+        load_image(empty)
+    with pytest.raises(ImageDecodeError, match="empty input"):
+        load_image(b"")
+
+
+def test_truncated_file() -> None:
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        load_image(data[: len(data) // 2])
+
+
+def test_non_image_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n")
+    with pytest.raises(ImageDecodeError, match=r"notes\.jpg: cannot decode image"):
+        load_image(path)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match=r"missing\.png"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_pixel_limit_refuses_before_decoding() -> None:
+    data = _encode(Image.new("L", (100, 100)))
+    with pytest.raises(
+        ImageDecodeError, match=r"100x100 = 10,000 pixels exceeds the limit of 5,000"
+    ):
+        load_image(data, max_pixels=5_000)
+    assert load_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def test_decompression_bomb_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow's own warning band (MAX_IMAGE_PIXELS < pixels <= 2x) is refused too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    data = _encode(Image.new("L", (40, 40)))
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_image(data, max_pixels=10**9)
+
+
+def test_absurd_dimensions() -> None:
+    data = _encode(Image.new("1", (70_000, 1)))
+    with pytest.raises(ImageDecodeError, match="absurd dimensions 70000x1"):
+        load_image(data, max_pixels=10**9)
