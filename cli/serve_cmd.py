@@ -1,0 +1,56 @@
+"""``clipsearch serve INDEX``: the HTTP API and web page over one index.
+
+FastAPI and uvicorn are imported inside the command, so ``clipsearch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.common import cli_errors, console
+
+
+def serve(
+    index: Path = typer.Argument(
+        ..., help="Index directory (as built by `clipsearch index build`)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 = all)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    workers: int = typer.Option(1, help="Worker processes (each loads the index)."),
+    api_key: str | None = typer.Option(
+        None,
+        envvar="CLIPSEARCH_API_KEY",
+        help="Require this key in the X-API-Key header on every route but /health.",
+    ),
+    watch: bool = typer.Option(False, help="Poll the index and serve new versions as they commit."),
+    watch_interval: float = typer.Option(2.0, help="Seconds between --watch polls."),
+    allow_url_fetch: bool = typer.Option(
+        False, help="Let queries name images by http(s) URL (public addresses only)."
+    ),
+    image_root: list[Path] = typer.Option(
+        [], help="Extra folder the indexed images may be served from (repeatable)."
+    ),
+    max_batch: int = typer.Option(16, help="Largest micro-batch of queries."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long a query waits for batch company (ms)."),
+    max_queue: int = typer.Option(64, help="Queued queries beyond which requests get 429."),
+    timeout: float = typer.Option(10.0, help="Per-request deadline in seconds (then 504)."),
+) -> None:
+    """Serve INDEX over HTTP: JSON API, OpenAPI docs at /docs, and a search page at /."""
+    from retrieval.service.config import ServiceConfig
+    from retrieval.service.server import serve as run_server
+
+    with cli_errors():
+        config = ServiceConfig(
+            api_key=api_key,
+            watch_interval_s=watch_interval if watch else 0.0,
+            allow_url_fetch=allow_url_fetch,
+            image_roots=tuple(str(p) for p in image_root),
+            max_batch_size=max_batch,
+            max_batch_wait_ms=batch_wait_ms,
+            max_queue=max_queue,
+            request_timeout_s=timeout,
+        )
+        console.print(f"serving [bold]{index}[/] on http://{host}:{port}/  (API docs: /docs)")
+        run_server(index, config, host=host, port=port, workers=workers)

@@ -1,0 +1,5 @@
+"""The HTTP service (``clipsearch serve``): FastAPI app, micro-batching, admission control.
+
+Needs the ``serve`` extra (FastAPI, uvicorn). Import :func:`retrieval.service.app.create_app`
+or :func:`retrieval.service.server.serve` directly; this package imports nothing heavy.
+"""

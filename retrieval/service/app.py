@@ -1,0 +1,359 @@
+"""The FastAPI app: routes over a :class:`~retrieval.service.state.ServiceState`.
+
+``create_app(index_path_or_engine, config)`` builds the app; ``clipsearch serve`` runs it
+under uvicorn. Every JSON response carries ``index_version`` and every response the
+``X-Index-Version`` header; every error has the shape of
+:mod:`retrieval.service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import retrieval
+from retrieval.errors import ClipsearchError
+from retrieval.service import queries
+from retrieval.service.admission import deadline_for, decode_image_async, remaining
+from retrieval.service.batching import DeadlineExceededError, QueueFullError
+from retrieval.service.catalog import item_rows, resolve_image
+from retrieval.service.config import ServiceConfig
+from retrieval.service.errors import ApiError, error_body, to_api_error
+from retrieval.service.middleware import ServiceMiddleware
+from retrieval.service.runner import ClassifyJob, SearchJob
+from retrieval.service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    FacetsResponse,
+    HealthResponse,
+    ItemResponse,
+    ReloadResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from retrieval.service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+CONFIG_ENV = "CLIPSEARCH_SERVE_CONFIG"
+INDEX_ENV = "CLIPSEARCH_SERVE_INDEX"
+
+
+def create_app(
+    index: str | Path | Any, config: ServiceConfig | None = None, *, encoder: Any = None
+) -> FastAPI:
+    """Build the service app.
+
+    Args:
+        index: an index directory (opened in a worker thread after startup; /health is
+            503 until it has loaded) or an already open ``SearchEngine``.
+        config: limits, batching, API key...; defaults to ``ServiceConfig()``.
+        encoder: the query encoder, when opening by path; None = the index's own.
+    """
+    config = config or ServiceConfig()
+    state = ServiceState(index, config, encoder=encoder)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="clipsearch",
+        version=retrieval.__version__,
+        description="Cross-modal product search: text and image queries over a CLIP index.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    _install_error_handlers(app, state)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["content-type", "x-api-key"],
+        )
+    app.add_middleware(
+        ServiceMiddleware,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        observe=state.metrics.observe_request,
+        index_version=lambda: state.version,
+    )
+    _add_search_routes(app, state)
+    _add_catalog_routes(app, state)
+    _add_ops_routes(app, state)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for ``--workers N``: each worker process builds its own app."""
+    raw = json.loads(os.environ[CONFIG_ENV])
+    raw["image_roots"] = tuple(raw.get("image_roots", ()))
+    raw["cors_origins"] = tuple(raw.get("cors_origins", ()))
+    return create_app(os.environ[INDEX_ENV], ServiceConfig(**raw))
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
+    config = state.config
+
+    @app.post("/search", response_model=SearchResponse, tags=["search"])
+    async def search(body: SearchRequest) -> SearchResponse:
+        """Text, image, "more like this" or composed query with filters and reranking."""
+        start = time.perf_counter()
+        deadline = deadline_for(config)
+        query = await queries.build_query(body, state, deadline)
+        return await _run_search(state, query, start, deadline)
+
+    @app.post("/search/image", response_model=SearchResponse, tags=["search"])
+    async def search_image(
+        image: UploadFile = File(..., description="The query image (JPEG, PNG, WebP...)."),
+        k: int = Form(10),
+        offset: int = Form(0),
+        filter: str | None = Form(None),
+        modality: str | None = Form(None),
+        group_by_doc: bool = Form(False),
+    ) -> SearchResponse:
+        """Image query by multipart upload (what a browser form sends)."""
+        start = time.perf_counter()
+        deadline = deadline_for(config)
+        raw = await _read_upload(image, config)
+        pil = await decode_image_async(raw, config, field="image", deadline=deadline)
+        body = SearchRequest(k=k, offset=offset, filter=filter or None, group_by_doc=group_by_doc)
+        options = queries.options_for(body, config, modality=queries.check_modality(modality))
+        query = queries.Query(value=pil, options=options)
+        return await _run_search(state, query, start, deadline)
+
+    @app.post("/classify", response_model=ClassifyResponse, tags=["search"])
+    async def classify(body: ClassifyRequest) -> ClassifyResponse:
+        """Zero-shot: probabilities of the image over the given labels."""
+        start = time.perf_counter()
+        deadline = deadline_for(config)
+        labels = queries.check_labels(body.labels, config)
+        pil = await queries.image_from(body, state, deadline, field="image")
+        version = state.version
+        answer = await _submit(state, ClassifyJob(image=pil, labels=labels), deadline)
+        return ClassifyResponse(
+            index_version=version or 0,
+            took_ms=(time.perf_counter() - start) * 1000,
+            labels=[{"label": str(lab), "probability": float(p)} for lab, p in answer],  # type: ignore[misc]
+        )
+
+
+async def _read_upload(upload: UploadFile, config: ServiceConfig) -> bytes:
+    raw = await upload.read(config.max_image_bytes + 1)
+    if len(raw) > config.max_image_bytes:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"image: upload exceeds the limit of {config.max_image_bytes:,} bytes",
+            details={"field": "image", "limit": config.max_image_bytes},
+        )
+    return raw
+
+
+async def _submit(state: ServiceState, job: Any, deadline: float) -> Any:
+    state.engine  # noqa: B018 (raises the 503 not_ready before queueing)
+    remaining(deadline)
+    try:
+        return await state.batcher.submit(job, deadline=deadline)
+    except Exception as e:
+        if isinstance(e, ApiError):
+            raise
+        api = to_api_error(e, retry_after_s=state.config.retry_after_s)
+        if api is None:
+            raise
+        if api.code == "overloaded":
+            state.metrics.observe_rejection("queue_full")
+        elif api.code == "deadline_exceeded":
+            state.metrics.observe_rejection("deadline")
+        raise api from e
+
+
+async def _run_search(
+    state: ServiceState, query: queries.Query, start: float, deadline: float
+) -> SearchResponse:
+    job = SearchJob(query=query.value, options=query.options)
+    results = await _submit(state, job, deadline)
+    return queries.to_response(results, query, took_ms=(time.perf_counter() - start) * 1000)
+
+
+# ---------------------------------------------------------------------------- catalog
+
+
+def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
+    @app.get("/items/{doc_id}", response_model=ItemResponse, tags=["catalog"])
+    async def item(doc_id: str) -> ItemResponse:
+        """Every indexed row of one product/document: its photos and texts with metadata."""
+        snapshot = state.snapshot
+        rows = await asyncio.to_thread(item_rows, snapshot, doc_id)
+        if not rows:
+            raise _unknown_doc(doc_id)
+        return ItemResponse(
+            index_version=snapshot.version,
+            doc_id=doc_id,
+            rows=[queries.item_row_out(doc_id, r) for r in rows],
+        )
+
+    @app.get("/items/{doc_id}/image", tags=["catalog"], response_class=FileResponse)
+    async def item_image(doc_id: str, row_id: int | None = None) -> FileResponse:
+        """The indexed photo of a doc (its first, or the row ``row_id``), from the index's
+        image roots only."""
+        snapshot = state.snapshot
+        rows = await asyncio.to_thread(item_rows, snapshot, doc_id)
+        images = [r for r in rows if r.modality == "image"]
+        if row_id is not None:
+            images = [r for r in images if r.row_id == row_id]
+        if not images:
+            raise ApiError(
+                404,
+                "image_not_found",
+                f"doc {doc_id!r} has no indexed image"
+                + (f" with row_id {row_id}" if row_id is not None else ""),
+                details={"doc_id": doc_id},
+            )
+        roots = queries.image_roots(state)
+        found = resolve_image(images[0].source, roots)
+        if found is None:
+            raise ApiError(
+                404,
+                "image_not_found",
+                f"the image of doc {doc_id!r} is not available inside the index's image "
+                "roots (moved, deleted, or outside them); start `clipsearch serve` with "
+                "--image-root pointing at the catalog folder",
+                details={"doc_id": doc_id, "roots": len(roots)},
+            )
+        path, content_type = found
+        return FileResponse(
+            path,
+            media_type=content_type,
+            headers={
+                "X-Index-Version": str(snapshot.version),
+                "Cache-Control": "public, max-age=300",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.get("/facets", response_model=FacetsResponse, tags=["catalog"])
+    async def facets() -> FacetsResponse:
+        """Filterable metadata columns: distinct values, numeric ranges, booleans."""
+        state.snapshot  # noqa: B018 (503 before the index is loaded)
+        version, columns = await asyncio.to_thread(state.facets)
+        return FacetsResponse(index_version=version, columns=columns)
+
+
+def _unknown_doc(doc_id: str) -> ApiError:
+    return ApiError(
+        404, "unknown_doc", f"no live row has doc_id {doc_id!r}", details={"doc_id": doc_id}
+    )
+
+
+# ---------------------------------------------------------------------------- ops
+
+
+def _add_ops_routes(app: FastAPI, state: ServiceState) -> None:
+    @app.get("/health", response_model=HealthResponse, tags=["ops"])
+    async def health() -> HealthResponse:
+        """200 once the manifest is verified and every shard is loaded; 503 before."""
+        manifest = state.snapshot.manifest
+        return HealthResponse(
+            status="ok",
+            index_version=manifest.version,
+            rows=manifest.n_live,
+            rows_by_modality=manifest.rows_by_modality(),
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text exposition: requests, latency histograms, queue depth, version."""
+        return PlainTextResponse(
+            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.post("/admin/reload", response_model=ReloadResponse, tags=["ops"])
+    async def reload() -> ReloadResponse:
+        """Switch to the newest committed index version; in-flight queries finish on theirs."""
+        previous, current = await state.reload()
+        return ReloadResponse(
+            previous_version=previous, index_version=current, changed=previous != current
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
+    def respond(err: ApiError) -> JSONResponse:
+        headers = dict(err.headers)
+        if state.version is not None:
+            headers.setdefault("X-Index-Version", str(state.version))
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return respond(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {
+                "location": ".".join(str(p) for p in e.get("loc", ())),
+                "message": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{p['location']}: {p['message']}" for p in problems[:5])
+        return respond(
+            ApiError(
+                422,
+                "invalid_request",
+                f"invalid request: {summary}",
+                details={"problems": problems},
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        code = codes.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def library_error(_request: Request, exc: Exception) -> JSONResponse:
+        api = to_api_error(exc, retry_after_s=state.config.retry_after_s)
+        if api is None:  # unreachable for the registered types; keeps mypy honest
+            raise exc
+        return respond(api)
+
+    # Registered per family (not for Exception, which Starlette routes around the
+    # middleware): anything else reaches ServiceMiddleware, which logs it and answers 500.
+    for family in (ClipsearchError, QueueFullError, DeadlineExceededError):
+        app.add_exception_handler(family, library_error)

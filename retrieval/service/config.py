@@ -1,0 +1,112 @@
+"""Configuration of the HTTP service: one frozen, validated dataclass.
+
+Kept free of FastAPI imports so the CLI can build and validate it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from retrieval.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """How ``clipsearch serve`` answers requests and protects itself.
+
+    The defaults suit a 2-core CPU box serving a product catalog: batches of 16 are where
+    a CPU text tower reaches its throughput, and 5 ms of waiting costs little next to the
+    ~20 ms one encode takes while gathering most concurrent requests into one call.
+    """
+
+    # Largest number of queries encoded and searched together in one worker call.
+    max_batch_size: int = 16
+    # How long the batcher waits for more queries after the first one arrives (ms).
+    max_batch_wait_ms: float = 5.0
+    # Queries admitted but not yet answered, beyond which requests get a fast 429.
+    max_queue: int = 64
+    # Per-request deadline (s): past it the request gets 504 and its work is dropped.
+    request_timeout_s: float = 10.0
+    # Seconds a client is told to wait (Retry-After) when the queue is full.
+    retry_after_s: int = 1
+    # Largest request body accepted (bytes), JSON and multipart alike; larger is 413.
+    max_body_bytes: int = 12 * 1024 * 1024
+    # Largest encoded image accepted (bytes), uploaded, base64 or fetched; larger is 413.
+    max_image_bytes: int = 8 * 1024 * 1024
+    # Largest decoded image accepted (pixels); larger is 413. 40 MP covers any camera photo.
+    max_image_pixels: int = 40_000_000
+    # Largest k (results per page) a query may ask for.
+    max_k: int = 200
+    # Largest offset + k a query may page to (deep pages cost like a big k).
+    max_page_depth: int = 1000
+    # Largest number of labels one /classify call may score.
+    max_labels: int = 100
+    # Largest number of terms in one composed query.
+    max_terms: int = 8
+    # When set, every route but /health requires this value in the X-API-Key header.
+    api_key: str | None = None
+    # Whether queries may name an image by http(s) URL (fetched with SSRF guards).
+    allow_url_fetch: bool = False
+    # Largest image fetched by URL (bytes) and the total time a fetch may take (s).
+    fetch_max_bytes: int = 8 * 1024 * 1024
+    fetch_timeout_s: float = 5.0
+    # Redirects a URL fetch may follow (each hop is re-checked against the address guard).
+    fetch_max_redirects: int = 3
+    # Poll the index's CURRENT file every this many seconds and reload on change; 0 = off.
+    watch_interval_s: float = 0.0
+    # Folders the indexed images may be served from by GET /items/{doc_id}/image, besides
+    # the roots the index recorded at build time. A row's image is served only when its
+    # resolved path (symlinks followed) lies inside one of them.
+    image_roots: tuple[str, ...] = ()
+    # Origins allowed to call the API from a browser (CORS); empty = same origin only.
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive_ints = {
+            "max_batch_size": self.max_batch_size,
+            "max_queue": self.max_queue,
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_bytes": self.max_image_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_k": self.max_k,
+            "max_page_depth": self.max_page_depth,
+            "max_labels": self.max_labels,
+            "max_terms": self.max_terms,
+            "fetch_max_bytes": self.fetch_max_bytes,
+            "retry_after_s": self.retry_after_s,
+        }
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ServiceConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_batch_wait_ms < 0:
+            raise ConfigError(
+                f"ServiceConfig.max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms}"
+            )
+        if self.request_timeout_s <= 0 or self.fetch_timeout_s <= 0:
+            raise ConfigError(
+                "ServiceConfig.request_timeout_s and fetch_timeout_s must be > 0 seconds, got "
+                f"{self.request_timeout_s} and {self.fetch_timeout_s}"
+            )
+        if self.watch_interval_s < 0:
+            raise ConfigError(
+                f"ServiceConfig.watch_interval_s must be >= 0 (0 = off), got {self.watch_interval_s}"
+            )
+        if self.fetch_max_redirects < 0:
+            raise ConfigError(
+                f"ServiceConfig.fetch_max_redirects must be >= 0, got {self.fetch_max_redirects}"
+            )
+        if self.max_k > self.max_page_depth:
+            raise ConfigError(
+                f"ServiceConfig.max_k ({self.max_k}) cannot exceed max_page_depth "
+                f"({self.max_page_depth})"
+            )
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ConfigError(
+                f"ServiceConfig.max_image_bytes ({self.max_image_bytes}) cannot exceed "
+                f"max_body_bytes ({self.max_body_bytes}): such an image could never arrive"
+            )
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ConfigError(
+                "ServiceConfig.api_key must be at least 8 characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+            )

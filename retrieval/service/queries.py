@@ -1,0 +1,324 @@
+"""Turning API requests into engine queries, and engine results into API responses.
+
+Validation that needs the service's limits (k range, labels, terms) happens here, with
+errors that name the field and the allowed range. Images are decoded in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import numpy as np
+
+from retrieval.service.admission import decode_base64_image, decode_image_async, remaining
+from retrieval.service.catalog import ItemRow, item_rows
+from retrieval.service.errors import ApiError
+from retrieval.service.fetch import FetchLimits, fetch_url
+from retrieval.service.runner import SearchOptions
+from retrieval.service.schemas import HitOut, SearchRequest, SearchResponse
+from retrieval.service.schemas import ItemRow as ItemRowOut
+
+if TYPE_CHECKING:
+    from retrieval.service.config import ServiceConfig
+    from retrieval.service.schemas import ClassifyRequest, QueryTerm
+    from retrieval.service.state import ServiceState
+
+MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Query:
+    """An engine-ready query: the value (str, PIL image, vector, ComposedQuery) + options."""
+
+    value: Any
+    options: SearchOptions
+    # For "more like this": the doc the query came from, dropped from its own results.
+    exclude_doc: str | None = None
+
+
+def check_modality(modality: str | None) -> str | None:
+    if modality is None or modality == "":
+        return None
+    if modality not in MODALITIES:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"modality must be one of {list(MODALITIES)}, got {modality!r}",
+            details={"field": "modality"},
+        )
+    return modality
+
+
+def options_for(
+    body: SearchRequest, config: ServiceConfig, *, modality: str | None = None
+) -> SearchOptions:
+    """Validated engine options of a search request (k/offset ranges, mmr lambda...)."""
+    if not 1 <= body.k <= config.max_k:
+        raise ApiError(
+            422,
+            "k_out_of_range",
+            f"k must be between 1 and {config.max_k}, got {body.k}",
+            details={"field": "k", "min": 1, "max": config.max_k},
+        )
+    if body.offset < 0 or body.offset + body.k > config.max_page_depth:
+        raise ApiError(
+            422,
+            "offset_out_of_range",
+            f"offset must be >= 0 and offset + k <= {config.max_page_depth}, got offset "
+            f"{body.offset} with k {body.k}",
+            details={"field": "offset", "max_depth": config.max_page_depth},
+        )
+    if body.mmr is not None and not 0.0 <= body.mmr <= 1.0:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"mmr (lambda) must be in [0, 1], got {body.mmr}",
+            details={"field": "mmr"},
+        )
+    where = body.filter
+    if isinstance(where, str) and not where.strip():
+        where = None
+    return SearchOptions(
+        k=body.k,
+        offset=body.offset,
+        where=where,
+        modality=modality or body.modality,
+        group_by_doc=body.group_by_doc,
+        mmr=body.mmr,
+        sort=body.sort or None,
+        min_score=body.min_score,
+    )
+
+
+def check_labels(labels: list[str], config: ServiceConfig) -> tuple[str, ...]:
+    cleaned = tuple(label.strip() for label in labels)
+    if len(cleaned) < 2:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "labels: give at least two candidate labels",
+            details={"field": "labels"},
+        )
+    if len(cleaned) > config.max_labels:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"labels: at most {config.max_labels} labels per call, got {len(cleaned)}",
+            details={"field": "labels"},
+        )
+    if any(not label for label in cleaned):
+        raise ApiError(
+            422, "invalid_request", "labels: a label is empty", details={"field": "labels"}
+        )
+    return cleaned
+
+
+async def build_query(body: SearchRequest, state: ServiceState, deadline: float) -> Query:
+    """The engine query of a /search body: exactly one of text, image, image_url,
+    like_doc or terms."""
+    config = state.config
+    given = [
+        name
+        for name in ("text", "image", "image_url", "like_doc", "terms")
+        if getattr(body, name) not in (None, "", [])
+    ]
+    if not given:
+        raise ApiError(
+            400,
+            "empty_query",
+            "the query is empty: give text, image (base64), image_url, like_doc or terms",
+        )
+    if len(given) > 1:
+        raise ApiError(
+            400,
+            "ambiguous_query",
+            f"give exactly one of text, image, image_url, like_doc or terms (got {given}); "
+            "to combine them use terms",
+            details={"fields": given},
+        )
+    kind = given[0]
+    if kind == "text":
+        text = (body.text or "").strip()
+        if not text:
+            raise ApiError(400, "empty_query", "text: the query text is blank")
+        return Query(value=text, options=options_for(body, config))
+    if kind == "terms":
+        return Query(
+            value=await _composed(body.terms or [], state, deadline),
+            options=options_for(body, config, modality=body.modality or "image"),
+        )
+    if kind == "like_doc":
+        doc_id = body.like_doc or ""
+        vector = await _doc_vector(doc_id, state)
+        options = options_for(body, config, modality=body.modality or "image")
+        return Query(value=vector, options=_excluding(options, doc_id), exclude_doc=doc_id)
+    image = await image_from(body, state, deadline, field=kind)
+    return Query(value=image, options=options_for(body, config))
+
+
+def _excluding(options: SearchOptions, doc_id: str) -> SearchOptions:
+    """``options`` with a filter dropping ``doc_id`` (a doc is not "like" itself)."""
+    from dataclasses import replace
+
+    from retrieval.filters import from_json, parse, to_json
+
+    not_self = {"op": "!=", "column": "doc_id", "value": doc_id}
+    if options.where is None:
+        return replace(options, where=not_self)
+    user = parse(options.where) if isinstance(options.where, str) else from_json(options.where)
+    return replace(options, where={"op": "and", "args": [to_json(user), not_self]})
+
+
+async def image_from(
+    body: SearchRequest | ClassifyRequest | QueryTerm,
+    state: ServiceState,
+    deadline: float,
+    *,
+    field: str,
+) -> Any:
+    """The decoded PIL image named by a body's image / image_url / like_doc field."""
+    config = state.config
+    if body.image:
+        raw = decode_base64_image(body.image, config, field=field)
+    elif body.image_url:
+        raw = await _fetch(body.image_url, config, deadline)
+    elif body.like_doc:
+        return await _doc_vector(body.like_doc, state)
+    else:
+        raise ApiError(
+            400, "empty_query", f"{field}: give an image (base64), image_url or like_doc"
+        )
+    return await decode_image_async(raw, config, field=field, deadline=deadline)
+
+
+async def _fetch(url: str, config: ServiceConfig, deadline: float) -> bytes:
+    if not config.allow_url_fetch:
+        raise ApiError(
+            403,
+            "url_fetch_disabled",
+            "image_url is disabled on this server (start it with --allow-url-fetch); send the "
+            "image bytes as base64 or use POST /search/image",
+        )
+    limits = FetchLimits(
+        max_bytes=min(config.fetch_max_bytes, config.max_image_bytes),
+        timeout_s=min(config.fetch_timeout_s, remaining(deadline)),
+        max_redirects=config.fetch_max_redirects,
+    )
+    return await asyncio.to_thread(fetch_url, url, limits)
+
+
+async def _doc_vector(doc_id: str, state: ServiceState) -> np.ndarray:
+    """The stored vector of a doc's first image row (else its first row), float32 [dim]."""
+    rows = await asyncio.to_thread(item_rows, state.snapshot, doc_id)
+    if not rows:
+        raise ApiError(
+            404,
+            "unknown_doc",
+            f"like_doc: no live row has doc_id {doc_id!r}",
+            details={"doc_id": doc_id},
+        )
+    row = next((r for r in rows if r.modality == "image"), rows[0])
+    vector = row.vector.astype(np.float32)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float) -> Any:
+    from retrieval.engine import ComposedQuery
+
+    if len(terms) > state.config.max_terms:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"terms: at most {state.config.max_terms} terms, got {len(terms)}",
+            details={"field": "terms"},
+        )
+    parts: list[tuple[Any, float]] = []
+    for i, term in enumerate(terms):
+        field = f"terms[{i}]"
+        named = [n for n in ("text", "image", "image_url", "like_doc") if getattr(term, n)]
+        if len(named) != 1:
+            raise ApiError(
+                400,
+                "bad_query",
+                f"{field}: give exactly one of text, image, image_url or like_doc",
+                details={"field": field},
+            )
+        if term.text is not None:
+            if not term.text.strip():
+                raise ApiError(
+                    400, "empty_query", f"{field}: text is blank", details={"field": field}
+                )
+            value: Any = term.text.strip()
+        else:
+            value = await image_from(term, state, deadline, field=field)
+        parts.append((value, float(term.weight)))
+    return ComposedQuery.of(parts)
+
+
+def image_roots(state: ServiceState) -> tuple[Path, ...]:
+    """Folders images may be served from: the index's recorded roots, then --image-root."""
+    roots: list[Path] = []
+    manifest = state.snapshot.manifest
+    for root in getattr(manifest, "source_roots", ()) or ():
+        roots.append(Path(root))
+    roots.extend(Path(r) for r in state.config.image_roots)
+    return tuple(roots)
+
+
+def _image_url(doc_id: str, row_id: int) -> str:
+    return f"/items/{quote(doc_id, safe='')}/image?row_id={row_id}"
+
+
+def to_response(results: Any, query: Query, *, took_ms: float) -> SearchResponse:
+    hits = [
+        HitOut(
+            rank=h.rank,
+            score=float(h.score),
+            doc_id=h.doc_id,
+            row_id=int(h.row_id),
+            modality=h.modality,
+            text=h.source if h.modality == "text" else None,
+            image_url=_image_url(h.doc_id, int(h.row_id)) if h.modality == "image" else None,
+            metadata=_jsonable(h.metadata),
+        )
+        for h in results.hits
+    ]
+    return SearchResponse(
+        index_version=int(results.index_version),
+        took_ms=took_ms,
+        timings={str(k): float(v) for k, v in results.timings.items()},
+        total_matches=results.total_matches,
+        hits=hits,
+    )
+
+
+def item_row_out(doc_id: str, row: ItemRow) -> ItemRowOut:
+    return ItemRowOut(
+        row_id=row.row_id,
+        modality=row.modality,
+        text=row.source if row.modality == "text" else None,
+        image_url=_image_url(doc_id, row.row_id) if row.modality == "image" else None,
+        metadata=_jsonable(row.metadata),
+    )
+
+
+def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata values as JSON can carry them (dates as ISO strings, NaN as null)."""
+    import datetime as dt
+    import decimal
+    import math
+
+    out: dict[str, Any] = {}
+    for k, v in metadata.items():
+        if isinstance(v, (dt.date, dt.datetime, dt.time)):
+            v = v.isoformat()
+        elif isinstance(v, decimal.Decimal):
+            v = float(v)
+        elif (isinstance(v, float) and not math.isfinite(v)) or isinstance(v, bytes):
+            v = None
+        out[k] = v
+    return out

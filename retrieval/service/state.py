@@ -1,0 +1,183 @@
+"""The running service's state: the engine, its readiness, reloads, and the batcher.
+
+One :class:`ServiceState` per app. The engine is opened in a worker thread after
+startup, so ``/health`` can answer 503 while the manifest is verified and the shards
+load, and 200 only once searches can run. Reloads (``POST /admin/reload`` or the
+``CURRENT`` watcher) call ``engine.reload()`` in a thread; the engine swaps its pinned
+snapshot atomically, so batches already running finish on the version they started on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from retrieval.service.batching import MicroBatcher
+from retrieval.service.config import ServiceConfig
+from retrieval.service.errors import ApiError
+from retrieval.service.metrics import Metrics
+from retrieval.service.runner import Job, run_jobs
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState:
+    """Engine holder + batcher + metrics for one app instance."""
+
+    def __init__(
+        self,
+        index: str | Path | Any,
+        config: ServiceConfig,
+        *,
+        encoder: Any = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._encoder = encoder
+        if isinstance(index, (str, Path)):
+            self.index_path: Path | None = Path(index)
+            self._engine: Any = None
+        else:
+            self._engine = index
+            self.index_path = None
+        self.load_error: str | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._facets: tuple[int, dict[str, Any]] | None = None
+        self.batcher: MicroBatcher[Job, Any] = MicroBatcher(
+            self._run_batch,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_batch_wait_ms / 1000.0,
+            max_queue=config.max_queue,
+            on_batch=self.metrics.observe_batch,
+        )
+        self.metrics.gauge(
+            "clipsearch_queue_depth",
+            "Queries admitted and not yet answered.",
+            lambda: float(self.batcher.depth),
+        )
+        self.metrics.gauge(
+            "clipsearch_ready", "1 once the index is loaded.", lambda: float(self.ready)
+        )
+        self.metrics.gauge(
+            "clipsearch_index_version",
+            "Version number of the index being served (0 before it is loaded).",
+            lambda: float(self.version or 0),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.batcher.start()
+        if self._engine is None:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+        if self.config.watch_interval_s > 0 and self.index_path is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        for task in (self._watch_task, self._load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.batcher.stop()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait until the engine has loaded (tests, benchmarks); raises if loading failed."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if self.load_error is not None:
+                raise RuntimeError(self.load_error)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the index did not load in time")
+            await asyncio.sleep(0.01)
+
+    async def _load(self) -> None:
+        from retrieval.engine import SearchEngine
+
+        assert self.index_path is not None  # only scheduled when a path was given
+        try:
+            engine = await asyncio.to_thread(
+                SearchEngine.open, self.index_path, encoder=self._encoder
+            )
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("could not open index %s: %s", self.index_path, e)
+            return
+        self._engine = engine
+        log.info("serving %s version %s", self.index_path, self.version)
+
+    # ------------------------------------------------------------------ engine access
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def engine(self) -> Any:
+        """The loaded engine; 503 ``not_ready`` while it is still loading (or failed)."""
+        if self._engine is None:
+            why = self.load_error or "the index is still loading"
+            raise ApiError(503, "not_ready", f"not ready: {why}", headers={"Retry-After": "1"})
+        return self._engine
+
+    @property
+    def snapshot(self) -> Any:
+        return self.engine.snapshot
+
+    @property
+    def version(self) -> int | None:
+        if self._engine is None:
+            return None
+        return int(self._engine.snapshot.version)
+
+    def _run_batch(self, jobs: Any) -> list[Any]:
+        return run_jobs(self.engine, jobs)
+
+    def facets(self) -> tuple[int, dict[str, Any]]:
+        """(version, facets) of the current snapshot, computed once per version."""
+        from retrieval.service.catalog import facets
+
+        snapshot = self.snapshot
+        cached = self._facets
+        if cached is None or cached[0] != snapshot.version:
+            cached = self._facets = (snapshot.version, facets(snapshot))
+        return cached
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> tuple[int, int]:
+        """Switch to the newest committed version; returns (previous, current) versions."""
+        engine = self.engine
+        async with self._reload_lock:
+            previous = int(engine.snapshot.version)
+            try:
+                await asyncio.to_thread(engine.reload)
+            except Exception:
+                self.metrics.observe_reload("failed")
+                raise
+            current = int(engine.snapshot.version)
+            self.metrics.observe_reload("changed" if current != previous else "unchanged")
+            if current != previous:
+                log.info("reloaded index: version %d -> %d", previous, current)
+            return previous, current
+
+    async def _watch(self) -> None:
+        from retrieval.manifest import current_version
+
+        assert self.index_path is not None
+        while True:
+            await asyncio.sleep(self.config.watch_interval_s)
+            if not self.ready:
+                continue
+            try:
+                on_disk = await asyncio.to_thread(current_version, self.index_path)
+                if on_disk is not None and on_disk != self.version:
+                    await self.reload()
+            except Exception as e:  # keep serving the pinned version; try again next tick
+                log.warning("index watch: reload failed, still serving %s: %s", self.version, e)
