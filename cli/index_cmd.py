@@ -1,0 +1,337 @@
+"""``clipsearch index``: build, add, delete, compact, verify and inspect an index.
+
+Each command parses its options, calls one ``indexer`` (or ``retrieval.store``) function
+and renders the result; the library does the work and a backend can call it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+
+from cli.common import cli_errors, console, err_console, print_json
+
+if TYPE_CHECKING:
+    from indexer.build import BuildOptions, IngestSummary, ProgressFn
+
+index_app = typer.Typer(
+    help="Build and maintain indexes: build, add, delete, compact, verify, info.",
+    no_args_is_help=True,
+)
+
+_SOURCES_HELP = "Image folders, Parquet/CSV/JSONL manifests, or .txt files (one text per line)."
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[ProgressFn | None]:
+    """A rich progress bar (items/s, ETA, skipped) fed by the library's callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.1f} items/s"),
+        TextColumn("skipped {task.fields[skipped]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(p: Any) -> None:
+            task = tasks.get(p.stage)
+            if task is None:
+                task = tasks[p.stage] = bar.add_task(p.stage, total=p.total, rate=0.0, skipped=0)
+            bar.update(task, completed=p.done, total=p.total, skipped=p.skipped + p.unchanged)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=speed or 0.0)
+
+        yield update
+
+
+def _options(
+    *,
+    shard_size: int,
+    index: str,
+    target_recall: float,
+    max_memory: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    device: str,
+    image_col: str | None,
+    text_col: list[str],
+    id_col: str | None,
+    on_duplicate: str,
+) -> BuildOptions:
+    from indexer.ann import IndexOptions, parse_memory
+    from indexer.build import BuildOptions
+    from indexer.sources import SourceOptions
+
+    index_device = "cpu" if device == "cpu" else "auto"
+    extra = {"workers": workers} if workers else {}
+    return BuildOptions(
+        shard_size=shard_size,
+        batch_size=batch_size,
+        index=IndexOptions(
+            index=index,
+            target_recall=target_recall,
+            max_memory=parse_memory(max_memory) if max_memory else None,
+            device=index_device,
+        ),
+        sources=SourceOptions(
+            image_col=image_col,
+            text_cols=tuple(text_col),
+            id_col=id_col,
+            on_duplicate=on_duplicate,
+        ),
+        **extra,
+    )
+
+
+def _render_summary(s: IngestSummary) -> None:
+    t = Table(title=f"{s.operation}: {s.root} -> version {s.version}", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    t.add_row("input items", f"{s.input:,}")
+    t.add_row("indexed", f"{s.indexed:,}")
+    t.add_row("skipped (errors)", f"{s.skipped:,}")
+    if s.unchanged:
+        t.add_row("skipped (already indexed, unchanged)", f"{s.unchanged:,}")
+    if s.flagged:
+        t.add_row("indexed but flagged (e.g. truncated)", f"{s.flagged:,}")
+    if s.replaced:
+        t.add_row("older rows replaced", f"{s.replaced:,}")
+    t.add_row("shards written / resumed", f"{s.shards_written} / {s.shards_resumed}")
+    t.add_row("time", f"{s.seconds:.1f} s ({s.items_per_second:,.1f} items/s)")
+    console.print(t)
+    if s.by_stage:
+        stages = ", ".join(f"{k}: {v}" for k, v in sorted(s.by_stage.items()))
+        err_console.print(f"[yellow]skipped by stage:[/] {stages}")
+    if s.errors_report:
+        err_console.print(f"errors report: {Path(s.root) / s.errors_report}")
+
+
+# Shared option declarations (typer needs them per command).
+_SHARD = typer.Option(100_000, "--shard-size", help="Rows per shard (per modality).")
+_INDEX = typer.Option(
+    "auto", "--index", help="auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string."
+)
+_RECALL = typer.Option(
+    0.95, "--target-recall", help="recall@10 that ANN search params are tuned to."
+)
+_MEMORY = typer.Option(None, "--max-memory", help="Per-shard index memory budget, e.g. 2G (auto).")
+_BATCH = typer.Option(None, "--batch-size", help="Items per encoder forward pass.")
+_WORKERS = typer.Option(
+    None, "--workers", help="Decode worker threads (default: CPU count, max 8)."
+)
+_DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
+_IMAGE_COL = typer.Option(None, "--image-col", help="Manifest column with image paths.")
+_TEXT_COL = typer.Option([], "--text-col", help="Manifest column with texts (repeatable).")
+_ID_COL = typer.Option(None, "--id-col", help="Manifest column with document ids.")
+_DUP = typer.Option("reject", "--on-duplicate", help="reject (keep first) or last (keep last).")
+_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+@index_app.command("build")
+def build_cmd(
+    sources: list[Path] = typer.Argument(..., help=_SOURCES_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Index directory to create or rebuild."),
+    model: str = typer.Option(
+        "clipsearch-demo", "--model", "-m", help="Preset, open_clip arch, or fake[-DIM]."
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", "-p", help="Weights tag or checkpoint."
+    ),
+    shard_size: int = _SHARD,
+    index: str = _INDEX,
+    target_recall: float = _RECALL,
+    max_memory: str | None = _MEMORY,
+    batch_size: int | None = _BATCH,
+    workers: int | None = _WORKERS,
+    device: str = _DEVICE,
+    image_col: str | None = _IMAGE_COL,
+    text_col: list[str] = _TEXT_COL,
+    id_col: str | None = _ID_COL,
+    on_duplicate: str = _DUP,
+    as_json: bool = _JSON,
+) -> None:
+    """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
+    from indexer.build import build
+    from retrieval.encoders import load_encoder
+
+    with cli_errors():
+        opts = _options(
+            shard_size=shard_size, index=index, target_recall=target_recall,
+            max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
+            image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
+        )  # fmt: skip
+        encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
+        with _progress_bar(not as_json) as progress:
+            summary = build(list(sources), out, encoder=encoder, options=opts, progress=progress)
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        _render_summary(summary)
+
+
+@index_app.command("add")
+def add_cmd(
+    index_dir: Path = typer.Argument(..., help="Existing index directory."),
+    sources: list[Path] = typer.Argument(..., help=_SOURCES_HELP),
+    shard_size: int = _SHARD,
+    index: str = _INDEX,
+    target_recall: float = _RECALL,
+    max_memory: str | None = _MEMORY,
+    batch_size: int | None = _BATCH,
+    workers: int | None = _WORKERS,
+    device: str = _DEVICE,
+    image_col: str | None = _IMAGE_COL,
+    text_col: list[str] = _TEXT_COL,
+    id_col: str | None = _ID_COL,
+    on_duplicate: str = _DUP,
+    as_json: bool = _JSON,
+) -> None:
+    """Append SOURCES as new shards; unchanged items are skipped, changed ones replaced."""
+    from indexer.build import add
+    from retrieval.encoders import encoder_from_fingerprint
+    from retrieval.manifest import read_current
+
+    with cli_errors():
+        opts = _options(
+            shard_size=shard_size, index=index, target_recall=target_recall,
+            max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
+            image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
+        )  # fmt: skip
+        encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
+        with _progress_bar(not as_json) as progress:
+            summary = add(
+                index_dir, list(sources), encoder=encoder, options=opts, progress=progress
+            )
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        _render_summary(summary)
+
+
+@index_app.command("delete")
+def delete_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    ids: list[str] = typer.Option(
+        [], "--ids", help="doc ids to delete (repeatable, or comma-separated)."
+    ),
+    where: str | None = typer.Option(
+        None, "--where", help='Filter expression, e.g. "price > 100".'
+    ),
+    as_json: bool = _JSON,
+) -> None:
+    """Delete documents (tombstones; `index compact` reclaims the space)."""
+    from indexer.maintenance import delete
+
+    doc_ids = [x.strip() for raw in ids for x in raw.split(",") if x.strip()]
+    with cli_errors():
+        result = delete(index_dir, ids=doc_ids or None, where=where)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"deleted {result.deleted_rows} rows of {result.deleted_docs} documents; "
+        f"index is at version {result.version}"
+    )
+    if result.not_found:
+        err_console.print(f"[yellow]not found:[/] {', '.join(result.not_found[:20])}")
+
+
+@index_app.command("compact")
+def compact_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    keep_versions: int = typer.Option(1, "--keep-versions", help="Committed versions to keep."),
+    as_json: bool = _JSON,
+) -> None:
+    """Rewrite shards without deleted rows and remove files no kept version references."""
+    from indexer.maintenance import compact
+
+    with cli_errors(), _progress_bar(not as_json) as progress:
+        result = compact(index_dir, keep_versions=keep_versions, progress=progress)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"version {result.version}: rewrote {result.shards_rewritten} shards, removed "
+        f"{result.rows_removed} rows and {result.files_removed} files "
+        f"({result.bytes_freed / 1e6:.1f} MB)"
+    )
+
+
+@index_app.command("verify")
+def verify_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    quick: bool = typer.Option(False, "--quick", help="Check sizes only, not sha256 hashes."),
+    as_json: bool = _JSON,
+) -> None:
+    """Check every file against the manifest; exit code 1 when anything is wrong."""
+    from retrieval.store import verify_index
+
+    with cli_errors():
+        report = verify_index(index_dir, verify_hashes=not quick)
+    if as_json:
+        print_json(report.to_dict())
+    elif report.ok:
+        console.print(
+            f"[green]ok[/]: version {report.version}, {report.shards_checked} shards, "
+            f"{report.files_checked} files, {report.rows:,} rows"
+        )
+    else:
+        for where, problems in report.problems.items():
+            for p in problems:
+                err_console.print(f"[bold red]{where}[/]: {p}", highlight=False)
+        err_console.print(f"[bold red]{len(report.problems)} shard(s)/part(s) with problems[/]")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@index_app.command("info")
+def info_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    as_json: bool = _JSON,
+) -> None:
+    """Versions, rows per modality, model, index types, measured recall, errors."""
+    from indexer.maintenance import info
+
+    with cli_errors():
+        data = info(index_dir)
+    if as_json:
+        print_json(data)
+        return
+    t = Table(title=f"{data['root']} (version {data['version']})", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    model = data["model"]
+    rows = data["rows"]
+    t.add_row("versions", ", ".join(map(str, data["versions"])))
+    t.add_row(
+        "model", f"{model['arch']} ({model['pretrained'] or 'random init'}, {model['dim']}-d)"
+    )
+    t.add_row("shards", str(data["shards"]))
+    for modality, n in rows["live_by_modality"].items():
+        t.add_row(f"{modality} rows (live)", f"{n:,}")
+    t.add_row("deleted (tombstoned)", f"{data['tombstones']:,}")
+    t.add_row("index types", ", ".join(f"{k} x{v}" for k, v in data["index_types"].items()) or "-")
+    recall = data["measured_recall_min"]
+    t.add_row("measured recall@10", "exact" if recall is None else f"{recall:.3f} (lowest shard)")
+    t.add_row("errors reported", f"{data['errors']:,}")
+    t.add_row("size", f"{data['bytes'] / 1e6:.1f} MB")
+    console.print(t)

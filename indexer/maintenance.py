@@ -1,0 +1,315 @@
+"""``delete``, ``compact`` and ``info``: the operations on an existing index.
+
+* ``delete`` records tombstones (row ids + doc ids) in a new version; searches filter
+  them out until ``compact`` rewrites the shards.
+* ``compact`` rewrites every shard that has tombstoned rows without them (fresh row ids;
+  row ids are never reused), commits, then garbage-collects: manifests older than the
+  kept versions, and every shard/tombstone/errors file and abandoned build staging
+  folder that no kept manifest references.
+* ``info`` summarises the live version for people and scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.ann import IndexOptions
+from indexer.build import STAGING_DIR, Progress, ProgressFn, _tombstone_table, _write_tombstones
+from indexer.commit import commit, next_version
+from indexer.crash import crash_point
+from indexer.fsutil import remove_temp_files
+from indexer.lock import IndexLock
+from indexer.writer import write_shard
+from retrieval.errors import ConfigError
+from retrieval.manifest import (
+    ERRORS_DIR,
+    MANIFEST_DIR,
+    SHARD_DIR,
+    TOMBSTONE_DIR,
+    Manifest,
+    ShardRecord,
+    list_versions,
+    manifest_path,
+    read_current,
+    read_manifest,
+    shard_name,
+)
+from retrieval.store import read_metadata, read_tombstones, read_vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeleteSummary:
+    version: int
+    # Rows newly tombstoned by this call.
+    deleted_rows: int
+    # Distinct doc ids of those rows.
+    deleted_docs: int
+    # Ids asked for that matched no live row.
+    not_found: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "deleted_rows": self.deleted_rows,
+            "deleted_docs": self.deleted_docs,
+            "not_found": list(self.not_found),
+        }
+
+
+def delete(
+    root: str | Path,
+    *,
+    ids: Sequence[str] | None = None,
+    where: str | dict[str, Any] | None = None,
+) -> DeleteSummary:
+    """Tombstone every live row whose doc_id is in ``ids`` or that matches ``where``.
+
+    ``where`` is a filter expression (``retrieval.filters``) over the metadata columns,
+    e.g. ``"category = 'mugs' and price > 100"``. Commits a new version when anything
+    matched; otherwise returns the current version unchanged.
+    """
+    if not ids and where is None:
+        raise ConfigError("delete needs ids (--ids) or a filter expression (--where)")
+    root = Path(root)
+    with IndexLock(root, "delete"):
+        base = read_current(root)
+        dead = set(read_tombstones(root, base).tolist())
+        tables = [read_metadata(root / s.metadata.path) for s in base.shards]
+        wanted = set(ids or ())
+        hits: list[tuple[int, str]] = []
+        found: set[str] = set()
+        masks = _where_masks(tables, where) if where is not None else None
+        for i, t in enumerate(tables):
+            row_ids = t.column("row_id").to_numpy()
+            doc_ids = t.column("doc_id").to_pylist()
+            match = np.array([d in wanted for d in doc_ids], dtype=bool)
+            if masks is not None:
+                match |= masks[i]
+            for rid, doc in zip(
+                row_ids[match].tolist(), np.asarray(doc_ids, dtype=object)[match], strict=True
+            ):
+                if rid not in dead:
+                    hits.append((rid, doc))
+                    found.add(doc)
+        not_found = tuple(sorted(wanted - found - _dead_docs(root, base)))
+        if not hits:
+            return DeleteSummary(base.version, 0, 0, not_found)
+        version = next_version(root)
+        tomb, n = _write_tombstones(root, version, _tombstone_table(root, base), hits)
+        manifest = replace(
+            base,
+            version=version,
+            parent_version=base.version,
+            operation="delete",
+            tombstones=tomb,
+            n_tombstones=n,
+        )
+        commit(root, manifest)
+        return DeleteSummary(version, len(hits), len(found), not_found)
+
+
+def _dead_docs(root: Path, base: Manifest) -> set[str]:
+    return {doc for _, doc in _tombstone_table(root, base)}
+
+
+def _where_masks(tables: list[Any], where: str | dict[str, Any]) -> list[np.ndarray]:
+    """Evaluate ``where`` on every shard's metadata, padding columns a shard lacks with nulls."""
+    import pyarrow as pa
+
+    from retrieval.filters import compile_filter
+
+    fields: dict[str, pa.Field] = {}
+    for t in tables:
+        for f in t.schema:
+            fields.setdefault(f.name, f)
+    schema = pa.schema(list(fields.values()))
+    compiled = compile_filter(where, schema)
+    masks = []
+    for t in tables:
+        for f in schema:
+            if f.name not in t.column_names:
+                t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+        masks.append(compiled.mask(t.select(schema.names)))
+    return masks
+
+
+@dataclass(frozen=True)
+class CompactSummary:
+    version: int
+    shards_rewritten: int
+    rows_removed: int
+    files_removed: int
+    bytes_freed: int
+    versions_removed: tuple[int, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "shards_rewritten": self.shards_rewritten,
+            "rows_removed": self.rows_removed,
+            "files_removed": self.files_removed,
+            "bytes_freed": self.bytes_freed,
+            "versions_removed": list(self.versions_removed),
+        }
+
+
+def compact(
+    root: str | Path, *, keep_versions: int = 1, progress: ProgressFn | None = None
+) -> CompactSummary:
+    """Rewrite shards without their tombstoned rows, commit, and garbage-collect.
+
+    Args:
+        keep_versions: committed versions whose files survive the GC (the live one
+            counts). 1 frees the most space; readers that pinned an older version keep
+            working on POSIX (open and memory-mapped files outlive their unlink), but a
+            new ``open_snapshot`` of an older version is no longer possible.
+    """
+    if keep_versions < 1:
+        raise ConfigError(f"keep_versions must be >= 1, got {keep_versions}")
+    root = Path(root)
+    with IndexLock(root, "compact"):
+        for sub in ("", SHARD_DIR, MANIFEST_DIR, TOMBSTONE_DIR, ERRORS_DIR):
+            remove_temp_files(root / sub)
+        base = read_current(root)
+        dead = read_tombstones(root, base)
+        version = base.version
+        rewritten, removed = 0, 0
+        if len(dead):
+            shards, rewritten, removed = _rewrite_shards(root, base, dead, progress)
+            version = next_version(root)
+            manifest = replace(
+                base,
+                version=version,
+                parent_version=base.version,
+                operation="compact",
+                shards=shards,
+                tombstones=None,
+                n_tombstones=0,
+                next_row_id=_next_row(base, shards),
+                next_shard=base.next_shard + rewritten,
+            )
+            commit(root, manifest)
+        files, freed, gone = _collect_garbage(root, keep_versions)
+    return CompactSummary(version, rewritten, removed, files, freed, gone)
+
+
+def _next_row(base: Manifest, shards: tuple[ShardRecord, ...]) -> int:
+    return max([base.next_row_id, *(s.row_id_end for s in shards)])
+
+
+def _rewrite_shards(
+    root: Path, base: Manifest, dead: np.ndarray, progress: ProgressFn | None
+) -> tuple[tuple[ShardRecord, ...], int, int]:
+    out: list[ShardRecord] = []
+    next_row, next_shard = base.next_row_id, base.next_shard
+    rewritten = removed = 0
+    for i, s in enumerate(base.shards):
+        lo, hi = np.searchsorted(dead, [s.row_id_start, s.row_id_end])
+        if hi == lo:
+            out.append(s)
+            continue
+        keep = np.ones(s.rows, dtype=bool)
+        keep[dead[lo:hi] - s.row_id_start] = False
+        removed += int((~keep).sum())
+        if progress:
+            progress(Progress("compact", i + 1, len(base.shards)))
+        if not keep.any():
+            continue  # every row deleted: the shard disappears
+        vectors = np.asarray(read_vectors(root / s.vectors.path))[keep]
+        metadata = read_metadata(root / s.metadata.path).filter(keep)
+        options = IndexOptions(index=s.index.requested, target_recall=s.index.target_recall or 0.95)
+        record = write_shard(
+            root,
+            name=shard_name(next_shard),
+            modality=s.modality,
+            row_id_start=next_row,
+            vectors=vectors,
+            metadata=metadata,
+            index_options=options,
+        )
+        crash_point("compact:shard")
+        out.append(record)
+        next_row += record.rows
+        next_shard += 1
+        rewritten += 1
+    return tuple(out), rewritten, removed
+
+
+def _collect_garbage(root: Path, keep_versions: int) -> tuple[int, int, tuple[int, ...]]:
+    """Delete files no kept manifest references; returns (files, bytes, versions removed)."""
+    current = read_current(root)
+    versions = [v for v in list_versions(root) if v <= current.version]
+    kept = versions[-keep_versions:]
+    gone = tuple(v for v in list_versions(root) if v not in kept)
+    referenced = {manifest_path(v) for v in kept}
+    for v in kept:
+        referenced.update(f.path for f in read_manifest(root, v).files())
+    n_files = n_bytes = 0
+    for sub in (SHARD_DIR, TOMBSTONE_DIR, ERRORS_DIR, MANIFEST_DIR):
+        d = root / sub
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and rel not in referenced:
+                n_bytes += p.stat().st_size
+                p.unlink()
+                n_files += 1
+    if (root / STAGING_DIR).is_dir():
+        shutil.rmtree(root / STAGING_DIR)
+    log.info("compact GC: removed %d files (%d bytes), versions %s", n_files, n_bytes, gone)
+    return n_files, n_bytes, gone
+
+
+def info(root: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary of the live version."""
+    root = Path(root)
+    m = read_current(root)
+    rows = m.rows_by_modality()
+    dead = read_tombstones(root, m)
+    live = dict(rows)
+    for s in m.shards:
+        lo, hi = np.searchsorted(dead, [s.row_id_start, s.row_id_end])
+        live[s.modality] -= int(hi - lo)
+    recalls = [s.index.measured_recall for s in m.shards if s.index.measured_recall is not None]
+    size = sum(f.bytes for f in m.files())
+    return {
+        "root": str(root),
+        "version": m.version,
+        "versions": list_versions(root),
+        "created_at": m.created_at,
+        "operation": m.operation,
+        "model": {
+            "kind": m.encoder.kind,
+            "arch": m.encoder.arch,
+            "pretrained": m.encoder.pretrained,
+            "dim": m.encoder.dim,
+        },
+        "shards": len(m.shards),
+        "rows": {
+            "total": m.n_rows,
+            "live": m.n_live,
+            "by_modality": rows,
+            "live_by_modality": live,
+        },
+        "tombstones": m.n_tombstones,
+        "index_types": dict(Counter(s.index.factory for s in m.shards)),
+        "search_params": [
+            dict(p)
+            for p in sorted({tuple(sorted(s.index.search_params.items())) for s in m.shards})
+        ],
+        "measured_recall_min": min(recalls) if recalls else None,
+        "errors": m.n_errors,
+        "error_reports": [e.file.path for e in m.errors],
+        "bytes": size,
+    }

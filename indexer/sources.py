@@ -1,0 +1,566 @@
+"""Corpus sources: image folders, Parquet/CSV/JSONL manifests and plain text files.
+
+``scan_sources`` turns the paths a user passes into a deterministic list of
+:class:`Item` (one per vector to compute) plus the problems found while reading them
+(missing ids, duplicate ids, metadata of the wrong type...), which become rows of the
+errors report instead of aborting the build. It also returns a fingerprint of the
+inputs, which keys resumable builds: a rerun over unchanged inputs resumes.
+
+* A folder yields one image item per file with an allowed extension, recursively, in
+  sorted order; ``doc_id`` is the path relative to the folder. Symlinks (to files or
+  folders) are followed only when they resolve inside the folder.
+* A manifest (``.parquet``, ``.csv``, ``.jsonl``/``.ndjson``) yields, per row, an image
+  item (``image_col``; paths relative to the manifest's folder or absolute) and one text
+  item per ``text_cols`` entry, all sharing the row's ``doc_id`` (``id_col``). The other
+  columns become metadata; untyped CSV/JSONL columns get the type most of their values
+  have, and rows whose value does not fit are reported and skipped.
+* A ``.txt`` file yields one text item per line; ``doc_id`` is ``<file name>:<line>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.errors import ConfigError, SourceError
+from retrieval.manifest import FIXED_COLUMNS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
+TEXT_EXTENSIONS = (".txt",)
+DUPLICATE_POLICIES = ("reject", "last")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """How manifests map onto items, and how duplicate ids are handled."""
+
+    # Manifest column holding image paths (relative to the manifest's folder, or absolute).
+    image_col: str | None = None
+    # Manifest columns holding texts; each non-empty one yields a text row.
+    text_cols: tuple[str, ...] = ()
+    # Manifest column holding the document id; default: the image path, else "<file>#<row>".
+    id_col: str | None = None
+    # A doc_id seen twice: "reject" keeps the first and reports the later ones; "last" keeps
+    # the last and reports the earlier ones. Either way each dropped record is reported.
+    on_duplicate: str = "reject"
+    # File extensions (lower case, with dot) taken from image folders.
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    def __post_init__(self) -> None:
+        if self.on_duplicate not in DUPLICATE_POLICIES:
+            raise ConfigError(
+                f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {self.on_duplicate!r}"
+            )
+        if not self.extensions:
+            raise ConfigError("the image extension allowlist is empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_col": self.image_col,
+            "text_cols": list(self.text_cols),
+            "id_col": self.id_col,
+            "on_duplicate": self.on_duplicate,
+            "extensions": list(self.extensions),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item:
+    """One vector to compute."""
+
+    doc_id: str
+    # "image" or "text".
+    modality: str
+    # Images: absolute path; texts: the text itself (the `source` metadata column).
+    source: str
+    # User metadata of the record (column -> value, already of the column's type).
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Where the record came from, for messages: "products.csv row 12", "photos/a.jpg".
+    origin: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """A record or item that is skipped (or flagged) and goes to the errors report."""
+
+    source: str
+    doc_id: str
+    # "scan" (ids, duplicates, metadata types, missing values), "read", "decode", "text".
+    stage: str
+    reason: str
+    # "skipped" (no row indexed) or "kept" (indexed, but flagged, e.g. a truncated text).
+    action: str = "skipped"
+    # Items (would-be rows) this problem accounts for; not part of the report.
+    n_items: int = 1
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "source": self.source,
+            "doc_id": self.doc_id,
+            "stage": self.stage,
+            "reason": self.reason,
+            "action": self.action,
+        }
+
+
+@dataclass
+class SourceScan:
+    """The result of reading every source."""
+
+    # Items in a deterministic order: all image items, then all text items.
+    items: list[Item]
+    # Records/items dropped while scanning (they count as input that was skipped).
+    problems: list[Problem]
+    # Arrow schema of the user metadata columns (shared by every item).
+    schema: pa.Schema
+    # sha256 over the sources' identities, sizes and mtimes and the options.
+    fingerprint: str
+    # Files not taken from folders (wrong extension, symlink leaving the folder).
+    ignored: int = 0
+
+    @property
+    def n_input(self) -> int:
+        """Items offered by the sources (indexed + skipped at any stage)."""
+        return len(self.items) + sum(p.n_items for p in self.problems if p.action == "skipped")
+
+
+@dataclass
+class _Record:
+    doc_id: str
+    items: list[Item]
+    origin: str
+
+
+def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
+    """Read every source path into items, problems, a metadata schema and a fingerprint."""
+    import pyarrow as pa
+
+    if not paths:
+        raise SourceError("no sources given; pass image folders, manifests or text files")
+    digest = hashlib.sha256(json.dumps(options.to_dict(), sort_keys=True).encode())
+    records: list[_Record] = []
+    problems: list[Problem] = []
+    fields: dict[str, pa.DataType] = {}
+    ignored = 0
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise SourceError(f"{path}: no such file or folder; check the source path")
+        digest.update(f"\0{path.resolve()}".encode())
+        if path.is_dir():
+            recs, n_ignored = _scan_folder(path, options, digest)
+            ignored += n_ignored
+            records.extend(recs)
+            continue
+        suffix = path.suffix.lower()
+        st = path.stat()
+        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        if suffix in TEXT_EXTENSIONS:
+            recs, probs = _scan_text_file(path)
+        elif suffix in MANIFEST_EXTENSIONS:
+            recs, probs, schema = _scan_manifest(path, options)
+            for f in schema:
+                if f.name in fields and fields[f.name] != f.type:
+                    raise SourceError(
+                        f"{path}: column {f.name!r} is {f.type} here but {fields[f.name]} in an "
+                        "earlier source; make the types agree"
+                    )
+                fields[f.name] = f.type
+        else:
+            raise SourceError(
+                f"{path}: unknown source type {suffix!r}; pass a folder of images, a "
+                f"manifest ({', '.join(MANIFEST_EXTENSIONS)}) or a .txt file (one text per line)"
+            )
+        records.extend(recs)
+        problems.extend(probs)
+    records = _resolve_duplicates(records, options.on_duplicate, problems)
+    items = [it for r in records for it in r.items]
+    items.sort(key=lambda it: it.modality != "image")  # stable: images first, then texts
+    return SourceScan(
+        items=items,
+        problems=problems,
+        schema=pa.schema(list(fields.items())),
+        fingerprint=digest.hexdigest(),
+        ignored=ignored,
+    )
+
+
+def _scan_folder(root: Path, options: SourceOptions, digest: Any) -> tuple[list[_Record], int]:
+    real_root = root.resolve()
+    allowed = {e.lower() for e in options.extensions}
+    found: list[tuple[str, Path]] = []
+    ignored = 0
+    seen_dirs: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real_here = here.resolve()
+        if real_here in seen_dirs or not real_here.is_relative_to(real_root):
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_here)
+        dirnames.sort()
+        for name in filenames:
+            p = here / name
+            if p.suffix.lower() not in allowed:
+                ignored += 1
+                continue
+            real = p.resolve()
+            if not real.is_relative_to(real_root):
+                log.info("ignoring %s: symlink leads outside %s", p, root)
+                ignored += 1
+                continue
+            found.append((p.relative_to(root).as_posix(), real))
+    found.sort()
+    records = []
+    for rel, real in found:
+        try:
+            st = real.stat()
+            digest.update(f"\0{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(f"\0{rel}:?".encode())
+        item = Item(doc_id=rel, modality="image", source=str(real), origin=str(root / rel))
+        records.append(_Record(doc_id=rel, items=[item], origin=item.origin))
+    log.info("%s: %d images, %d files ignored", root, len(records), ignored)
+    return records, ignored
+
+
+def _scan_text_file(path: Path) -> tuple[list[_Record], list[Problem]]:
+    records, problems = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            text = line.rstrip("\r\n")
+            doc_id = f"{path.name}:{lineno}"
+            origin = f"{path} line {lineno}"
+            if not text.strip():
+                problems.append(
+                    Problem(source=origin, doc_id=doc_id, stage="text", reason="empty text")
+                )
+                continue
+            item = Item(doc_id=doc_id, modality="text", source=text, origin=origin)
+            records.append(_Record(doc_id=doc_id, items=[item], origin=origin))
+    return records, problems
+
+
+def _read_manifest_rows(path: Path) -> tuple[list[dict[str, Any]], pa.Schema | None, list[Problem]]:
+    """Rows as dicts; a schema when the format is typed (Parquet); unparseable lines."""
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    problems: list[Problem] = []
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(path)
+            return table.to_pylist(), table.schema, problems
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                return [dict(r) for r in csv.DictReader(f)], None, problems
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(
+                        Problem(
+                            source=f"{path} line {lineno}",
+                            doc_id="",
+                            stage="scan",
+                            reason=f"invalid JSON: {e}",
+                        )
+                    )
+                    continue
+                if not isinstance(obj, dict):
+                    problems.append(
+                        Problem(
+                            source=f"{path} line {lineno}",
+                            doc_id="",
+                            stage="scan",
+                            reason="line is not a JSON object",
+                        )
+                    )
+                    continue
+                rows.append(obj)
+        return rows, None, problems
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: cannot read manifest ({e})") from e
+    except Exception as e:  # pyarrow raises ArrowInvalid for a broken Parquet file
+        raise SourceError(f"{path}: cannot read manifest ({type(e).__name__}: {e})") from e
+
+
+def _scan_manifest(
+    path: Path, options: SourceOptions
+) -> tuple[list[_Record], list[Problem], pa.Schema]:
+    import pyarrow as pa
+
+    rows, typed_schema, problems = _read_manifest_rows(path)
+    columns: list[str] = list(typed_schema.names) if typed_schema is not None else []
+    for r in rows:
+        columns.extend(c for c in r if c not in columns)
+    wanted = [c for c in (options.image_col, options.id_col, *options.text_cols) if c]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise SourceError(
+            f"{path}: no column(s) {missing}; the manifest has {columns[:20]}; "
+            "fix --image-col/--text-col/--id-col"
+        )
+    if not options.image_col and not options.text_cols:
+        raise SourceError(
+            f"{path}: a manifest needs --image-col and/or --text-col (columns: {columns[:20]})"
+        )
+    meta_cols = [c for c in columns if c not in (options.image_col, options.id_col)]
+    clash = [c for c in meta_cols if c in FIXED_COLUMNS]
+    if clash:
+        raise SourceError(
+            f"{path}: column(s) {clash} clash with clipsearch's fixed columns "
+            f"{list(FIXED_COLUMNS)}; rename them in the manifest"
+        )
+    if typed_schema is not None:
+        schema = pa.schema([typed_schema.field(c) for c in meta_cols])
+        converters: dict[str, Any] = {}
+    else:
+        schema, converters = _infer_schema(rows, meta_cols)
+    records = []
+    for i, row in enumerate(rows, start=1):
+        origin = f"{path} row {i}"
+        rec, found = _manifest_record(row, origin, path, options, meta_cols, converters)
+        problems.extend(found)
+        if rec is not None:
+            records.append(rec)
+    return records, problems, schema
+
+
+def _manifest_record(
+    row: dict[str, Any],
+    origin: str,
+    path: Path,
+    options: SourceOptions,
+    meta_cols: list[str],
+    converters: dict[str, Any],
+) -> tuple[_Record | None, list[Problem]]:
+    image = row.get(options.image_col) if options.image_col else None
+    would_be = (1 if image not in (None, "") else 0) + sum(
+        1 for c in options.text_cols if row.get(c) is not None and str(row.get(c)).strip()
+    )
+    n_items = max(1, would_be)
+    if options.id_col:
+        raw_id = row.get(options.id_col)
+        doc_id = "" if raw_id is None else str(raw_id).strip()
+        if not doc_id:
+            return None, [
+                Problem(
+                    source=origin,
+                    doc_id="",
+                    stage="scan",
+                    reason=f"empty id column {options.id_col!r}",
+                    n_items=n_items,
+                )
+            ]
+    elif image not in (None, ""):
+        doc_id = str(image)
+    else:
+        doc_id = f"{path.name}#{origin.rsplit(' ', 1)[-1]}"
+    metadata: dict[str, Any] = {}
+    for c in meta_cols:
+        value = row.get(c)
+        conv = converters.get(c)
+        if conv is not None and value is not None and value != "":
+            try:
+                value = conv(value)
+            except (ValueError, TypeError):
+                return None, [
+                    Problem(
+                        source=origin,
+                        doc_id=doc_id,
+                        stage="scan",
+                        reason=f"column {c!r}: {value!r} is not a {conv.__name__} like the column's other values",
+                        n_items=n_items,
+                    )
+                ]
+        elif conv is not None:
+            value = None
+        metadata[c] = value
+    items: list[Item] = []
+    problems: list[Problem] = []
+    if options.image_col:
+        if image in (None, ""):
+            problems.append(
+                Problem(
+                    source=origin,
+                    doc_id=doc_id,
+                    stage="scan",
+                    reason=f"empty image column {options.image_col!r}",
+                )
+            )
+        else:
+            p = Path(str(image))
+            full = p if p.is_absolute() else path.parent / p
+            items.append(
+                Item(
+                    doc_id=doc_id,
+                    modality="image",
+                    source=str(full.absolute()),
+                    metadata=metadata,
+                    origin=origin,
+                )
+            )
+    for col in options.text_cols:
+        text = row.get(col)
+        if text is None or not str(text).strip():
+            problems.append(
+                Problem(
+                    source=origin,
+                    doc_id=doc_id,
+                    stage="text",
+                    reason=f"empty text in column {col!r}",
+                )
+            )
+            continue
+        items.append(
+            Item(doc_id=doc_id, modality="text", source=str(text), metadata=metadata, origin=origin)
+        )
+    return (_Record(doc_id=doc_id, items=items, origin=origin) if items else None), problems
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "yes", "1"):
+        return True
+    if s in ("false", "no", "0"):
+        return False
+    raise ValueError(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    if isinstance(v, str):
+        return int(v.strip())
+    if isinstance(v, int | float):
+        return int(v)
+    raise TypeError(v)
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, str | int | float):
+        return float(v)
+    raise TypeError(v)
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, dict | list):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+_bool.__name__, _int.__name__, _float.__name__, _str.__name__ = "bool", "int64", "float64", "string"
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, float):
+        return "float"
+    if isinstance(v, str):
+        s = v.strip()
+        for kind, conv in (("int", int), ("float", float)):
+            try:
+                conv(s)
+            except ValueError:
+                continue
+            return kind
+        if s.lower() in ("true", "false"):
+            return "bool"
+    return "string"
+
+
+def _infer_schema(rows: list[dict[str, Any]], cols: list[str]) -> tuple[pa.Schema, dict[str, Any]]:
+    """Per column, the type most non-empty values have (ints count as floats when floats
+    are present); values that do not fit are rejected row by row."""
+    import pyarrow as pa
+
+    types = {
+        "bool": (pa.bool_(), _bool),
+        "int": (pa.int64(), _int),
+        "float": (pa.float64(), _float),
+        "string": (pa.string(), _str),
+    }
+    fields, converters = [], {}
+    for c in cols:
+        kinds = Counter(_kind(r[c]) for r in rows if r.get(c) not in (None, ""))
+        if kinds["float"]:
+            kinds["float"] += kinds.pop("int", 0)
+        kind = kinds.most_common(1)[0][0] if kinds else "string"
+        arrow_type, conv = types[kind]
+        fields.append(pa.field(c, arrow_type))
+        converters[c] = conv
+    return pa.schema(fields), converters
+
+
+def _resolve_duplicates(
+    records: list[_Record], policy: str, problems: list[Problem]
+) -> list[_Record]:
+    by_id: dict[str, int] = {}
+    keep: list[_Record | None] = []
+    for rec in records:
+        earlier = by_id.get(rec.doc_id)
+        if earlier is None:
+            by_id[rec.doc_id] = len(keep)
+            keep.append(rec)
+            continue
+        first = keep[earlier]
+        assert first is not None  # internal invariant: by_id only points at kept records
+        if policy == "reject":
+            problems.append(
+                Problem(
+                    source=rec.origin,
+                    doc_id=rec.doc_id,
+                    stage="scan",
+                    reason=f"duplicate doc_id, first seen at {first.origin}; rejected (use --on-duplicate last to keep the last)",
+                    n_items=len(rec.items),
+                )
+            )
+            continue
+        problems.append(
+            Problem(
+                source=first.origin,
+                doc_id=rec.doc_id,
+                stage="scan",
+                reason=f"duplicate doc_id, superseded by {rec.origin} (--on-duplicate last)",
+                n_items=len(first.items),
+            )
+        )
+        keep[earlier] = None
+        by_id[rec.doc_id] = len(keep)
+        keep.append(rec)
+    return [r for r in keep if r is not None]
+
+
+def iter_doc_ids(scan: SourceScan) -> Iterator[str]:
+    """Distinct doc ids of the scan's items, in order."""
+    seen: set[str] = set()
+    for it in scan.items:
+        if it.doc_id not in seen:
+            seen.add(it.doc_id)
+            yield it.doc_id
