@@ -1,0 +1,433 @@
+"""The query engine: open a pinned index version, search it, rerank, return typed results.
+
+``SearchEngine`` holds one immutable ``_State`` (the pinned snapshot, per-shard
+searchers, the metadata schema). Every query reads ``self._state`` once and works on that
+object only, so :meth:`SearchEngine.reload` can swap in a newer version at any time
+without disturbing queries in flight. No query mutates shared objects: FAISS search
+parameters are passed per call, masks are fresh arrays.
+
+The query path (DESIGN.md): encode -> compile the filter to per-shard masks (tombstones
+always removed) -> search every shard of the target modality in parallel with its plan
+(:mod:`retrieval.planner`) -> merge the per-shard top lists with a heap -> rerank
+(:mod:`retrieval.rerank`) -> page -> :class:`SearchResults`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from retrieval.encoders import Encoder, encoder_from_fingerprint
+from retrieval.errors import FingerprintMismatchError, QueryError
+from retrieval.filters import CompiledFilter, compile_filter, to_text
+from retrieval.kernels import configure_faiss
+from retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
+from retrieval.planner import PlannerConfig, ShardSearcher
+from retrieval.queries import classify, encode_queries
+from retrieval.rerank import Candidates, default_pipeline, paginate, run_pipeline
+from retrieval.results import Hit, SearchResults
+from retrieval.store import Snapshot, open_snapshot
+
+log = logging.getLogger(__name__)
+
+# Rerank stages see at least this many candidates, so pages of a grouped, diversified
+# or sorted ranking stay consistent for offset + k up to this size.
+RERANK_WINDOW = 100
+# The candidate pool never grows past this (bounds work for min_score / grouping).
+MAX_POOL = 10_000
+# Filter masks kept per version (a product site repeats a handful of filters).
+MASK_CACHE_SIZE = 32
+
+
+@dataclass(frozen=True, eq=False)
+class _State:
+    snapshot: Snapshot
+    shards: tuple[ShardSearcher, ...]
+    schema: pa.Schema
+    masks: _MaskCache
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+
+class _MaskCache:
+    """Thread-safe LRU: canonical filter text -> per-shard allowed masks and match count."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: OrderedDict[str, tuple[tuple[np.ndarray | None, ...], int]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[tuple[np.ndarray | None, ...], int] | None:
+        with self.lock:
+            hit = self.items.get(key)
+            if hit is not None:
+                self.items.move_to_end(key)
+            return hit
+
+    def put(self, key: str, value: tuple[tuple[np.ndarray | None, ...], int]) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+class SearchEngine:
+    """Search one index directory; safe to share between threads."""
+
+    def __init__(
+        self, root: Path, encoder: Encoder | None, state: _State, config: PlannerConfig, device: str
+    ) -> None:
+        self.root = root
+        self.encoder = encoder
+        self.config = config
+        self.device = device
+        self._state = state
+        self._reload_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        encoder: Encoder | None = None,
+        device: str = "auto",
+        *,
+        config: PlannerConfig | None = None,
+    ) -> SearchEngine:
+        """Pin the live version at ``path`` and load it.
+
+        Args:
+            encoder: the encoder for text/image queries; must match the index's
+                fingerprint. None re-creates it from the manifest.
+            device: "auto", "cpu", "cuda"...; the encoder's device. Shards are searched
+                on CPU (the tested path); FAISS GPU builds are not used by the engine.
+        Raises:
+            IndexNotFoundError, IndexFormatError, FingerprintMismatchError.
+        """
+        root = Path(path)
+        snapshot = open_snapshot(root)
+        if encoder is None:
+            encoder = encoder_from_fingerprint(snapshot.manifest.encoder, device=device)
+        check_fingerprint(snapshot.manifest, encoder)
+        configure_faiss(snapshot.dim)
+        return cls(root, encoder, _build_state(snapshot), config or PlannerConfig(), device)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def version(self) -> int:
+        return self._state.version
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._state.snapshot.manifest
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Metadata schema (fixed columns, then the user's) that filters are checked against."""
+        return self._state.schema
+
+    def reload(self) -> bool:
+        """Switch to the newest committed version; True when the version changed.
+
+        Queries already running finish on the version they started with.
+        """
+        with self._reload_lock:
+            snapshot = open_snapshot(self.root)
+            if snapshot.version == self._state.version:
+                return False
+            if self.encoder is not None:
+                check_fingerprint(snapshot.manifest, self.encoder)
+            self._state = _build_state(snapshot)
+            log.info("%s: switched to version %d", self.root, snapshot.version)
+            return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> SearchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ queries
+
+    def search(self, query: Any, **options: Any) -> SearchResults:
+        """Search with one query. See :meth:`search_batch` for the options."""
+        return self.search_batch([query], **options)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[Any],
+        *,
+        k: int = 10,
+        offset: int = 0,
+        where: str | dict[str, Any] | None = None,
+        modality: str | None = None,
+        group_by_doc: bool | str = False,
+        mmr: float | None = None,
+        sort: str | None = None,
+        min_score: float | None = None,
+        boosts: dict[str, float] | None = None,
+    ) -> list[SearchResults]:
+        """Search with several queries at once (one encoder pass, one batched scan).
+
+        Args:
+            queries: texts (str), images (Path, bytes, PIL), numpy vectors, ComposedQuery.
+            k: results per page (1..1000). offset: results to skip (stable pagination).
+            where: filter expression or its JSON form (see :mod:`retrieval.filters`).
+            modality: rows to search, "image" or "text"; default image rows when the
+                index has any (text->image, image->image), else text rows.
+            group_by_doc: one result per doc_id; True/"max" scores a document by its
+                best row, "mean" by the mean of its rows in the candidate pool.
+            mmr: MMR lambda in [0, 1] (1 = relevance only) for diverse results.
+            sort: "field", "field:asc" or "field:desc"; applied after min_score to the
+                candidate pool (at least RERANK_WINDOW rows).
+            min_score: drop results with a lower (boosted) score.
+            boosts: {numeric field: weight}: score += weight * value.
+        """
+        t0 = time.perf_counter()
+        state = self._state
+        if not 1 <= k <= 1000:
+            raise QueryError(f"k must be between 1 and 1000, got {k}")
+        if offset < 0 or offset + k > MAX_POOL:
+            raise QueryError(f"offset must be >= 0 and offset + k <= {MAX_POOL}, got {offset}")
+        if not queries:
+            return []
+        target = self._target(state, modality)
+        stages = default_pipeline(
+            boosts=boosts,
+            group_by_doc=group_by_doc,
+            min_score=min_score,
+            mmr=mmr,
+            mmr_limit=offset + k,
+            sort=sort,
+        )
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+        xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
+        timings["encode"] = _ms(tick)
+        tick = time.perf_counter()
+        shards = [s for s in state.shards if s.record.modality == target]
+        masks, total = self._masks(state, shards, where)
+        timings["filter"] = _ms(tick)
+        pool = offset + k if not stages else max(RERANK_WINDOW, offset + k)
+        while True:
+            tick = time.perf_counter()
+            merged, plans = self._search_shards(shards, masks, xq, pool)
+            timings["search"] = timings.get("search", 0.0) + _ms(tick)
+            tick = time.perf_counter()
+            ranked = [
+                run_pipeline(self._candidates(shards, m, xq[qi], mmr is not None), stages)
+                for qi, m in enumerate(merged)
+            ]
+            timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
+            if pool >= min(total, MAX_POOL) or not _needs_more(
+                ranked, merged, offset + k, group_by_doc, min_score
+            ):
+                break
+            pool = min(MAX_POOL, pool * 4)
+        tick = time.perf_counter()
+        out = []
+        for c in ranked:
+            page, start = paginate(c, offset, k)
+            out.append(self._hits(page, start))
+        timings["fetch"] = _ms(tick)
+        timings["total"] = _ms(t0)
+        version = state.version
+        return [
+            SearchResults(
+                hits=hits,
+                timings=dict(timings),
+                index_version=version,
+                total_matches=total if where is not None else None,
+                plans=plans,
+            )
+            for hits in out
+        ]
+
+    def classify(self, image: Any, labels: Sequence[str]) -> list[tuple[str, float]]:
+        """Zero-shot label probabilities for an image, highest first (CLIP recipe)."""
+        if self.encoder is None:
+            raise QueryError("classify needs an encoder")
+        return classify(self.encoder, image, labels)
+
+    def count(self, where: str | dict[str, Any] | None = None, modality: str | None = None) -> int:
+        """Live rows of a modality (default: all) that pass ``where``."""
+        state = self._state
+        shards = [s for s in state.shards if modality is None or s.record.modality == modality]
+        return self._masks(state, shards, where)[1]
+
+    # ------------------------------------------------------------------ internals
+
+    def _target(self, state: _State, modality: str | None) -> str:
+        if modality is None:
+            has_images = any(s.record.modality == "image" and s.rows for s in state.shards)
+            return "image" if has_images else "text"
+        if modality not in MODALITIES:
+            raise QueryError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        return modality
+
+    def _masks(
+        self, state: _State, shards: list[ShardSearcher], where: str | dict[str, Any] | None
+    ) -> tuple[tuple[np.ndarray | None, ...], int]:
+        if where is None:
+            masks = tuple(s.live for s in shards)
+            return masks, sum(
+                s.rows if m is None else int(m.sum()) for s, m in zip(shards, masks, strict=True)
+            )
+        compiled: CompiledFilter = compile_filter(where, state.schema)
+        key = to_text(compiled.node) + "|" + ",".join(s.record.name for s in shards)
+        cached = state.masks.get(key)
+        if cached is not None:
+            return cached
+        out = []
+        for s in shards:
+            m = compiled.mask(s.metadata)
+            out.append(m if s.live is None else m & s.live)
+        value = (tuple(out), sum(int(m.sum()) for m in out))
+        state.masks.put(key, value)
+        return value
+
+    def _search_shards(
+        self,
+        shards: list[ShardSearcher],
+        masks: tuple[np.ndarray | None, ...],
+        xq: np.ndarray,
+        pool: int,
+    ) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
+        """Per query, the merged best ``pool`` as (score, shard position, local row)."""
+        config = self.config
+
+        def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
+            return shards[i].search(xq, pool, masks[i], config)
+
+        if len(shards) > 1:
+            results = list(self._pool.map(one, range(len(shards))))
+        else:
+            results = [one(i) for i in range(len(shards))]
+        plans = {s.record.name: r[2] for s, r in zip(shards, results, strict=True)}
+        merged = []
+        for qi in range(xq.shape[0]):
+            lists = [
+                [
+                    (-float(d), s.record.row_id_start + int(j), si, int(j))
+                    for d, j in zip(r[0][qi], r[1][qi], strict=True)
+                ]
+                for si, (s, r) in enumerate(zip(shards, results, strict=True))
+            ]
+            best = itertools.islice(heapq.merge(*lists), pool)
+            merged.append([(-neg, si, j) for neg, _, si, j in best])
+        return merged, plans
+
+    def _candidates(
+        self,
+        shards: list[ShardSearcher],
+        merged: list[tuple[float, int, int]],
+        query: np.ndarray,
+        vectors: bool,
+    ) -> Candidates:
+        n = len(merged)
+        scores = np.array([m[0] for m in merged], np.float32)
+        tables, row_ids, vecs = [], np.empty(n, np.int64), []
+        positions = np.arange(n)
+        by_shard: dict[int, list[int]] = {}
+        for pos, (_, si, _) in enumerate(merged):
+            by_shard.setdefault(si, []).append(pos)
+        order = []
+        for si, poss in by_shard.items():
+            local = np.array([merged[p][2] for p in poss], np.int64)
+            tables.append(shards[si].metadata.take(pa.array(local)))
+            row_ids[poss] = shards[si].record.row_id_start + local
+            if vectors:
+                vecs.append(np.asarray(shards[si].vectors[local], np.float32))
+            order.extend(poss)
+        dim = query.shape[0]
+        if tables:
+            meta = pa.concat_tables(tables)
+            inverse = np.empty(n, np.int64)
+            inverse[np.array(order, np.int64)] = positions
+            meta = meta.take(pa.array(inverse))
+            v = np.concatenate(vecs)[inverse] if vectors else np.zeros((n, 0), np.float32)
+        else:
+            meta = self._state.schema.empty_table()
+            v = np.zeros((0, dim if vectors else 0), np.float32)
+        return Candidates(scores=scores, row_ids=row_ids, metadata=meta, vectors=v, query=query)
+
+    def _hits(self, page: Candidates, start: int) -> tuple[Hit, ...]:
+        rows = page.metadata.to_pylist()
+        return tuple(
+            Hit(
+                rank=start + i,
+                score=float(page.scores[i]),
+                doc_id=str(row["doc_id"]),
+                row_id=int(page.row_ids[i]),
+                modality=str(row["modality"]),
+                source=str(row["source"]),
+                metadata={k: v for k, v in row.items() if k not in FIXED_COLUMNS},
+            )
+            for i, row in enumerate(rows)
+        )
+
+
+def check_fingerprint(manifest: Manifest, encoder: Encoder) -> None:
+    """Raise FingerprintMismatchError naming every field where encoder and index differ."""
+    diff = manifest.encoder.diff(encoder.fingerprint)
+    if diff:
+        fields = "; ".join(f"{k}: index has {a!r}, encoder has {b!r}" for k, (a, b) in diff.items())
+        raise FingerprintMismatchError(
+            f"the encoder does not match the one the index was built with ({fields}); "
+            "open the index with encoder=None (or the CLI without --model) to use its own "
+            "encoder, or rebuild the index with this one"
+        )
+
+
+def _build_state(snapshot: Snapshot) -> _State:
+    shards = tuple(
+        ShardSearcher.create(s.record, s.index, s.vectors, s.metadata, snapshot.tombstones)
+        for s in snapshot.shards
+    )
+    schema = (
+        shards[0].metadata.schema
+        if shards
+        else pa.schema([(c, pa.string()) for c in FIXED_COLUMNS])
+    )
+    return _State(
+        snapshot=snapshot, shards=shards, schema=schema, masks=_MaskCache(MASK_CACHE_SIZE)
+    )
+
+
+def _needs_more(
+    ranked: list[Candidates],
+    merged: list[list[tuple[float, int, int]]],
+    wanted: int,
+    group_by_doc: bool | str,
+    min_score: float | None,
+) -> bool:
+    """Whether a bigger candidate pool could change the page (grouping / cutoff)."""
+    for c, m in zip(ranked, merged, strict=True):
+        if group_by_doc and len(c) < wanted:
+            return True
+        if min_score is not None and m and m[-1][0] >= min_score:
+            return True
+    return False
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000.0, 3)
