@@ -200,14 +200,24 @@ class SortBy:
         keys = pa.table({"v": col, "pos": pa.array(np.arange(len(c)), pa.int64())})
         direction = "descending" if self.descending else "ascending"
         try:
-            order = pc.sort_indices(
-                keys, sort_keys=[("v", direction), ("pos", "ascending")], null_placement="at_end"
-            )
+            order = _sort_indices(keys, direction)
         except pa.ArrowNotImplementedError as e:
             raise QueryError(
                 f"sort: field {self.field!r} of type {col.type} is not sortable"
             ) from e
         return c.take(order.to_numpy())
+
+
+def _sort_indices(keys: pa.Table, direction: str) -> pa.Array:
+    """Indices sorting ``keys.v`` (nulls last) then ``keys.pos``; across pyarrow versions."""
+    try:  # pyarrow >= 25: null placement per sort key
+        return pc.sort_indices(
+            keys, sort_keys=[("v", direction, "at_end"), ("pos", "ascending", "at_end")]
+        )
+    except (TypeError, ValueError):
+        return pc.sort_indices(
+            keys, sort_keys=[("v", direction), ("pos", "ascending")], null_placement="at_end"
+        )
 
 
 def default_pipeline(
