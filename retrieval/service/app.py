@@ -152,7 +152,7 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         start = time.perf_counter()
         deadline = deadline_for(config)
         labels = queries.check_labels(body.labels, config)
-        pil = await queries.image_from(body, state, deadline, field="image")
+        pil = await queries.image_from(body, state, deadline, field="image", vector_ok=False)
         version = state.version
         answer = await _submit(state, ClassifyJob(image=pil, labels=labels), deadline)
         return ClassifyResponse(

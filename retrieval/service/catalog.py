@@ -105,15 +105,51 @@ def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
             if lo is not None and hi is not None:
                 out[name] = {"type": "number", "min": float(lo), "max": float(hi)}
         elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-            counts = pc.value_counts(col.drop_null()).to_pylist()
-            if 0 < len(counts) <= MAX_FACET_VALUES:
-                counts.sort(key=lambda c: (-c["counts"], str(c["values"])))
+            if pc.count_distinct(col).as_py() > MAX_FACET_VALUES:
+                continue
+            # Count documents, not rows: a product with two photos and a title is one.
+            grouped = (
+                pa.table({"v": col, "d": table.column("doc_id")})
+                .group_by("v")
+                .aggregate([("d", "count_distinct")])
+                .to_pylist()
+            )
+            counts = [
+                (str(g["v"]), int(g["d_count_distinct"])) for g in grouped if g["v"] is not None
+            ]
+            if counts:
+                counts.sort(key=lambda c: (-c[1], c[0]))
                 out[name] = {
                     "type": "string",
-                    "values": [str(c["values"]) for c in counts],
-                    "counts": [int(c["counts"]) for c in counts],
+                    "values": [v for v, _ in counts],
+                    "counts": [n for _, n in counts],
                 }
     return out
+
+
+def common_image_root(snapshot: Snapshot, *, min_depth: int = 2) -> Path | None:
+    """Deepest folder holding every absolute image source of the snapshot, or None.
+
+    ``min_depth`` refuses roots too close to ``/`` (``/`` itself, ``/home``) to guard
+    anything; relative sources cannot be placed without a configured root.
+    """
+    import os
+
+    import pyarrow.compute as pc
+
+    folders: set[str] = set()
+    for shard in snapshot.shards:
+        if shard.record.modality != "image" or not shard.metadata.num_rows:
+            continue
+        sources = pc.unique(shard.metadata.column("source")).to_pylist()
+        for source in sources:
+            if not source or not os.path.isabs(source):
+                return None
+            folders.add(os.path.dirname(os.path.normpath(source)))
+    if not folders:
+        return None
+    root = Path(os.path.commonpath(sorted(folders)))
+    return root if len(root.parts) > min_depth else None
 
 
 def resolve_image(source: str, roots: tuple[Path, ...]) -> tuple[Path, str] | None:

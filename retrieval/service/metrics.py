@@ -157,4 +157,6 @@ def _number(value: float) -> str:
         return str(value)
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
     return repr(float(value))

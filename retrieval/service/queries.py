@@ -15,7 +15,7 @@ from urllib.parse import quote
 import numpy as np
 
 from retrieval.service.admission import decode_base64_image, decode_image_async, remaining
-from retrieval.service.catalog import ItemRow, item_rows
+from retrieval.service.catalog import ItemRow, item_rows, resolve_image
 from retrieval.service.errors import ApiError
 from retrieval.service.fetch import FetchLimits, fetch_url
 from retrieval.service.runner import SearchOptions
@@ -179,15 +179,22 @@ async def image_from(
     deadline: float,
     *,
     field: str,
+    vector_ok: bool = True,
 ) -> Any:
-    """The decoded PIL image named by a body's image / image_url / like_doc field."""
+    """The decoded PIL image named by a body's image / image_url / like_doc field.
+
+    For like_doc the doc's stored vector is returned instead when ``vector_ok`` (search
+    terms); otherwise (classify) its indexed image file is read from the image roots.
+    """
     config = state.config
     if body.image:
         raw = decode_base64_image(body.image, config, field=field)
     elif body.image_url:
         raw = await _fetch(body.image_url, config, deadline)
-    elif body.like_doc:
+    elif body.like_doc and vector_ok:
         return await _doc_vector(body.like_doc, state)
+    elif body.like_doc:
+        raw = await asyncio.to_thread(_doc_image_bytes, body.like_doc, state)
     else:
         raise ApiError(
             400, "empty_query", f"{field}: give an image (base64), image_url or like_doc"
@@ -227,7 +234,7 @@ async def _doc_vector(doc_id: str, state: ServiceState) -> np.ndarray:
 
 
 async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float) -> Any:
-    from retrieval.engine import ComposedQuery
+    from retrieval.queries import ComposedQuery
 
     if len(terms) > state.config.max_terms:
         raise ApiError(
@@ -256,17 +263,34 @@ async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float
         else:
             value = await image_from(term, state, deadline, field=field)
         parts.append((value, float(term.weight)))
-    return ComposedQuery.of(parts)
+    return ComposedQuery(terms=tuple((weight, value) for value, weight in parts))
+
+
+def _doc_image_bytes(doc_id: str, state: ServiceState) -> bytes:
+    """The bytes of a doc's first indexed image, read from the image roots only."""
+    images = [r for r in item_rows(state.snapshot, doc_id) if r.modality == "image"]
+    if not images:
+        raise ApiError(
+            404,
+            "unknown_doc",
+            f"like_doc: no image row has doc_id {doc_id!r}",
+            details={"doc_id": doc_id},
+        )
+    found = resolve_image(images[0].source, image_roots(state))
+    if found is None:
+        raise ApiError(
+            404, "image_not_found", f"like_doc: the image of {doc_id!r} is not available"
+        )
+    return found[0].read_bytes()
 
 
 def image_roots(state: ServiceState) -> tuple[Path, ...]:
-    """Folders images may be served from: the index's recorded roots, then --image-root."""
-    roots: list[Path] = []
-    manifest = state.snapshot.manifest
-    for root in getattr(manifest, "source_roots", ()) or ():
-        roots.append(Path(root))
-    roots.extend(Path(r) for r in state.config.image_roots)
-    return tuple(roots)
+    """Folders images may be served from: --image-root folders when given, else the
+    index's own image root (the deepest folder holding every indexed image)."""
+    if state.config.image_roots:
+        return tuple(Path(r) for r in state.config.image_roots)
+    root = state.image_root()
+    return () if root is None else (root,)
 
 
 def _image_url(doc_id: str, row_id: int) -> str:

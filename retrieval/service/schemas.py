@@ -59,7 +59,8 @@ class SearchRequest(BaseModel):
     )
     sort: str | None = Field(
         default=None,
-        description="Sort the relevant results by a metadata column ('price' or '-price').",
+        description="Sort the relevant results by a metadata column: 'price', 'price:asc' or "
+        "'price:desc'.",
     )
     min_score: float | None = Field(default=None, description="Drop results scoring below this.")
 

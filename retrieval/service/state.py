@@ -49,6 +49,7 @@ class ServiceState:
         self._watch_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._facets: tuple[int, dict[str, Any]] | None = None
+        self._image_root: tuple[int, Path | None] | None = None
         self.batcher: MicroBatcher[Job, Any] = MicroBatcher(
             self._run_batch,
             max_batch_size=config.max_batch_size,
@@ -128,13 +129,20 @@ class ServiceState:
 
     @property
     def snapshot(self) -> Any:
-        return self.engine.snapshot
+        """The engine's pinned Snapshot (for item lookups and facets; 503 before load)."""
+        engine = self.engine
+        snapshot = getattr(engine, "snapshot", None)
+        if snapshot is None:
+            # SearchEngine keeps its pinned snapshot in _state; reading it whole (one
+            # attribute read) gives a consistent version even while a reload swaps it.
+            snapshot = engine._state.snapshot
+        return snapshot
 
     @property
     def version(self) -> int | None:
         if self._engine is None:
             return None
-        return int(self._engine.snapshot.version)
+        return int(self._engine.version)
 
     def _run_batch(self, jobs: Any) -> list[Any]:
         return run_jobs(self.engine, jobs)
@@ -149,19 +157,35 @@ class ServiceState:
             cached = self._facets = (snapshot.version, facets(snapshot))
         return cached
 
+    def image_root(self) -> Path | None:
+        """The index's own image root for the current version, computed once per version.
+
+        The deepest folder containing every indexed image path (sources are absolute
+        paths recorded at build time). None when there are no image rows or the images
+        share no folder below the filesystem's top levels (then ``--image-root`` must
+        say where they live): serving from ``/`` or ``/home`` would be no guard at all.
+        """
+        from retrieval.service.catalog import common_image_root
+
+        snapshot = self.snapshot
+        cached = self._image_root
+        if cached is None or cached[0] != snapshot.version:
+            cached = self._image_root = (snapshot.version, common_image_root(snapshot))
+        return cached[1]
+
     # ------------------------------------------------------------------ reload
 
     async def reload(self) -> tuple[int, int]:
         """Switch to the newest committed version; returns (previous, current) versions."""
         engine = self.engine
         async with self._reload_lock:
-            previous = int(engine.snapshot.version)
+            previous = int(engine.version)
             try:
                 await asyncio.to_thread(engine.reload)
             except Exception:
                 self.metrics.observe_reload("failed")
                 raise
-            current = int(engine.snapshot.version)
+            current = int(engine.version)
             self.metrics.observe_reload("changed" if current != previous else "unchanged")
             if current != previous:
                 log.info("reloaded index: version %d -> %d", previous, current)

@@ -1,0 +1,117 @@
+"""MicroBatcher: batching, fan-out of results and errors, queue bound, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from retrieval.service.batching import DeadlineExceededError, MicroBatcher, QueueFullError
+
+
+def _later(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def test_concurrent_jobs_share_batches_and_get_their_own_answers() -> None:
+    sizes: list[int] = []
+
+    def square(batch: Sequence[int]) -> list[int | BaseException]:
+        sizes.append(len(batch))
+        time.sleep(0.01)  # like an encoder call: others queue up meanwhile
+        return [x * x for x in batch]
+
+    async def main() -> list[int]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(square, max_batch_size=8, max_wait_s=0.02)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i, deadline=_later(5)) for i in range(40)))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(main())
+    assert answers == [i * i for i in range(40)]
+    assert sum(sizes) == 40
+    assert len(sizes) < 40 and max(sizes) <= 8
+
+
+def test_an_exception_goes_to_its_own_job_only() -> None:
+    def picky(batch: Sequence[int]) -> list[int | BaseException]:
+        return [ValueError(f"odd {x}") if x % 2 else x for x in batch]
+
+    async def main() -> list[object]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(picky, max_wait_s=0.01)
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i, deadline=_later(5)) for i in range(4)), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    out = asyncio.run(main())
+    assert out[0] == 0 and out[2] == 2
+    assert isinstance(out[1], ValueError) and "odd 1" in str(out[1])
+    assert isinstance(out[3], ValueError)
+
+
+def test_full_queue_refuses_at_once_and_expired_jobs_are_never_run() -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def blocking(batch: Sequence[int]) -> list[int | BaseException]:
+        ran.extend(batch)
+        release.wait(5)
+        return list(batch)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            blocking, max_batch_size=1, max_wait_s=0.0, max_queue=2
+        )
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
+            await asyncio.sleep(0.05)  # job 1 is now running and blocks the worker
+            doomed = asyncio.ensure_future(batcher.submit(2, deadline=_later(0.1)))
+            await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            with pytest.raises(QueueFullError):
+                await batcher.submit(3, deadline=_later(5))
+            assert time.monotonic() - t0 < 1.0  # refused without waiting for the worker
+            with pytest.raises(DeadlineExceededError):
+                await doomed
+            release.set()
+            assert await first == 1
+            # The queue has room again once answers went out.
+            assert await batcher.submit(4, deadline=_later(5)) == 4
+        finally:
+            release.set()
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert ran == [1, 4]  # job 2 timed out while queued: its work was dropped
+
+
+def test_a_crashing_batch_function_fails_that_batch_not_the_batcher() -> None:
+    calls = {"n": 0}
+
+    def flaky(batch: Sequence[int]) -> list[int | BaseException]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("encoder blew up")
+        return list(batch)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(flaky, max_wait_s=0.0)
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="blew up"):
+                await batcher.submit(1, deadline=_later(5))
+            assert await batcher.submit(2, deadline=_later(5)) == 2
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
