@@ -41,11 +41,15 @@ from cli.embed_cmd import embed_cmd  # noqa: E402
 from cli.index_cmd import index_app  # noqa: E402
 from cli.models_cmd import models_app  # noqa: E402
 from cli.serve_cmd import serve as serve_cmd  # noqa: E402
+from cli.search_cmd import classify_cmd, eval_cmd, search_cmd  # noqa: E402
 
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 app.command("embed")(embed_cmd)
 app.command("serve")(serve_cmd)
+app.command("search")(search_cmd)
+app.command("classify")(classify_cmd)
+app.command("eval")(eval_cmd)
 
 
 def main() -> None:
