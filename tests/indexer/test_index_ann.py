@@ -1,0 +1,83 @@
+"""Index choice and tuning: auto picks by size and memory, and meets its recall target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.ann import IndexOptions, build_ann, choose_factory, parse_memory
+from retrieval.errors import ConfigError
+from retrieval.store import apply_search_params
+
+
+def clustered(n: int, dim: int, *, n_clusters: int = 200, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres (real embeddings cluster; uniform data is useless)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, n_clusters, n)] + 0.45 * rng.standard_normal((n, dim)).astype(
+        np.float32
+    )
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at_10(index: object, xb: np.ndarray, xq: np.ndarray, params: dict[str, int]) -> float:
+    """Search fresh queries the way the engine does (k * k_factor, exact rescoring)."""
+    apply_search_params(index, params)
+    k_factor = params.get("k_factor", 1)
+    _, cand = index.search(xq, 10 * k_factor)  # type: ignore[attr-defined]
+    truth = np.argsort(-(xq @ xb.T), axis=1)[:, :10]
+    hits = 0
+    for row in range(len(xq)):
+        c = cand[row][cand[row] >= 0]
+        c = c[np.argsort(-(xb[c] @ xq[row]))][:10]
+        hits += len(np.intersect1d(c, truth[row]))
+    return hits / truth.size
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    x = clustered(20_200, 64)
+    return x[:20_000], x[20_000:]
+
+
+@pytest.mark.parametrize(
+    ("options", "expect"),
+    [
+        (IndexOptions(flat_max_rows=1000), "IVF"),
+        (IndexOptions(flat_max_rows=1000, max_memory=parse_memory("1M")), "PQ"),
+    ],
+)
+def test_auto_meets_target_recall_on_clustered_data(
+    data: tuple[np.ndarray, np.ndarray], options: IndexOptions, expect: str
+) -> None:
+    xb, xq = data
+    index, spec = build_ann(xb, options)
+    assert expect in spec.factory and index.ntotal == len(xb)
+    assert spec.measured_recall is not None and spec.measured_recall >= 0.95
+    assert spec.target_recall == 0.95 and "nprobe" in spec.search_params
+    assert recall_at_10(index, xb, xq, spec.search_params) >= 0.93  # fresh queries, not tuned on
+    if expect == "PQ":
+        assert spec.search_params["k_factor"] > 1  # re-ranked from the exact fp16 vectors
+
+
+def test_auto_stays_exact_for_small_shards(data: tuple[np.ndarray, np.ndarray]) -> None:
+    xb, xq = data
+    index, spec = build_ann(xb[:3000], IndexOptions())
+    assert spec.factory == "Flat" and spec.measured_recall is None
+    assert recall_at_10(index, xb[:3000], xq, spec.search_params) == 1.0
+
+
+def test_choose_factory_and_bad_requests() -> None:
+    assert choose_factory(1_000_000, 512, IndexOptions()) == "IVF4096,Flat"
+    assert (
+        choose_factory(1_000_000, 512, IndexOptions(max_memory=parse_memory("512M")))
+        == "IVF4096,PQ64x4fs"
+    )
+    assert choose_factory(10, 512, IndexOptions(index="hnsw")) == "HNSW32"
+    assert parse_memory("1.5G") == int(1.5 * 2**30)
+    with pytest.raises(ConfigError, match="memory size"):
+        parse_memory("lots")
+    with pytest.raises(ConfigError, match="FAISS cannot build"):
+        build_ann(np.eye(16, dtype=np.float32), IndexOptions(index="NotAnIndex"))
+    with pytest.raises(ConfigError, match="target recall"):
+        IndexOptions(target_recall=1.5)
