@@ -91,6 +91,7 @@ def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
     if not tables:
         return {}
     table = pa.concat_tables(tables, promote_options="default")
+    n_docs = pc.count_distinct(table.column("doc_id")).as_py()
     out: dict[str, dict[str, Any]] = {}
     for name in table.column_names:
         if name in FIXED_COLUMNS:
@@ -105,8 +106,9 @@ def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
             if lo is not None and hi is not None:
                 out[name] = {"type": "number", "min": float(lo), "max": float(hi)}
         elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-            if pc.count_distinct(col).as_py() > MAX_FACET_VALUES:
-                continue
+            n_values = pc.count_distinct(col).as_py()
+            if n_values > MAX_FACET_VALUES or n_values > max(10, n_docs // 2):
+                continue  # a free-text column (titles), not a menu
             # Count documents, not rows: a product with two photos and a title is one.
             grouped = (
                 pa.table({"v": col, "d": table.column("doc_id")})

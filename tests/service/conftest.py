@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,75 @@ def make_client(catalog: Catalog) -> Iterator[Any]:
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    while httpx.get(base + "/health").status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the index did not load")
+        time.sleep(0.02)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def write_more_products(folder: Path, colours: dict[str, tuple[int, int, int]]) -> Path:
+    """A second manifest with one new shirt per colour (SKU-N<i>), for index add."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (colour, rgb) in enumerate(colours.items()):
+        sku = f"SKU-N{i}"
+        product_image(rgb, 2).save(folder / "images" / f"{sku}.png")
+        rows.append(
+            {
+                "sku": sku,
+                "image_path": f"images/{sku}.png",
+                "title": f"new {colour} shirt {i}",
+                "category": "shirts",
+                "colour": colour,
+                "price": 99.0,
+                "in_stock": True,
+            }
+        )
+    manifest = folder / "more.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest
+
+
+def add_products(index: Path, manifest: Path) -> None:
+    from indexer.build import BuildOptions, add
+    from indexer.sources import SourceOptions
+
+    options = BuildOptions(
+        workers=1,
+        sources=SourceOptions(image_col="image_path", text_cols=("title",), id_col="sku"),
+    )
+    add(index, [manifest], encoder=load_encoder("fake"), options=options)

@@ -332,6 +332,7 @@ def test_items_image_and_facets(make_client: Any, catalog: Catalog) -> None:
         "counts": None,
     }
     assert facets["in_stock"]["type"] == "bool"
+    assert "title" not in facets  # free text (a value per product) is no filter menu
 
 
 def test_images_are_served_only_from_the_image_roots(make_client: Any, tmp_path: Any) -> None:

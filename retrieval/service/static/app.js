@@ -213,7 +213,7 @@ function renderResults(body, roundTrip, append) {
   if (!append) { revokeUrls(); grid.innerHTML = ""; }
   body.hits.forEach((hit) => grid.appendChild(card(hit)));
   const n = state.hits.length;
-  const filtered = body.total_matches != null ? ` · ${body.total_matches} rows match the filters` : "";
+  const filtered = body.total_matches != null ? ` · ${body.total_matches} match the filters` : "";
   $("summary").innerHTML = n
     ? `<b>${n}</b> result${n === 1 ? "" : "s"} for ${describeQuery()} in <b id="took">${Math.round(roundTrip)} ms</b>` +
       ` <span class="muted">(server ${body.took_ms.toFixed(1)} ms · index v${body.index_version}${filtered})</span>`
