@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -75,6 +76,11 @@ def resolve_weights(
         ModelNotFoundError: the file is missing locally and cannot be downloaded.
         ConfigError: the architecture or the pretrained tag is unknown.
     """
+    if arch.startswith(HF_PREFIX) and pretrained not in ("", arch):
+        raise ConfigError(
+            f"{arch} brings its own weights; drop --pretrained {pretrained!r}, or name an "
+            "architecture (e.g. ViT-B-32) to load other weights into"
+        )
     if arch.startswith(HF_PREFIX) or pretrained.startswith(HF_PREFIX):
         hub_id = arch if arch.startswith(HF_PREFIX) else pretrained
         return _resolve_hub(arch, hub_id, cache_dir=cache_dir, download=download)
@@ -223,7 +229,18 @@ def _resolve_hub(
             model_name=f"local-dir:{config.parent}", arch=hub_id, label=hub_id, path=weights
         )
     _check_arch(arch)
-    return ResolvedWeights(model_name=arch, arch=arch, label=hub_id, path=weights)
+    return ResolvedWeights(
+        model_name=arch, arch=arch, label=hub_id, path=weights, preprocess=_hub_preprocess(config)
+    )
+
+
+def _hub_preprocess(config: Path) -> dict[str, Any]:
+    """The preprocessing a hub repo declares (its weights were trained with it)."""
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8")).get("preprocess_cfg", {})
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read hub model config {config}: {e}") from e
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
 
 
 def _safe_alternative(filename: str) -> str | None:

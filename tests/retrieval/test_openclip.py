@@ -291,16 +291,12 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
 
     tag_cfg = {"hf_hub": "test-org/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     monkeypatch.setitem(oc_pretrained._PRETRAINED, tiny_checkpoints.arch, {"tinytag": tag_cfg})
-    # Lay the file out as huggingface_hub caches it: refs/main -> snapshots/<rev>/file.
-    repo = empty_hf_cache / "models--test-org--tiny-clip"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    snap = repo / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    (snap / "open_clip_pytorch_model.safetensors").write_bytes(
-        tiny_checkpoints.safetensors.read_bytes()
+    _put_in_hf_cache(
+        empty_hf_cache,
+        "test-org/tiny-clip",
+        "open_clip_pytorch_model.safetensors",
+        tiny_checkpoints.safetensors.read_bytes(),
     )
-
     enc = load_encoder(tiny_checkpoints.arch, "tinytag")
     fp = enc.fingerprint
     assert fp.pretrained == "tinytag"
@@ -308,6 +304,55 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
     assert (
         fp.weights_sha256 == hashlib.sha256(tiny_checkpoints.safetensors.read_bytes()).hexdigest()
     )
+
+
+def _put_in_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes) -> None:
+    """Lay a file out as huggingface_hub caches it: refs/main -> snapshots/<rev>/file."""
+    rev = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / rev / filename).write_bytes(data)
+
+
+def test_cached_hub_model_loads_offline(
+    tiny_checkpoints: TinyCheckpoints, empty_hf_cache: Path
+) -> None:
+    from retrieval.encoders.catalog import list_models
+
+    hub_config = {
+        "model_cfg": TINY_CONFIG,
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    }
+    data = tiny_checkpoints.safetensors.read_bytes()
+    _put_in_hf_cache(
+        empty_hf_cache,
+        "test-org/hub-tiny",
+        "open_clip_config.json",
+        json.dumps(hub_config).encode(),
+    )
+    _put_in_hf_cache(empty_hf_cache, "test-org/hub-tiny", "open_clip_model.safetensors", data)
+
+    # The hub repo as the architecture: config, preprocessing and weights all from it.
+    enc = load_encoder("hf-hub:test-org/hub-tiny")
+    fp = enc.fingerprint
+    assert (fp.arch, fp.pretrained) == ("hf-hub:test-org/hub-tiny", "hf-hub:test-org/hub-tiny")
+    assert fp.image_mean == (0.5, 0.5, 0.5) and fp.dim == 32
+    assert fp.weights_sha256 == hashlib.sha256(data).hexdigest()
+    reference = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    np.testing.assert_allclose(enc.encode_texts(TEXTS), reference.encode_texts(TEXTS), atol=1e-5)
+
+    # The hub weights loaded into a named architecture keep the repo's preprocessing.
+    named = load_encoder(tiny_checkpoints.arch, "hf-hub:test-org/hub-tiny")
+    assert named.fingerprint.image_std == (0.5, 0.5, 0.5)
+    assert named.fingerprint.pretrained == "hf-hub:test-org/hub-tiny"
+
+    listed = [m for m in list_models() if m.source == "hf-cache"]
+    assert [(m.name, m.offline) for m in listed] == [("hf-hub:test-org/hub-tiny", True)]
+
+    with pytest.raises(ConfigError, match="brings its own weights"):
+        load_encoder("hf-hub:test-org/hub-tiny", "laion2b_s34b_b79k")
 
 
 def test_bundled_weights_are_recorded_as_bundled(
