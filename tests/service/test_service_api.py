@@ -7,8 +7,7 @@ import threading
 import time
 from typing import Any
 
-from conftest import COLOURS, Catalog, png_bytes, product_image
-from tests_service_helpers import assert_error
+from service_fixtures import COLOURS, Catalog, assert_error, png_bytes, product_image
 
 
 def b64(data: bytes) -> str:

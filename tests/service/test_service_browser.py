@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, Catalog, product_image, running_server
+from service_fixtures import COLOURS, Catalog, product_image, running_server
 
 from retrieval.encoders import load_encoder
 from retrieval.service.app import create_app

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Catalog, add_products, running_server, write_more_products
+from service_fixtures import Catalog, add_products, running_server, write_more_products
 
 from retrieval.encoders import load_encoder
 from retrieval.service.app import create_app
