@@ -318,7 +318,9 @@ class SearchEngine:
         def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
             return shards[i].search(xq, pool, masks[i], config)
 
-        if len(shards) > 1:
+        # Flat scans are memory-bound and BLAS already uses every core: running them in
+        # parallel only oversubscribes the CPU. ANN searches are single-threaded per call.
+        if len(shards) > 1 and any(s.kind != "flat" for s in shards):
             results = list(self._pool.map(one, range(len(shards))))
         else:
             results = [one(i) for i in range(len(shards))]

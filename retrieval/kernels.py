@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Rows converted from fp16 / scored per block. 16k x 512 float32 is 32 MiB: large enough
 # that BLAS runs at full speed, small enough that a 1M-row shard never needs a 2 GiB copy.
 BLOCK_ROWS = 16_384
+# Scores computed per block for float32 rows (64 MiB of float32).
+SCORE_BLOCK = 1 << 24
 # faiss >= 1.9 switches its flat search to BLAS when nq * d reaches
 # distance_compute_blas_threshold (default 128000, i.e. 250 queries at d=512). On small
 # CPUs BLAS already wins from about 8 queries, so the engine sets 8 * d.
@@ -64,11 +66,15 @@ def exact_search(
         return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
     best_d = np.full((nq, 0), -np.inf, np.float32)
     best_i = np.zeros((nq, 0), np.int64)
-    for start in range(0, n, BLOCK_ROWS):
-        block = np.asarray(xb[start : start + BLOCK_ROWS], dtype=np.float32)
+    # float32 rows need no conversion, so only the score matrix bounds the block: one
+    # query scans a whole shard in one BLAS call (many small calls cost up to 2x when
+    # BLAS threads have to re-synchronise per call on a busy machine).
+    step = BLOCK_ROWS if xb.dtype != np.float32 else max(BLOCK_ROWS, SCORE_BLOCK // nq)
+    for start in range(0, n, step):
+        block = np.asarray(xb[start : start + step], dtype=np.float32)
         scores = xq @ block.T
         if mask is not None:
-            scores[:, ~mask[start : start + BLOCK_ROWS]] = -np.inf
+            scores[:, ~mask[start : start + step]] = -np.inf
         d, i = topk(scores, k)
         best_d, best_i = _merge(best_d, best_i, d, i + start, k)
     # Masked rows score -inf; with k <= allowed they never survive.
