@@ -383,3 +383,30 @@ def test_bundled_weights_are_recorded_as_bundled(
 def test_unbundled_model_names_the_missing_config() -> None:
     with pytest.raises(ModelNotFoundError, match=r"'cs-not-shipped' is not bundled"):
         load_encoder("cs-not-shipped", "bundled")
+
+
+def test_prepare_image_is_thread_safe(tiny: OpenClipEncoder) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = _images() * 8
+    serial = np.stack([tiny.prepare_image(im) for im in images])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = np.stack(list(pool.map(tiny.prepare_image, images)))
+    np.testing.assert_array_equal(parallel, serial)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_matches_cpu_fp32(
+    tiny_checkpoints: TinyCheckpoints, tiny: OpenClipEncoder
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpu = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    assert (gpu.device, gpu.precision, gpu.batch_size) == ("cuda", "fp16", 256)
+    assert gpu.fingerprint == tiny.fingerprint
+    for a, b in (
+        (gpu.encode_images(_images()), tiny.encode_images(_images())),
+        (gpu.encode_texts(TEXTS), tiny.encode_texts(TEXTS)),
+    ):
+        assert a.dtype == np.float32
+        assert (a * b).sum(axis=1).min() > 0.99
