@@ -138,17 +138,20 @@ def test_tombstoned_rows_are_never_returned(corpus: Path, tmp_path: Path) -> Non
     engine.close()
 
 
-def test_text_queries_and_modalities(index: Path) -> None:
+def test_text_image_and_vector_queries(index: Path, corpus: Path) -> None:
     with SearchEngine.open(index) as engine:
         hits = engine.search("red shirt", k=3)
         assert {h.modality for h in hits} == {"image"}  # text -> image by default
         text_hits = engine.search("red shirt", k=3, modality="text")
         assert {h.modality for h in text_hits} == {"text"}
         assert "red" in text_hits[0].source or "shirt" in text_hits[0].source
-        image_path = index.parent.parent / "corpus0" / "img0005.png"
-        if image_path.exists():
-            same = engine.search(image_path, k=1)
-            assert same[0].doc_id == "d0005"  # image -> image finds itself
+        image_path = corpus.parent / "img0005.png"
+        for image in (image_path, image_path.read_bytes()):
+            assert engine.search(image, k=1)[0].doc_id == "d0005"  # image -> image finds itself
+        to_text = engine.search(image_path, k=2, modality="text")
+        assert {h.modality for h in to_text} == {"text"}
+        oracle = Oracle.load(index, "image")
+        assert engine.search(oracle.vectors[7], k=1).row_ids == [int(oracle.row_ids[7])]
         with pytest.raises(QueryError):
             engine.search("red", modality="audio")
         with pytest.raises(QueryError):
