@@ -239,7 +239,7 @@ class SearchEngine:
             ]
             timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
             if pool >= min(total, MAX_POOL) or not _needs_more(
-                ranked, merged, offset + k, group_by_doc, min_score
+                ranked, merged, offset + k, group_by_doc, min_score, sort
             ):
                 break
             pool = min(MAX_POOL, pool * 4)
@@ -421,12 +421,19 @@ def _needs_more(
     wanted: int,
     group_by_doc: bool | str,
     min_score: float | None,
+    sort: str | None,
 ) -> bool:
-    """Whether a bigger candidate pool could change the page (grouping / cutoff)."""
+    """Whether a bigger candidate pool could change a page.
+
+    Grouping needs ``wanted`` distinct documents; "cutoff then sort" needs every row
+    above the cutoff. Neither can gain once the pool's last row is below the cutoff.
+    """
     for c, m in zip(ranked, merged, strict=True):
+        if not m or (min_score is not None and m[-1][0] < min_score):
+            continue
         if group_by_doc and len(c) < wanted:
             return True
-        if min_score is not None and m and m[-1][0] >= min_score:
+        if min_score is not None and sort is not None:
             return True
     return False
 

@@ -274,3 +274,14 @@ def test_classify_uses_the_zero_shot_recipe(index: Path, tmp_path: Path) -> None
     assert probs[0][0] == "red" and abs(sum(p for _, p in probs) - 1.0) < 1e-5
     with pytest.raises(QueryError):
         SearchEngine.open(index).classify(red, ["only one"])
+
+
+def test_cutoff_then_sort_ranks_every_row_above_the_cutoff(index: Path) -> None:
+    oracle = Oracle.load(index, "image")
+    with SearchEngine.open(index) as engine:
+        everything = engine.search("red shirt", k=10, min_score=-1.0, sort="price")
+        cheapest = sorted(oracle.metadata.column("price").to_pylist())[:10]
+        assert [h.metadata["price"] for h in everything] == cheapest  # beyond the 100-row window
+        above = engine.search("red shirt", k=50, min_score=0.5, sort="price:desc")
+        scores = oracle.vectors @ engine.encoder.encode_texts(["red shirt"])[0]  # type: ignore[union-attr]
+        assert len(above) == min(50, int((scores >= 0.5).sum()))
