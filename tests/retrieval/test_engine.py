@@ -24,7 +24,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"), N_DOCS)
 
 
-@pytest.fixture(scope="module", params=["flat", "ivf", "hnsw"])
+@pytest.fixture(scope="module", params=["flat", "ivf", "hnsw", "ivfpq"])
 def index(
     request: pytest.FixtureRequest, corpus: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
