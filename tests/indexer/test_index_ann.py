@@ -81,3 +81,16 @@ def test_choose_factory_and_bad_requests() -> None:
         build_ann(np.eye(16, dtype=np.float32), IndexOptions(index="NotAnIndex"))
     with pytest.raises(ConfigError, match="target recall"):
         IndexOptions(target_recall=1.5)
+
+
+@pytest.mark.gpu
+def test_gpu_training_saves_a_cpu_index_with_the_same_recall(data: tuple[np.ndarray, np.ndarray]) -> None:
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("faiss has no GPU here")
+    xb, xq = data
+    index, spec = build_ann(xb, IndexOptions(flat_max_rows=1000, device="gpu"))
+    assert type(index).__name__.startswith("IndexIVF")  # CPU form, ready to serialize
+    assert spec.measured_recall is not None and spec.measured_recall >= 0.95
+    assert recall_at_10(index, xb, xq, spec.search_params) >= 0.93
