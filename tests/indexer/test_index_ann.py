@@ -84,7 +84,9 @@ def test_choose_factory_and_bad_requests() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_training_saves_a_cpu_index_with_the_same_recall(data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_gpu_training_saves_a_cpu_index_with_the_same_recall(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
     import faiss
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
