@@ -1,16 +1,20 @@
-"""What the batch worker thread runs: groups of queued jobs -> engine calls.
+"""What the batch worker thread runs: one batch of queued jobs -> engine calls.
 
-Jobs with identical search options (k, filter, modality, reranking) are answered by one
-``engine.search_batch`` call, which encodes all their texts in one encoder call and all
-their images in another, and searches every shard once for the whole batch. When a
-group's batch call fails (one bad query among good ones), its jobs are retried one by
-one so each request gets its own answer or its own error.
+Every query of the batch is encoded in one pass (all texts in one encoder call, all
+images in another, whatever their options), then the vectors of queries with identical
+search options (k, filter, modality, reranking) go to one ``engine.search_batch`` call
+each, which scans every shard once for the whole group. Vector queries search the same
+rows as the text/image queries they came from (the engine's default target does not
+depend on the query type). If encoding the batch fails (one bad query among good ones),
+its queries are answered one by one so each request gets its own answer or error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,28 +75,58 @@ Job = SearchJob | ClassifyJob
 def run_jobs(engine: Any, jobs: Sequence[Job]) -> list[Any]:
     """Answer ``jobs`` in order: SearchResults / [(label, p)] or the exception to raise."""
     results: list[Any] = [None] * len(jobs)
-    groups: dict[str, list[int]] = {}
+    searches: list[tuple[int, SearchJob]] = []
     for i, job in enumerate(jobs):
         if isinstance(job, ClassifyJob):
             results[i] = _guard(lambda job=job: engine.classify(job.image, list(job.labels)))
         else:
-            groups.setdefault(job.options.group_key(), []).append(i)
+            searches.append((i, job))
+    if not searches:
+        return results
+    try:
+        vectors, encode_ms = _encode_all(engine, [job for _, job in searches])
+    except Exception as e:
+        log.debug("batch encode failed (%s); answering its queries one by one", e)
+        for i, job in searches:
+            results[i] = _guard(lambda job=job: engine.search(job.query, **job.options.kwargs()))
+        return results
+    groups: dict[str, list[int]] = {}
+    for pos, (_, job) in enumerate(searches):
+        groups.setdefault(job.options.group_key(), []).append(pos)
     for members in groups.values():
-        options = jobs[members[0]].options  # type: ignore[union-attr]
-        queries = [jobs[i].query for i in members]  # type: ignore[union-attr]
+        options = searches[members[0]][1].options
         try:
-            answers = engine.search_batch(queries, **options.kwargs())
-            for i, answer in zip(members, answers, strict=True):
-                results[i] = answer
+            answers = engine.search_batch(list(vectors[members]), **options.kwargs())
+            for pos, answer in zip(members, answers, strict=True):
+                results[searches[pos][0]] = _with_encode_time(answer, encode_ms)
         except Exception as e:
-            if len(members) == 1:
-                results[members[0]] = e
-                continue
-            log.debug("batch of %d failed (%s); answering its queries one by one", len(members), e)
-            for i in members:
-                q = queries[members.index(i)]
-                results[i] = _guard(lambda q=q, o=options: engine.search(q, **o.kwargs()))
+            # The options are shared by the whole group (a bad filter fails every query
+            # of it alike), so each query gets the same error.
+            for pos in members:
+                results[searches[pos][0]] = e
     return results
+
+
+def _encode_all(engine: Any, jobs: list[SearchJob]) -> tuple[Any, float]:
+    """One encoder pass for every query of the batch: float32 [n, dim] and its time (ms).
+
+    ``encode_queries`` batches all texts into one ``encode_texts`` call and all images
+    into one ``encode_images`` call, composed queries included, whatever their options.
+    """
+    from retrieval.queries import encode_queries
+
+    t0 = time.perf_counter()
+    vectors = encode_queries(engine.encoder, [j.query for j in jobs], engine.manifest.dim)
+    return vectors, (time.perf_counter() - t0) * 1000
+
+
+def _with_encode_time(results: Any, encode_ms: float) -> Any:
+    """The engine saw vectors; put the batch's encode time back into the timings."""
+    timings = dict(results.timings)
+    timings["encode"] = round(encode_ms, 3)
+    if "total" in timings:
+        timings["total"] = round(timings["total"] + encode_ms, 3)
+    return dataclasses.replace(results, timings=timings)
 
 
 def _guard(call: Any) -> Any:

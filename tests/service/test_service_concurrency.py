@@ -44,6 +44,18 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(catalog: C
     assert [r.status_code for r in responses] == [200] * len(QUERIES)
     assert [_answer(r.json()) for r in responses] == expected
     assert batches < len(QUERIES)
+    # ...and the same answers as the library gives for the query alone, without HTTP.
+    from retrieval.engine import SearchEngine
+
+    with SearchEngine.open(catalog.index, encoder=load_encoder("fake")) as engine:
+        for q, r in zip(QUERIES, responses, strict=True):
+            if "text" in q:
+                alone = engine.search(q["text"], k=q["k"], where=q.get("filter"))
+                got = r.json()["hits"]
+                assert [h["row_id"] for h in got] == alone.row_ids
+                assert [round(h["score"], 3) for h in got] == [
+                    round(h.score, 3) for h in alone.hits
+                ]
 
 
 def test_reload_under_load_fails_no_request(catalog: Catalog, tmp_path: Path) -> None:

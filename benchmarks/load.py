@@ -1,0 +1,579 @@
+"""Load test of ``clipsearch serve``: an open-model (fixed arrival rate) generator on loopback.
+
+For each index (a demo catalog built with the demo encoder when its weights are
+present, else the fake encoder; and a large synthetic index), the script
+
+1. measures the same queries through the library without HTTP (``engine.search`` one
+   at a time, and ``engine.search_batch`` in groups of 16) as the baseline;
+2. starts the server in a subprocess on 127.0.0.1 and sends requests at fixed rates,
+   each scheduled at ``t0 + i / rate`` whatever earlier answers did (open model: a slow
+   server is not allowed to slow the client down, and latency is counted from the
+   scheduled send time, so queueing in the client counts too);
+3. finds the capacity (highest rate with p99 < 200 ms and no error: doubling, then
+   bisection), then runs 0.5x, 1x and 2x capacity and reports p50/p95/p99, status
+   counts, the share and latency of fast 429/503 rejections at 2x, other 5xx (must be
+   0), and the server's RSS after each phase (memory must stay flat).
+
+Every loop is bounded by a count and a time limit; only loopback is used.
+
+    nice .venv/bin/python benchmarks/load.py                    # 1M-row synthetic index
+    nice .venv/bin/python benchmarks/load.py --rows 200000 --step-seconds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+P99_BUDGET_MS = 200.0
+MAX_CAPACITY_STEPS = 12
+COLOUR_WORDS = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "black",
+    "white",
+    "gray",
+)
+KIND_WORDS = ("t-shirt", "dress", "sneaker", "boot", "hat", "bag", "watch", "mug", "lamp", "chair")
+PATTERN_WORDS = ("plain", "striped", "dotted", "checked")
+
+
+# ---------------------------------------------------------------------------- indexes
+
+
+def load_query_encoder() -> tuple[Any, str]:
+    """The demo encoder when its bundled weights load, else the fake encoder."""
+    from retrieval.encoders import load_encoder
+
+    try:
+        return load_encoder("clipsearch-demo", device="cpu"), "clipsearch-demo"
+    except Exception as e:  # weights not bundled in this checkout
+        print(f"demo encoder unavailable ({type(e).__name__}: {e}); using the fake encoder")
+        return load_encoder("fake"), "fake"
+
+
+def build_demo_index(work: Path, products: int, encoder: Any) -> Path:
+    from indexer.build import BuildOptions, build
+    from indexer.demo.generate import generate_catalog
+    from indexer.sources import SourceOptions
+
+    summary = generate_catalog(work / "demo-catalog", products=products, seed=0)
+    out = work / "demo-index"
+    options = BuildOptions(
+        sources=SourceOptions(
+            image_col="image_path", text_cols=("title",), id_col="sku", on_duplicate="last"
+        )
+    )
+    build([summary.manifest], out, encoder=encoder, options=options)
+    return out
+
+
+def build_synthetic_index(work: Path, rows: int, encoder: Any, shard_rows: int = 250_000) -> Path:
+    """``rows`` clustered unit vectors with shop metadata, written as a real index."""
+    import pyarrow as pa
+
+    from indexer.ann import IndexOptions
+    from indexer.commit import commit, utc_now
+    from indexer.writer import write_shard
+    from retrieval.manifest import Manifest, shard_name
+
+    out = work / "synthetic-index"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    dim = encoder.dim
+    # Cluster centres from real query vectors, so text queries land near real rows.
+    words = [f"{c} {p} {k}" for c in COLOUR_WORDS for k in KIND_WORDS for p in PATTERN_WORDS]
+    centres = encoder.encode_texts(words).astype(np.float32)
+    categories = np.array([f"cat-{i}" for i in range(12)])
+    shards = []
+    for s, start in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - start)
+        x = centres[rng.integers(0, len(centres), n)] + 0.08 * rng.standard_normal((n, dim)).astype(
+            np.float32
+        )
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = np.arange(start, start + n)
+        meta = pa.table(
+            {
+                "doc_id": pa.array([f"P{i:07d}" for i in ids]),
+                "modality": pa.array(["image"] * n),
+                "source": pa.array([f"synthetic/{i}.jpg" for i in ids]),
+                "content_hash": pa.array([""] * n),
+                "category": pa.array(categories[rng.integers(0, len(categories), n)]),
+                "price": pa.array(np.round(rng.uniform(5, 500, n), 2)),
+                "in_stock": pa.array(rng.random(n) < 0.8),
+            }
+        )
+        shards.append(
+            write_shard(
+                out,
+                name=shard_name(s),
+                modality="image",
+                row_id_start=start,
+                vectors=x,
+                metadata=meta,
+                index_options=IndexOptions(index="auto", tune_queries=100),
+            )
+        )
+        print(f"  shard {s}: {n:,} rows, {shards[-1].index.factory}", flush=True)
+    manifest = Manifest(
+        version=1,
+        created_at=utc_now(),
+        operation="build",
+        encoder=encoder.fingerprint,
+        shards=tuple(shards),
+        next_row_id=rows,
+        next_shard=len(shards),
+    )
+    commit(out, manifest)
+    return out
+
+
+def make_queries(n: int, filters: list[str], seed: int = 1) -> list[dict[str, Any]]:
+    """JSON bodies: short shopping phrases; a quarter carry a metadata filter."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        text = f"{rng.choice(COLOUR_WORDS)} {rng.choice(PATTERN_WORDS)} {rng.choice(KIND_WORDS)}"
+        body: dict[str, Any] = {"text": text, "k": 10}
+        if i % 4 == 3:
+            body["filter"] = filters[i % len(filters)]
+        out.append(body)
+    return out
+
+
+# ---------------------------------------------------------------------------- library
+
+
+def library_baseline(
+    index: Path, encoder: Any, bodies: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """The same queries through SearchEngine in-process: one by one, and in batches of 16."""
+    from retrieval.engine import SearchEngine
+
+    engine = SearchEngine.open(index, encoder=encoder)
+    try:
+        for b in bodies[:8]:
+            engine.search(b["text"], k=10, where=b.get("filter"))
+        single: list[float] = []
+        deadline = time.monotonic() + seconds
+        for b in bodies[:400]:
+            t0 = time.perf_counter()
+            engine.search(b["text"], k=10, where=b.get("filter"))
+            single.append((time.perf_counter() - t0) * 1000)
+            if time.monotonic() > deadline:
+                break
+        plain = [b["text"] for b in bodies if "filter" not in b]
+        done, t0 = 0, time.perf_counter()
+        deadline = time.monotonic() + seconds
+        for s in range(0, min(len(plain), 800), 16):
+            engine.search_batch(plain[s : s + 16], k=10)
+            done += len(plain[s : s + 16])
+            if time.monotonic() > deadline:
+                break
+        batched_qps = done / (time.perf_counter() - t0)
+    finally:
+        engine.close()
+    a = np.array(single)
+    return {
+        "single_query_ms": {
+            "p50": _r(np.percentile(a, 50)),
+            "p99": _r(np.percentile(a, 99)),
+            "n": len(a),
+        },
+        "single_query_qps": _r(1000.0 / a.mean()),
+        "batch16_qps": _r(batched_qps),
+    }
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    index: Path, work: Path, config: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], str]:
+    from retrieval.service.app import CONFIG_ENV, INDEX_ENV
+
+    port = free_port()
+    env = dict(os.environ, **{INDEX_ENV: str(index), CONFIG_ENV: json.dumps(config)})
+    log = (work / f"server-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "retrieval.service.app:app_from_env",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log.name}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("server did not become healthy in 300 s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+class MiniClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams.
+
+    httpx costs ~1-2 ms of CPU per request, which on a 2-core box starves an open-model
+    generator long before the server is saturated; this costs a fraction of that.
+    Connections are pooled; a request takes a free one or opens a new one (bounded).
+    """
+
+    def __init__(self, host: str, port: int, max_connections: int = 512) -> None:
+        self.host, self.port = host, port
+        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.open = 0
+        self.max_connections = max_connections
+        self.slot = asyncio.Semaphore(max_connections)
+
+    async def post_json(self, path: str, body: bytes, timeout: float) -> int:
+        async with self.slot:
+            conn = (
+                self.free.pop()
+                if self.free
+                else await asyncio.open_connection(self.host, self.port)
+            )
+            reader, writer = conn
+            try:
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                writer.write(head + body)
+                status, length, close = await asyncio.wait_for(self._read_head(reader), timeout)
+                await asyncio.wait_for(reader.readexactly(length), timeout)
+            except BaseException:
+                writer.close()
+                raise
+            if close:
+                writer.close()
+            else:
+                self.free.append(conn)
+            return status
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            k = k.strip().lower()
+            if k == "content-length":
+                length = int(v)
+            elif k == "connection" and v.strip().lower() == "close":
+                close = True
+        return status, length, close
+
+    def close(self) -> None:
+        for _, writer in self.free:
+            writer.close()
+
+
+async def _run_rate(
+    base: str, bodies: list[dict[str, Any]], rate: float, seconds: float
+) -> dict[str, Any]:
+    n = max(1, int(rate * seconds))
+    loop = asyncio.get_running_loop()
+    host, port = base.removeprefix("http://").split(":")
+    client = MiniClient(host, int(port))
+    payloads = [json.dumps(b).encode() for b in bodies]
+    t0 = loop.time() + 0.1
+
+    async def one(i: int) -> tuple[str, float]:
+        target = t0 + i / rate
+        await asyncio.sleep(max(0.0, target - loop.time()))
+        try:
+            status = str(await client.post_json("/search", payloads[i % len(payloads)], 10.0))
+        except TimeoutError:
+            status = "timeout"
+        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+            status = type(e).__name__
+        return status, (loop.time() - target) * 1000
+
+    out = await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = loop.time() - t0
+    client.close()
+    lag = [ms for _, ms in out]
+    statuses = Counter(s for s, _ in out)
+    ok = np.array([ms for s, ms in out if s == "200"]) if statuses["200"] else np.array([np.nan])
+    shed = np.array([ms for s, ms in out if s in ("429", "503")])
+    return {
+        "rate": round(rate, 1),
+        "requests": n,
+        "achieved_rps": _r(n / elapsed),
+        "statuses": dict(statuses),
+        "ok_ms": {q: _r(np.percentile(ok, p)) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "all_p99_ms": _r(np.percentile(lag, 99)),
+        "shed_share": _r(sum(statuses[s] for s in ("429", "503")) / n, 3),
+        "shed_p99_ms": _r(np.percentile(shed, 99)) if len(shed) else None,
+        "other_5xx": sum(c for s, c in statuses.items() if s.startswith("5") and s != "503"),
+        "errors": n - statuses["200"],
+    }
+
+
+def run_rate(
+    base: str, bodies: list[dict[str, Any]], rate: float, seconds: float
+) -> dict[str, Any]:
+    return asyncio.run(_run_rate(base, bodies, rate, seconds))
+
+
+def good(result: dict[str, Any]) -> bool:
+    return result["errors"] == 0 and result["ok_ms"]["p99"] < P99_BUDGET_MS
+
+
+def find_capacity(
+    base: str, bodies: list[dict[str, Any]], start: float, seconds: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """Double from ``start`` until a rate fails, then bisect; at most MAX_CAPACITY_STEPS runs."""
+    steps: list[dict[str, Any]] = []
+    lo, hi, rate = 0.0, None, start
+    while len(steps) < MAX_CAPACITY_STEPS:
+        res = run_rate(base, bodies, rate, seconds)
+        res["ok"] = good(res)
+        steps.append(res)
+        print(
+            f"    {rate:7.1f}/s  p99 {res['ok_ms']['p99']:8.1f} ms  errors {res['errors']}",
+            flush=True,
+        )
+        if res["ok"]:
+            lo = rate
+        else:
+            hi = rate
+        if hi is None:
+            rate *= 2
+        elif hi - lo <= max(2.0, 0.1 * hi) or (lo == 0.0 and rate <= 1):
+            break
+        else:
+            rate = (lo + hi) / 2 if lo else hi / 2
+        time.sleep(1.0)  # let the queue drain between steps
+    return lo, steps
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def bench_index(
+    name: str, index: Path, encoder: Any, filters: list[str], args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    bodies = make_queries(512, filters)
+    print(f"[{name}] library baseline", flush=True)
+    lib = library_baseline(index, encoder, bodies, seconds=args.step_seconds * 2)
+    print(f"  {lib}", flush=True)
+    config = {
+        "max_batch_size": 16,
+        "max_batch_wait_ms": 5.0,
+        "max_queue": 64,
+        "request_timeout_s": 10.0,
+    }
+    proc, base = start_server(index, work, config)
+    try:
+        run_rate(base, bodies, 10, 2)  # warm-up
+        rss = {"after_warmup": rss_mb(proc.pid)}
+        print(f"[{name}] capacity search", flush=True)
+        capacity, steps = find_capacity(base, bodies, args.start_rate, args.step_seconds)
+        rss["after_capacity_search"] = rss_mb(proc.pid)
+        phases = {}
+        for mult in (0.5, 1.0, 2.0):
+            time.sleep(1.0)
+            res = run_rate(base, bodies, max(1.0, capacity * mult), args.phase_seconds)
+            phases[f"{mult:g}x"] = res
+            rss[f"after_{mult:g}x"] = rss_mb(proc.pid)
+            print(f"  {mult:g}x: {res}", flush=True)
+        import httpx
+
+        metrics = httpx.get(base + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    batch_sum = _metric(metrics, "clipsearch_batch_size_sum")
+    batch_count = _metric(metrics, "clipsearch_batch_size_count")
+    growth = rss["after_2x"] - rss["after_capacity_search"]
+    return {
+        "library": lib,
+        "capacity_rps": capacity,
+        "capacity_vs_library_batch16": _r(capacity / lib["batch16_qps"], 3)
+        if lib["batch16_qps"]
+        else None,
+        "capacity_vs_library_single": _r(capacity / lib["single_query_qps"], 3),
+        "capacity_search": steps,
+        "phases": phases,
+        "mean_batch_size": _r(batch_sum / batch_count, 2) if batch_count else None,
+        "rss_mb": rss,
+        "rss_growth_over_phases_mb": _r(growth),
+        "memory_stable": bool(growth < max(50.0, 0.1 * rss["after_capacity_search"])),
+        "no_unexpected_5xx": all(p["other_5xx"] == 0 for p in phases.values()),
+    }
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _r(x: float, nd: int = 2) -> float:
+    return round(float(x), nd)
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# Service load test (`benchmarks/load.py`)",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}; encoder: `{results['encoder']}`; load average "
+        f"{results['load_average_at_start']} at the start, {results['load_average_at_end']} at the end "
+        "(other jobs share this box). The load generator "
+        "shares the CPU with the server (and with other work on this box), so absolute numbers "
+        "are conservative; ratios against the library baseline were measured in the same run.",
+        "",
+        "Capacity = highest fixed arrival rate with p99 < 200 ms and no error "
+        "(latency counted from each request's scheduled send time).",
+        "",
+    ]
+    for name, r in results["indexes"].items():
+        lib = r["library"]
+        lines += [
+            f"## {name} ({r['rows']:,} rows)",
+            "",
+            f"- Library, no HTTP: one query at a time p50 {lib['single_query_ms']['p50']} ms / "
+            f"p99 {lib['single_query_ms']['p99']} ms ({lib['single_query_qps']} q/s); "
+            f"`search_batch` of 16: {lib['batch16_qps']} q/s.",
+            f"- HTTP capacity: **{r['capacity_rps']} req/s** "
+            f"({r['capacity_vs_library_single']}x the library one-at-a-time rate, "
+            f"{r['capacity_vs_library_batch16']}x its batch-16 rate); mean micro-batch {r['mean_batch_size']}.",
+            f"- Memory (server RSS, MB): {r['rss_mb']}; growth over the three phases "
+            f"{r['rss_growth_over_phases_mb']} MB (stable: {r['memory_stable']}).",
+            "",
+            "| load | rate (req/s) | p50 ms | p95 ms | p99 ms | 200 | 429/503 share | 429/503 p99 ms | other 5xx |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, p in r["phases"].items():
+            lines.append(
+                f"| {label} | {p['rate']} | {p['ok_ms']['p50']} | {p['ok_ms']['p95']} | {p['ok_ms']['p99']} | "
+                f"{p['statuses'].get('200', 0)}/{p['requests']} | {p['shed_share']} | {p['shed_p99_ms']} | {p['other_5xx']} |"
+            )
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--rows", type=int, default=1_000_000, help="rows of the synthetic index (0 = skip)"
+    )
+    ap.add_argument("--demo-products", type=int, default=400)
+    ap.add_argument(
+        "--step-seconds", type=float, default=4.0, help="duration of each capacity step"
+    )
+    ap.add_argument(
+        "--phase-seconds", type=float, default=8.0, help="duration of the 0.5x/1x/2x runs"
+    )
+    ap.add_argument("--start-rate", type=float, default=16.0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="clipsearch-load-"))
+    try:
+        encoder, encoder_name = load_query_encoder()
+        results: dict[str, Any] = {
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "command": "python benchmarks/load.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "encoder": encoder_name,
+            "p99_budget_ms": P99_BUDGET_MS,
+            "indexes": {},
+        }
+        t0 = time.perf_counter()
+        demo = build_demo_index(work, args.demo_products, encoder)
+        print(f"demo index built in {time.perf_counter() - t0:.1f} s", flush=True)
+        from retrieval.manifest import read_current
+
+        demo_filters = ["price < 60", "category = 'footwear'", "in_stock", "colour = 'red'"]
+        r = bench_index("demo", demo, encoder, demo_filters, args, work)
+        r["rows"] = read_current(demo).n_rows
+        results["indexes"]["demo"] = r
+        shutil.rmtree(demo.parent / "demo-catalog", ignore_errors=True)
+        if args.rows > 0:
+            t0 = time.perf_counter()
+            synthetic = build_synthetic_index(work, args.rows, encoder)
+            results["synthetic_build_seconds"] = _r(time.perf_counter() - t0, 1)
+            print(f"synthetic index built in {results['synthetic_build_seconds']} s", flush=True)
+            syn_filters = [
+                "price < 100",
+                "category = 'cat-3'",
+                "in_stock",
+                "price between 20 and 40",
+            ]
+            r = bench_index(f"synthetic-{args.rows:,}", synthetic, encoder, syn_filters, args, work)
+            r["rows"] = args.rows
+            results["indexes"][f"synthetic-{args.rows:,}"] = r
+        results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "load.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(results, args.out / "load.md")
+        print(f"wrote {args.out / 'load.json'} and load.md", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
