@@ -37,11 +37,13 @@ def _root(
     setup_logging(verbose)
 
 
+from cli.demo_cmd import demo_cmd, demo_data_cmd, demo_eval_cmd  # noqa: E402
 from cli.embed_cmd import embed_cmd  # noqa: E402
 from cli.index_cmd import index_app  # noqa: E402
 from cli.models_cmd import models_app  # noqa: E402
-from cli.serve_cmd import serve as serve_cmd  # noqa: E402
 from cli.search_cmd import classify_cmd, eval_cmd, search_cmd  # noqa: E402
+from cli.serve_cmd import serve as serve_cmd  # noqa: E402
+from cli.train_cmd import train_cmd  # noqa: E402
 
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
@@ -50,6 +52,10 @@ app.command("serve")(serve_cmd)
 app.command("search")(search_cmd)
 app.command("classify")(classify_cmd)
 app.command("eval")(eval_cmd)
+app.command("demo-data")(demo_data_cmd)
+app.command("demo")(demo_cmd)
+app.command("demo-eval")(demo_eval_cmd)
+app.command("train")(train_cmd)
 
 
 def main() -> None:

@@ -47,12 +47,15 @@ def _cfg(manifest: Path, out: Path, arch: str, **kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
-def test_a_few_steps_lower_the_loss(catalog: Path, tmp_path: Path, tiny_arch: str) -> None:
-    cfg = _cfg(catalog, tmp_path, tiny_arch, steps=16, augment=False, hard_negative_fraction=0.0,
-               hard_negative_columns=(), templates=(), val_fraction=0.0)  # fmt: skip
+def test_a_few_steps_lower_the_loss(tmp_path: Path, tiny_arch: str) -> None:
+    # 12 products, batch 16: every step sees the whole set, so 30 steps must fit it.
+    small = generate_catalog(tmp_path / "cat", products=12, seed=5).manifest
+    cfg = _cfg(small, tmp_path / "run", tiny_arch, steps=30, lr=3e-3, augment=False,
+               hard_negative_fraction=0.0, hard_negative_columns=(), templates=(),
+               val_fraction=0.0)  # fmt: skip
     result = train(cfg)
     first, last = np.mean(result.losses[:3]), np.mean(result.losses[-3:])
-    assert len(result.losses) == 16
+    assert len(result.losses) == 30
     assert last < first * 0.8, result.losses
 
 
@@ -75,7 +78,9 @@ def test_resume_repeats_the_uninterrupted_run_exactly(
     assert all(bool((a[k] == b[k]).all()) for k in a)
 
 
-def test_resume_with_other_settings_is_refused(catalog: Path, tmp_path: Path, tiny_arch: str) -> None:
+def test_resume_with_other_settings_is_refused(
+    catalog: Path, tmp_path: Path, tiny_arch: str
+) -> None:
     train(_cfg(catalog, tmp_path, tiny_arch), stop_at_step=2)
     with pytest.raises(ConfigError, match="lr"):
         train(_cfg(catalog, tmp_path, tiny_arch, lr=5e-3))
@@ -86,7 +91,9 @@ def test_export_loads_through_the_encoder_with_its_fingerprint(
 ) -> None:
     from retrieval.encoders import load_encoder
 
-    result = train(_cfg(catalog, tmp_path, tiny_arch, steps=2), export_path=tmp_path / "x" / "m.safetensors")
+    result = train(
+        _cfg(catalog, tmp_path, tiny_arch, steps=2), export_path=tmp_path / "x" / "m.safetensors"
+    )
     assert result.model_path is not None and result.card_path is not None
     card = json.loads(result.card_path.read_text())
     assert card["architecture"] == tiny_arch and card["training"]["steps"] == 2
@@ -119,7 +126,9 @@ def test_csv_manifest_and_missing_columns(tmp_path: Path, catalog: Path, tiny_ar
         load_examples(_cfg(tmp_path / "nope.parquet", tmp_path, tiny_arch))
 
 
-def test_hard_negative_partners_differ_in_exactly_one_attribute(catalog: Path, tmp_path: Path) -> None:
+def test_hard_negative_partners_differ_in_exactly_one_attribute(
+    catalog: Path, tmp_path: Path
+) -> None:
     cfg = _cfg(catalog, tmp_path, "clipsearch-demo", batch_size=32)
     examples = load_examples(cfg)
     plan = BatchPlan(examples, cfg)
@@ -135,7 +144,9 @@ def test_hard_negative_partners_differ_in_exactly_one_attribute(catalog: Path, t
 
 
 def test_schedule_warms_up_then_decays() -> None:
-    cfg = TrainConfig(manifest=Path("m.parquet"), out_dir=Path("o"), steps=100, lr=1e-3, warmup_steps=10)
+    cfg = TrainConfig(
+        manifest=Path("m.parquet"), out_dir=Path("o"), steps=100, lr=1e-3, warmup_steps=10
+    )
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 55) < lr_at(cfg, 20) < 1e-3
@@ -170,4 +181,3 @@ def test_cli_train_runs_and_reports_json(catalog: Path, tmp_path: Path, tiny_arc
     assert "image_to_text_R@1" in out["metrics"]
     bad = CliRunner().invoke(app, [*args[:-1], "--template-set", "nope"])
     assert bad.exit_code == 1 and "unknown template set" in bad.output
-

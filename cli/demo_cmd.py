@@ -1,0 +1,166 @@
+"""``clipsearch demo-data`` (generate the demo shop catalog), ``demo`` and ``demo-eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import Progress
+
+from cli.common import cli_errors, console, err_console, print_json
+
+
+def demo_data_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for images/ and products.parquet."),
+    products: int = typer.Option(3000, "--products", "-n", help="Number of products."),
+    seed: int = typer.Option(0, "--seed", help="Same seed -> byte-identical catalog."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Generate the demo shop catalog: rendered product photos plus products.parquet."""
+    from indexer.demo.generate import generate_catalog
+
+    with cli_errors(), Progress(console=err_console, disable=as_json) as bar:
+        task = bar.add_task("rendering products", total=products)
+        summary = generate_catalog(
+            out, products=products, seed=seed, progress=lambda d, n: bar.update(task, completed=d)
+        )
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    console.print(
+        f"[green]wrote[/] {summary.products} products ({summary.images} photos) to {summary.out_dir}; "
+        f"manifest: {summary.manifest}"
+    )
+
+
+def demo_cmd(
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", "-o", help="Folder for the catalog and demo_report.json."
+    ),
+    products: int = typer.Option(3000, "--products", "-n", help="Products in the demo shop."),
+    seed: int = typer.Option(
+        7, "--seed", help="Catalog seed (the bundled model was trained on seed 1)."
+    ),
+    model: str = typer.Option(
+        "clipsearch-demo", "--model", help="Encoder model (preset or architecture)."
+    ),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="Weights; default: the model's own (bundled)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Generate a demo shop, index it, and run shopping-assistant queries (text, filters, image)."""
+    from indexer.demo.run import run_demo
+
+    with cli_errors(), Progress(console=err_console, disable=as_json, transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
+
+        report = run_demo(
+            out,
+            products=products,
+            seed=seed,
+            model=model,
+            pretrained=pretrained,
+            progress=on_progress,
+        )
+    if as_json:
+        print_json(report.to_dict())
+        return
+    _render_demo(report)
+
+
+def _render_demo(report: object) -> None:
+    from rich.table import Table
+
+    from indexer.demo.run import DemoReport
+
+    assert isinstance(report, DemoReport)
+    cat, tm = report.catalog, report.timings
+    console.print(
+        f"[bold]clipsearch demo[/]: {cat.products} products ({cat.images} photos, seed {cat.seed}) "
+        f"in {cat.out_dir}; model {report.model['arch']} ({report.model['pretrained'] or 'random'}), "
+        f"dim {report.model['dim']}"
+    )
+    console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in tm.items()))
+    for q in report.queries:
+        heading = f"{q.title}: [cyan]{q.query}[/]"
+        if q.filter:
+            heading += f"  where [magenta]{q.filter}[/] ({q.matches} photos match)"
+        table = Table(title=heading, title_justify="left", show_lines=False)
+        if q.kind == "image->text":
+            for col in ("rank", "caption", "probability"):
+                table.add_column(col)
+            for h in q.hits:
+                table.add_row(str(h["rank"]), h["caption"], f"{h['probability']:.3f}")
+        else:
+            for col in ("rank", "score", "sku", "title", "price", "rating", "in stock", "photo"):
+                table.add_column(col, overflow="fold")
+            for h in q.hits:
+                table.add_row(
+                    str(h["rank"]),
+                    f"{h['score']:.3f}",
+                    h["sku"],
+                    h["title"],
+                    f"{h['price']:.2f}",
+                    f"{h['rating']:.1f}",
+                    "yes" if h["in_stock"] else "[red]no[/]",
+                    h["image_path"],
+                )
+        console.print(table)
+    console.print(f"report: {cat.out_dir.parent / 'demo_report.json'}")
+
+
+def demo_eval_cmd(
+    model: str = typer.Option("clipsearch-demo", "--model", help="Encoder model to evaluate."),
+    pretrained: str | None = typer.Option(
+        None, "--pretrained", help="Weights; default: the model's own (bundled)."
+    ),
+    products: int = typer.Option(500, "--products", "-n", help="Products in the held-out catalog."),
+    seed: int = typer.Option(
+        1234, "--seed", help="Held-out catalog seed (must differ from the training seed)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure a model on a freshly generated demo catalog against the demo quality bar."""
+    from indexer.demo.evaluate import evaluate_demo_model
+
+    with cli_errors(), Progress(console=err_console, disable=as_json, transient=True) as bar:
+        tasks: dict[str, object] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
+
+        report = evaluate_demo_model(
+            model=model,
+            pretrained=pretrained,
+            products=products,
+            seed=seed,
+            out_file=out,
+            progress=on_progress,
+        )
+    if as_json:
+        print_json(report)
+        return
+    m = report["metrics"]
+    bar_ = report["quality_bar"]
+    for key in ("text_to_image_precision@1", "image_to_text_top1"):
+        ok = m[key] >= bar_[key]
+        mark = "[green]pass[/]" if ok else "[red]FAIL[/]"
+        console.print(f"{key}: {m[key]:.4f} (bar {bar_[key]:.2f}) {mark}")
+    console.print(
+        f"text->image precision@5 {m['text_to_image_precision@5']:.4f}; per-attribute image->text: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in m["image_to_text_attribute_accuracy"].items())
+    )
+    console.print(f"{report['images']} photos, {report['queries']} queries, seed {seed}")
+    if out:
+        console.print(f"report: {out}")
+    if not report["passed"]:
+        raise typer.Exit(2)

@@ -1,0 +1,187 @@
+"""``clipsearch train``: contrastive training / fine-tuning on an (image, caption) manifest."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cli.common import cli_errors, console, err_console, print_json
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from indexer.training import TrainProgress
+
+
+def _split(values: list[str]) -> tuple[str, ...]:
+    """Repeatable options also accept comma-separated lists: --x a,b --x c -> (a, b, c)."""
+    return tuple(v.strip() for raw in values for v in raw.split(",") if v.strip())
+
+
+def train_cmd(
+    manifest: Path = typer.Option(
+        ..., "--manifest", "-m", help="Parquet, CSV or JSONL of (image, caption) rows."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run folder: checkpoints, model.safetensors, model card."
+    ),
+    model: str = typer.Option(
+        "clipsearch-demo", "--model", help="open_clip architecture (bundled ones included)."
+    ),
+    pretrained: str = typer.Option(
+        "", "--pretrained", help="Start from these weights (path or tag); empty: from scratch."
+    ),
+    image_column: str = typer.Option(
+        "image_path", "--image-column", help="Column of image paths (relative to the manifest)."
+    ),
+    caption_column: list[str] = typer.Option(
+        ["caption"], "--caption-column", help="Caption column(s); repeat or comma-separate."
+    ),
+    template: list[str] = typer.Option(
+        [],
+        "--template",
+        help="Caption template over columns, e.g. 'a {colour} {kind}'; repeatable.",
+    ),
+    template_set: str | None = typer.Option(
+        None, "--template-set", help="Named template set: 'shop' (the demo catalog)."
+    ),
+    group_column: str | None = typer.Option(
+        None,
+        "--group-column",
+        help="Document id column (e.g. sku): same-product rows are positives.",
+    ),
+    hard_negative_columns: list[str] = typer.Option(
+        [],
+        "--hard-negative-columns",
+        help="Attributes for hard-negative pairs, e.g. kind,colour,pattern.",
+    ),
+    hard_negatives: float = typer.Option(
+        0.0, "--hard-negatives", help="Fraction of each batch made of hard-negative pairs (0-1)."
+    ),
+    steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Examples per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
+    warmup_steps: int = typer.Option(
+        100, "--warmup-steps", help="Linear warmup steps before the cosine decay."
+    ),
+    weight_decay: float = typer.Option(
+        0.1, "--weight-decay", help="AdamW weight decay (not on gains/biases)."
+    ),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Disable image augmentation."),
+    val_fraction: float = typer.Option(
+        0.05, "--val-fraction", help="Held-out fraction of products for validation."
+    ),
+    val_every: int = typer.Option(200, "--val-every", help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(
+        200, "--checkpoint-every", help="Checkpoint every N steps."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of initialisation, data order and augmentation."
+    ),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+    export_dtype: str = typer.Option(
+        "fp16", "--export-dtype", help="fp16 or fp32 for the exported weights."
+    ),
+    export: Path | None = typer.Option(
+        None, "--export", help="Also copy the final weights here (e.g. the bundled model file)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train or fine-tune a CLIP model (symmetric InfoNCE); re-running resumes from the last checkpoint."""
+    from indexer.training import TrainConfig, train
+    from indexer.training import template_set as named_templates
+
+    with cli_errors():
+        templates = tuple(template) + (named_templates(template_set) if template_set else ())
+        cfg = TrainConfig(
+            manifest=manifest,
+            out_dir=out,
+            model=model,
+            pretrained=pretrained,
+            image_column=image_column,
+            caption_columns=_split(caption_column),
+            templates=templates,
+            group_column=group_column,
+            hard_negative_columns=_split(hard_negative_columns),
+            hard_negative_fraction=hard_negatives,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=min(warmup_steps, steps),
+            weight_decay=weight_decay,
+            augment=not no_augment,
+            val_fraction=val_fraction,
+            val_every=val_every,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            threads=threads,
+            device=device,
+            export_dtype=export_dtype,
+        )
+        command = "clipsearch " + shlex.join(sys.argv[1:])
+        with _progress_bar(quiet=as_json) as on_progress:
+            result = train(cfg, progress=on_progress, export_path=export, command=command)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    m = result.metrics
+    console.print(
+        f"[green]trained[/] {result.steps} steps (resumed from {result.resumed_from}) in "
+        f"{result.wall_s:.0f} s; final loss {result.losses[-1]:.3f}"
+    )
+    if m:
+        console.print(
+            f"validation: image->text R@1 {m['image_to_text_R@1']:.3f} R@5 {m['image_to_text_R@5']:.3f}"
+            f" | text->image R@1 {m['text_to_image_R@1']:.3f} R@5 {m['text_to_image_R@5']:.3f}"
+        )
+    console.print(f"weights: {result.model_path}\nmodel card: {result.card_path}")
+
+
+class _progress_bar:
+    """A rich progress bar fed by the library's TrainProgress reports."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=quiet,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> Callable[[TrainProgress], None]:
+        self.bar.__enter__()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def update(self, p: TrainProgress) -> None:
+        if p.phase == "validate":
+            m = p.metrics or {}
+            self.bar.console.print(
+                f"step {p.done}: val image->text R@1 {m.get('image_to_text_R@1', 0):.3f}, "
+                f"text->image R@1 {m.get('text_to_image_R@1', 0):.3f}, median ranks "
+                f"{m.get('image_to_text_median_rank', 0):.0f}/{m.get('text_to_image_median_rank', 0):.0f}"
+            )
+            return
+        label = {"images": "loading images", "train": "training", "export": "exporting"}.get(
+            p.phase, p.phase
+        )
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=p.total, info="")
+        info = ""
+        if p.loss is not None:
+            info = f"loss {p.loss:.3f} lr {p.lr or 0:.2e} scale {p.logit_scale or 0:.1f}"
+        self.bar.update(self.tasks[label], completed=p.done, info=info)

@@ -1,0 +1,174 @@
+"""The demo shop catalog: products, their attributes, titles, descriptions and captions.
+
+A product is a (kind, colour, pattern) triple plus shop metadata: brand, material, price,
+rating, stock, creation date. Everything is drawn from ``numpy.random.default_rng([seed,
+i])`` for product ``i``, so product ``i`` is the same whatever the catalog size, and the
+same seed always gives the same catalog.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+
+# kind -> (category, materials, (min price, max price) in EUR).
+KINDS: dict[str, tuple[str, tuple[str, ...], tuple[float, float]]] = {
+    "t-shirt": ("apparel", ("cotton", "linen", "organic cotton"), (9.0, 35.0)),
+    "dress": ("apparel", ("cotton", "silk", "jersey"), (29.0, 140.0)),
+    "sneaker": ("footwear", ("canvas", "leather", "mesh"), (39.0, 150.0)),
+    "boot": ("footwear", ("leather", "suede", "rubber"), (69.0, 240.0)),
+    "hat": ("accessories", ("wool", "felt", "straw"), (12.0, 65.0)),
+    "bag": ("accessories", ("leather", "canvas", "nylon"), (19.0, 190.0)),
+    "watch": ("accessories", ("leather-strap", "silicone-strap", "fabric-strap"), (35.0, 350.0)),
+    "mug": ("home", ("ceramic", "stoneware", "enamel"), (6.0, 25.0)),
+    "lamp": ("home", ("linen", "fabric", "paper"), (25.0, 160.0)),
+    "chair": ("home", ("velvet", "fabric", "upholstered"), (59.0, 420.0)),
+}
+
+# Colour name -> nominal sRGB. Chosen far apart so that lighting changes never turn one
+# into another: the demo model must learn colour, and an ambiguous palette would make
+# the quality bar measure the palette instead of the model.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (200, 30, 35),
+    "orange": (240, 130, 20),
+    "yellow": (245, 215, 40),
+    "green": (40, 150, 60),
+    "blue": (35, 75, 200),
+    "purple": (120, 45, 160),
+    "pink": (245, 130, 190),
+    "brown": (120, 70, 35),
+    "black": (25, 25, 28),
+    "white": (242, 242, 238),
+}
+
+PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted", "checked")
+
+BRANDS: tuple[str, ...] = (
+    "Northwind",
+    "Aster & Co",
+    "Bluefin",
+    "Cobalt Lane",
+    "Driftwood",
+    "Fjordline",
+    "Larkspur",
+    "Meridian",
+    "Oakhaven",
+    "Tidewater",
+)
+
+# Caption templates over the product's attributes. Subsets of the attributes appear on
+# purpose: shoppers type "red mug" as often as "a red striped mug".
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {pattern} {kind}",
+    "a {colour} {pattern} {kind}",
+    "{colour} {pattern} {kind}",
+    "a photo of a {colour} {pattern} {kind}",
+    "{pattern} {kind} in {colour}",
+    "a {pattern} {colour} {kind}",
+    "{colour} {kind} with a {pattern} pattern",
+    "a {kind} that is {colour} and {pattern}",
+    "{title}",
+    "{brand} {colour} {pattern} {kind}",
+    "a {colour} {kind}",
+    "a {pattern} {kind}",
+    "{colour} {pattern} {material} {kind}",
+)
+
+_EPOCH = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
+_SPAN_S = 3 * 365 * 24 * 3600
+_PATTERN_PHRASE = {
+    "plain": "solid {colour}",
+    "striped": "{colour} with contrast stripes",
+    "dotted": "{colour} with a polka-dot print",
+    "checked": "{colour} checked",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Product:
+    """One product of the demo shop."""
+
+    # Stable identifier and document key: several photos share it.
+    sku: str
+    # Shop department: apparel, footwear, accessories, home.
+    category: str
+    # One of KINDS.
+    kind: str
+    # One of COLOURS.
+    colour: str
+    # One of PATTERNS.
+    pattern: str
+    brand: str
+    material: str
+    # Price in EUR, ending in .99 or .49 like a shop's.
+    price: float
+    # Average review score, 1.0..5.0, one decimal.
+    rating: float
+    in_stock: bool
+    created_at: dt.datetime
+    # Photo views: ("front",) or ("front", "back").
+    views: tuple[str, ...]
+
+    @property
+    def title(self) -> str:
+        pattern = "" if self.pattern == "plain" else f" {self.pattern}"
+        return f"{self.brand} {self.colour}{pattern} {self.material} {self.kind}"
+
+    @property
+    def description(self) -> str:
+        look = _PATTERN_PHRASE[self.pattern].format(colour=self.colour)
+        return (
+            f"{article(self.pattern).capitalize()} {self.pattern} {self.colour} {self.kind} from {self.brand}, made of "
+            f"{self.material.replace('-', ' ')}: {look}. "
+            f"Rated {self.rating:.1f}/5; {'in stock' if self.in_stock else 'currently sold out'}."
+        )
+
+    @property
+    def caption(self) -> str:
+        """The canonical attribute caption, e.g. ``a red striped t-shirt``."""
+        return attribute_caption(self.kind, self.colour, self.pattern)
+
+
+def attribute_caption(kind: str, colour: str, pattern: str) -> str:
+    """``a red striped mug`` / ``an orange plain hat``: the form the quality bar uses."""
+    return f"{article(colour)} {colour} {pattern} {kind}"
+
+
+def article(word: str) -> str:
+    """``an`` before a vowel sound, else ``a`` (good enough for this vocabulary)."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def make_product(seed: int, index: int, *, two_view_fraction: float = 0.25) -> Product:
+    """Product number ``index`` of the catalog with this seed (independent of catalog size)."""
+    rng = np.random.default_rng([seed, index, 0])
+    kinds = list(KINDS)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    category, materials, (lo, hi) = KINDS[kind]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    brand = BRANDS[int(rng.integers(len(BRANDS)))]
+    material = materials[int(rng.integers(len(materials)))]
+    # Log-uniform: cheap items are more common than expensive ones within a kind.
+    raw = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    price = float(max(1, int(raw))) + (0.99 if rng.random() < 0.7 else 0.49)
+    rating = float(np.clip(np.round(rng.normal(4.1, 0.6), 1), 1.0, 5.0))
+    in_stock = bool(rng.random() < 0.8)
+    created_at = _EPOCH + dt.timedelta(seconds=int(rng.integers(_SPAN_S)))
+    views = ("front", "back") if rng.random() < two_view_fraction else ("front",)
+    return Product(
+        sku=f"SKU-{index:06d}",
+        category=category,
+        kind=kind,
+        colour=colour,
+        pattern=pattern,
+        brand=brand,
+        material=material,
+        price=round(price, 2),
+        rating=rating,
+        in_stock=in_stock,
+        created_at=created_at,
+        views=views,
+    )

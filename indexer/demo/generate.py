@@ -1,0 +1,199 @@
+"""Write a demo catalog to disk: JPEG photos plus ``products.parquet``.
+
+Layout of ``out_dir``::
+
+    images/SKU-000042-front.jpg
+    images/SKU-000042-back.jpg      # about a quarter of the products have a back photo
+    products.parquet                # one row per photo; a product with two photos has
+                                    # two rows with the same sku (its doc_id)
+    catalog.json                    # seed, sizes, and the attribute vocabularies
+
+``image_path`` is relative to ``out_dir``, so the catalog can be moved or copied whole.
+Same seed and same library versions (Pillow, pyarrow) give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, Product, make_product
+from indexer.demo.render import encode_jpeg, render_photo
+from retrieval.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "products.parquet"
+# Upper bound on --products: 200k photos is ~1 GB of JPEGs, beyond any demo's needs.
+MAX_PRODUCTS = 200_000
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogSummary:
+    """What :func:`generate_catalog` wrote."""
+
+    # The catalog folder and its manifest.
+    out_dir: Path
+    manifest: Path
+    seed: int
+    products: int
+    # Photo rows in the manifest (>= products: some products have a back photo).
+    images: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "out_dir": str(self.out_dir),
+            "manifest": str(self.manifest),
+            "seed": self.seed,
+            "products": self.products,
+            "images": self.images,
+        }
+
+
+def generate_catalog(
+    out_dir: str | os.PathLike[str],
+    *,
+    products: int = 3000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> CatalogSummary:
+    """Generate ``products`` products with seed ``seed`` into ``out_dir``.
+
+    An existing catalog in ``out_dir`` is replaced (its ``images/`` folder and manifest);
+    other files there are left alone. ``progress(done, total)`` is called per product.
+
+    Raises:
+        ConfigError: ``products`` is out of range, or ``out_dir`` is a file.
+    """
+    if not 1 <= products <= MAX_PRODUCTS:
+        raise ConfigError(f"--products must be in 1..{MAX_PRODUCTS}, got {products}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".images.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    rows: list[dict[str, object]] = []
+    try:
+        for i in range(products):
+            product = make_product(seed, i)
+            for view in product.views:
+                name = f"{product.sku}-{view}.jpg"
+                data = encode_jpeg(render_photo(product, view, seed, i))
+                _write_synced(staging / name, data)
+                rows.append(_row(product, view, f"images/{name}"))
+            if progress is not None:
+                progress(i + 1, products)
+        _fsync_dir(staging)
+        final = out / "images"
+        if final.exists():
+            old = out / f".images.old-{os.getpid()}"
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old)
+        else:
+            staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = out / MANIFEST_NAME
+    _write_manifest(manifest, rows)
+    info = {
+        "generator": "clipsearch demo-data",
+        "seed": seed,
+        "products": products,
+        "images": len(rows),
+        "kinds": list(KINDS),
+        "colours": list(COLOURS),
+        "patterns": list(PATTERNS),
+        "manifest": MANIFEST_NAME,
+        "note": "one row per photo; rows of one product share its sku",
+    }
+    _write_synced(out / "catalog.json", (json.dumps(info, indent=2) + "\n").encode())
+    _fsync_dir(out)
+    log.info("wrote %d products (%d photos) to %s", products, len(rows), out)
+    return CatalogSummary(
+        out_dir=out, manifest=manifest, seed=seed, products=products, images=len(rows)
+    )
+
+
+def _row(product: Product, view: str, image_path: str) -> dict[str, object]:
+    return {
+        "sku": product.sku,
+        "image_path": image_path,
+        "view": view,
+        "title": product.title,
+        "description": product.description,
+        "caption": product.caption,
+        "category": product.category,
+        "kind": product.kind,
+        "colour": product.colour,
+        "pattern": product.pattern,
+        "brand": product.brand,
+        "material": product.material,
+        "price": product.price,
+        "rating": product.rating,
+        "in_stock": product.in_stock,
+        "created_at": product.created_at,
+    }
+
+
+def _write_manifest(path: Path, rows: list[dict[str, object]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("sku", pa.string()),
+            ("image_path", pa.string()),
+            ("view", pa.string()),
+            ("title", pa.string()),
+            ("description", pa.string()),
+            ("caption", pa.string()),
+            ("category", pa.string()),
+            ("kind", pa.string()),
+            ("colour", pa.string()),
+            ("pattern", pa.string()),
+            ("brand", pa.string()),
+            ("material", pa.string()),
+            ("price", pa.float64()),
+            ("rating", pa.float64()),
+            ("in_stock", pa.bool_()),
+            ("created_at", pa.timestamp("s", tz="UTC")),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

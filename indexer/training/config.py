@@ -1,0 +1,135 @@
+"""Training configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import ConfigError
+
+# Named caption-template sets for ``--template-set``; "shop" fits the demo catalog.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {}
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """The caption templates registered under ``name`` (``shop``: the demo catalog's)."""
+    if not TEMPLATE_SETS:
+        from indexer.demo.catalog import CAPTION_TEMPLATES
+
+        TEMPLATE_SETS["shop"] = CAPTION_TEMPLATES
+    if name not in TEMPLATE_SETS:
+        raise ConfigError(
+            f"unknown template set {name!r}; known: {', '.join(sorted(TEMPLATE_SETS))}"
+        )
+    return TEMPLATE_SETS[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that determines a training run. Resuming requires an equal config."""
+
+    # Parquet, CSV or JSONL file with one (image, caption...) row per example.
+    manifest: Path
+    # Run folder: checkpoints/, the exported model.safetensors and its model card.
+    out_dir: Path
+    # open_clip architecture; bundled ones (clipsearch-demo) are registered automatically.
+    model: str = "clipsearch-demo"
+    # Starting weights: "" trains from scratch; else a checkpoint path or pretrained tag.
+    pretrained: str = ""
+    # Column holding image paths (relative paths resolve against the manifest's folder).
+    image_column: str = "image_path"
+    # Columns whose text is a caption of the image; one is sampled per example and step.
+    caption_columns: tuple[str, ...] = ("caption",)
+    # Python format strings over manifest columns ("a {colour} {kind}"), sampled
+    # alongside the caption columns; they teach the model partial descriptions.
+    templates: tuple[str, ...] = ()
+    # Column naming the document (product) an image belongs to: rows sharing it are
+    # positives of each other's captions and land on the same side of the val split.
+    group_column: str | None = None
+    # Attribute columns for hard-negative batches: each anchor gets a partner that
+    # differs in exactly one of them (a red striped mug next to a blue striped mug).
+    hard_negative_columns: tuple[str, ...] = ()
+    # Fraction of each batch made of such (anchor, partner) pairs; 0 disables.
+    hard_negative_fraction: float = 0.0
+    # Optimiser steps in total (the cosine schedule spans them).
+    steps: int = 1000
+    batch_size: int = 128
+    # Peak AdamW learning rate, reached after warmup_steps of linear warmup.
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    # The cosine decays to lr * min_lr_ratio, not to 0, so late steps still learn.
+    min_lr_ratio: float = 0.02
+    weight_decay: float = 0.1
+    # Initial temperature as CLIP: logit scale log(1/0.07); learnable, capped at 100.
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    # Random crop/zoom, flip, brightness and contrast (never hue: colours are labels).
+    augment: bool = True
+    # Held-out fraction of groups (or rows) for validation, and how often to validate.
+    val_fraction: float = 0.05
+    val_every: int = 200
+    # Steps between checkpoints, and how many recent checkpoints to keep.
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    # torch intra-op threads; 2 leaves a shared machine usable.
+    threads: int = 2
+    device: str = "cpu"
+    # Dtype of the exported weights: fp16 halves the file at no measurable quality cost.
+    export_dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> ConfigError:
+            return ConfigError(f"invalid training option: {what}")
+
+        if self.steps < 1:
+            raise bad(f"--steps must be >= 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise bad(
+                f"--batch-size must be >= 2 (contrastive loss needs negatives), got {self.batch_size}"
+            )
+        if not 0 < self.lr < 1:
+            raise bad(f"--lr must be in (0, 1), got {self.lr}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise bad("--warmup-steps must be >= 0 and min_lr_ratio in [0, 1]")
+        if not 0 <= self.hard_negative_fraction <= 1:
+            raise bad(f"--hard-negatives must be in [0, 1], got {self.hard_negative_fraction}")
+        if self.hard_negative_fraction > 0 and not self.hard_negative_columns:
+            raise bad("--hard-negatives needs --hard-negative-columns (e.g. kind,colour,pattern)")
+        if not 0 <= self.val_fraction < 1:
+            raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise bad("--val-every, --checkpoint-every and keep_checkpoints must be >= 1")
+        if not self.caption_columns and not self.templates:
+            raise bad("give at least one --caption-column or --template")
+        if self.export_dtype not in ("fp16", "fp32"):
+            raise bad(f"--export-dtype must be fp16 or fp32, got {self.export_dtype!r}")
+        if self.threads < 1:
+            raise bad(f"--threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def resume_key(self) -> dict[str, Any]:
+        """The fields that must match for a checkpoint to be resumed under this config."""
+        d = self.to_dict()
+        for k in (
+            "out_dir",
+            "val_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "threads",
+            "export_dtype",
+        ):
+            d.pop(k)
+        d["manifest"] = str(Path(d["manifest"]).resolve())
+        return d

@@ -1,0 +1,139 @@
+"""Export a trained model: safetensors weights plus a model card (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from indexer.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_NAME = "model.safetensors"
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
+
+
+def export_model(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    export_path: Path | None,
+    card: dict[str, Any],
+) -> tuple[Path, Path]:
+    """Write ``model.safetensors`` (in ``cfg.export_dtype``) and the model card to ``out_dir``.
+
+    With ``export_path``, the weights are also copied there (and the Markdown card beside
+    it as ``<stem>.md``). Returns (weights path, JSON card path).
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
+    weights = out_dir / WEIGHTS_NAME
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    save_file(
+        state,
+        str(tmp),
+        metadata={"format": "pt", "arch": cfg.model, "producer": "clipsearch train"},
+    )
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
+    _fsync(tmp)
+    tmp.replace(weights)
+    sha = _sha256(weights)
+    n_params = sum(int(p.numel()) for p in model.parameters())
+    full = {
+        "architecture": cfg.model,
+        "architecture_config": open_clip.get_model_config(cfg.model),
+        "parameters": n_params,
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": sha,
+        "weights_bytes": weights.stat().st_size,
+        "weights_dtype": cfg.export_dtype,
+        "initialised_from": cfg.pretrained or "random (trained from scratch)",
+        "data": {
+            "manifest": str(cfg.manifest),
+            "image_column": cfg.image_column,
+            "caption_columns": list(cfg.caption_columns),
+            "templates": list(cfg.templates),
+            "group_column": cfg.group_column,
+            "hard_negative_columns": list(cfg.hard_negative_columns),
+            "hard_negative_fraction": cfg.hard_negative_fraction,
+        },
+        "training": cfg.to_dict(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        **card,
+    }
+    card_json = out_dir / CARD_JSON
+    _write_text(card_json, json.dumps(full, indent=2, default=str) + "\n")
+    markdown = render_card(full)
+    _write_text(out_dir / CARD_MD, markdown)
+    if export_path is not None:
+        export_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_copy = export_path.with_name(f".{export_path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(weights, tmp_copy)
+        _fsync(tmp_copy)
+        tmp_copy.replace(export_path)
+        _write_text(export_path.with_suffix(".md"), markdown)
+    return weights, card_json
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The model card as Markdown."""
+    tr = card["training"]
+    lines = [
+        f"# Model card: {card['architecture']}",
+        "",
+        f"- Architecture: `{card['architecture']}` ({card['parameters']:,} parameters); "
+        f"config: `{json.dumps(card['architecture_config'])}`",
+        f"- Weights: `{card['weights_file']}`, {card['weights_dtype']}, "
+        f"{card['weights_bytes']:,} bytes, sha256 `{card['weights_sha256']}`",
+        f"- Initialised from: {card['initialised_from']}",
+        f"- Data: `{card['data']['manifest']}`: {card.get('train_examples')} training and "
+        f"{card.get('val_examples')} validation images; captions from columns "
+        f"{card['data']['caption_columns']} and {len(card['data']['templates'])} templates",
+        f"- Training: {tr['steps']} steps of batch {tr['batch_size']}, AdamW lr {tr['lr']} "
+        f"(warmup {tr['warmup_steps']}, cosine), weight decay {tr['weight_decay']}, "
+        f"hard negatives {tr['hard_negative_fraction']} on {tr['hard_negative_columns']}, seed {tr['seed']}",
+        f"- Final training loss: {card.get('final_loss')}",
+    ]
+    if card.get("command"):
+        lines.append(f"- Command: `{card['command']}`")
+    metrics = card.get("val_metrics") or {}
+    if metrics:
+        lines += ["", "## Validation (held-out products)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    tmp.replace(path)
