@@ -50,8 +50,9 @@ def save_tiny_weights(arch: str, folder: Path, seed: int) -> TinyCheckpoints:
     import torch
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None).eval()
+    with torch.random.fork_rng(devices=[]):  # leave the global RNG as other tests found it
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None).eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     st, sd, wrapped = folder / "tiny.safetensors", folder / "tiny.pt", folder / "tiny-wrapped.pt"

@@ -99,10 +99,10 @@ def _cached_hub_models(cache_dir: str | None) -> list[str]:
     """``hf-hub:`` ids of cached repos that hold an open_clip config and weights."""
     from huggingface_hub import scan_cache_dir
 
-    from retrieval.encoders.weights import HF_CONFIG_FILE, HF_WEIGHT_FILES
+    from retrieval.encoders.weights import HF_CONFIG_FILE, HF_WEIGHT_FILES, hf_cache_dir
 
     try:
-        info = scan_cache_dir(cache_dir)
+        info = scan_cache_dir(hf_cache_dir(cache_dir))
     except Exception as e:  # no cache folder yet, or an unreadable one: nothing cached
         log.debug("no usable HuggingFace cache: %s", e)
         return []

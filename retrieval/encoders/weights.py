@@ -249,18 +249,22 @@ def _safe_alternative(filename: str) -> str | None:
     return None
 
 
-def _hf_repo_cache(repo_id: str, cache_dir: str | None) -> Path:
+def hf_cache_dir(cache_dir: str | None = None) -> str:
+    """The HuggingFace hub cache in use: ``cache_dir`` or ``HF_HUB_CACHE`` (read now)."""
     from huggingface_hub import constants
 
-    root = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
-    return root / ("models--" + repo_id.replace("/", "--"))
+    return cache_dir or str(constants.HF_HUB_CACHE)
+
+
+def _hf_repo_cache(repo_id: str, cache_dir: str | None) -> Path:
+    return Path(hf_cache_dir(cache_dir)) / ("models--" + repo_id.replace("/", "--"))
 
 
 def _hf_cached(repo_id: str, filenames: list[str], cache_dir: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     for name in filenames:
-        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=hf_cache_dir(cache_dir))
         if isinstance(hit, str):
             return Path(hit)
     return None
@@ -273,7 +277,10 @@ def _hf_download(repo_id: str, filenames: list[str], cache_dir: str | None, what
     for name in filenames:
         try:
             log.info("downloading %s/%s", repo_id, name)
-            return Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, etag_timeout=10))
+            path = hf_hub_download(
+                repo_id, name, cache_dir=hf_cache_dir(cache_dir), etag_timeout=10
+            )
+            return Path(path)
         except Exception as e:  # the hub client raises many types; record and try the next
             errors.append(f"{name}: {type(e).__name__}: {e}")
     raise ModelNotFoundError(

@@ -252,7 +252,10 @@ def test_uncached_tag_offline_names_model_place_and_fix(empty_hf_cache: Path) ->
 def test_unreachable_hub_fails_fast_with_reason(
     empty_hf_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def refuse(*args: object, **kwargs: object) -> socket.socket:
         raise OSError("Network is unreachable")
