@@ -35,6 +35,9 @@ def serve(
     max_batch: int = typer.Option(16, help="Largest micro-batch of queries."),
     batch_wait_ms: float = typer.Option(5.0, help="How long a query waits for batch company (ms)."),
     max_queue: int = typer.Option(64, help="Queued queries beyond which requests get 429."),
+    max_queue_delay: float = typer.Option(
+        250.0, help="Refuse (429) while queued queries have waited longer than this (ms)."
+    ),
     timeout: float = typer.Option(10.0, help="Per-request deadline in seconds (then 504)."),
 ) -> None:
     """Serve INDEX over HTTP: JSON API, OpenAPI docs at /docs, and a search page at /."""
@@ -50,6 +53,7 @@ def serve(
             max_batch_size=max_batch,
             max_batch_wait_ms=batch_wait_ms,
             max_queue=max_queue,
+            max_queue_delay_ms=max_queue_delay,
             request_timeout_s=timeout,
         )
         console.print(f"serving [bold]{index}[/] on http://{host}:{port}/  (API docs: /docs)")

@@ -57,6 +57,7 @@ class MicroBatcher(Generic[P, R]):
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
         max_queue: int = 64,
+        max_queue_delay_s: float | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         """
@@ -65,12 +66,17 @@ class MicroBatcher(Generic[P, R]):
             max_batch_size: most jobs per ``run_batch`` call.
             max_wait_s: how long the oldest pending job may wait for company.
             max_queue: most unanswered jobs (pending + running); more raise QueueFullError.
+            max_queue_delay_s: also refuse new jobs while the oldest waiting job has
+                waited longer than this (None = no limit). A count bound alone lets the
+                queue hold seconds of work when queries are slow; this bounds the wait
+                itself, so admitted requests stay fast and the rest get a fast 429.
             on_batch: called with the size of every batch run (metrics).
         """
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
         self._pending: collections.deque[_Job[P, R]] = collections.deque()
         self._running = 0
@@ -121,6 +127,15 @@ class MicroBatcher(Generic[P, R]):
             raise QueueFullError(
                 f"{self.depth} queries are already queued (limit {self.max_queue})"
             )
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()  # abandoned (deadline, disconnect): not waiting any more
+        if self.max_queue_delay_s is not None and self._pending:
+            waited = time.monotonic() - self._pending[0].enqueued_at
+            if waited > self.max_queue_delay_s:
+                raise QueueFullError(
+                    f"queued queries wait {waited * 1000:.0f} ms "
+                    f"(limit {self.max_queue_delay_s * 1000:.0f} ms)"
+                )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(payload, future, deadline))
         self._wakeup.set()

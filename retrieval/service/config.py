@@ -25,6 +25,10 @@ class ServiceConfig:
     max_batch_wait_ms: float = 5.0
     # Queries admitted but not yet answered, beyond which requests get a fast 429.
     max_queue: int = 64
+    # Refuse new queries (429) while the oldest queued one has waited longer than this
+    # (ms); 0 = only the max_queue count applies. Set it near the latency budget: a count
+    # alone lets the queue hold seconds of work when queries are slow.
+    max_queue_delay_ms: float = 250.0
     # Per-request deadline (s): past it the request gets 504 and its work is dropped.
     request_timeout_s: float = 10.0
     # Seconds a client is told to wait (Retry-After) when the queue is full.
@@ -78,6 +82,10 @@ class ServiceConfig:
         for name, value in positive_ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"ServiceConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(
+                f"ServiceConfig.max_queue_delay_ms must be >= 0 (0 = off), got {self.max_queue_delay_ms}"
+            )
         if self.max_batch_wait_ms < 0:
             raise ConfigError(
                 f"ServiceConfig.max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms}"

@@ -55,6 +55,7 @@ class ServiceState:
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_batch_wait_ms / 1000.0,
             max_queue=config.max_queue,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000.0 or None,
             on_batch=self.metrics.observe_batch,
         )
         self.metrics.gauge(

@@ -115,3 +115,35 @@ def test_a_crashing_batch_function_fails_that_batch_not_the_batcher() -> None:
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_queue_delay_bound_refuses_while_the_oldest_job_has_waited_too_long() -> None:
+    release = threading.Event()
+
+    def blocking(batch: Sequence[int]) -> list[int | BaseException]:
+        release.wait(5)
+        return list(batch)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            blocking, max_batch_size=1, max_wait_s=0.0, max_queue=100, max_queue_delay_s=0.05
+        )
+        batcher.start()
+        try:
+            running = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
+            await asyncio.sleep(0.02)  # job 1 is running and blocks the worker
+            waiting = asyncio.ensure_future(batcher.submit(2, deadline=_later(5)))
+            await asyncio.sleep(0.01)
+            # Job 2 has waited < 50 ms: a newcomer is still admitted.
+            third = asyncio.ensure_future(batcher.submit(3, deadline=_later(5)))
+            await asyncio.sleep(0.1)  # now job 2 has waited > 50 ms
+            with pytest.raises(QueueFullError, match="limit 50 ms"):
+                await batcher.submit(4, deadline=_later(5))
+            release.set()
+            assert (await running, await waiting, await third) == (1, 2, 3)
+            assert await batcher.submit(5, deadline=_later(5)) == 5  # drained: admitted again
+        finally:
+            release.set()
+            await batcher.stop()
+
+    asyncio.run(main())
