@@ -434,3 +434,24 @@ def test_queue_full_gets_a_fast_429_and_deadline_a_504(make_client: Any, monkeyp
         assert_error(slow.post("/search", json={"text": "red"}), 504, "deadline_exceeded")
     finally:
         gate2.set()
+
+
+def test_a_failed_reload_keeps_serving_the_pinned_version(
+    make_client: Any, catalog: Catalog, tmp_path: Any
+) -> None:
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(catalog.index, index)
+    client = make_client(index=index)
+    assert client.post("/admin/reload").json() == {
+        "previous_version": 1,
+        "index_version": 1,
+        "changed": False,
+    }
+    (index / "CURRENT").write_text("v000009.json\n")  # names a manifest that does not exist
+    err = assert_error(client.post("/admin/reload"), 503, "index_unavailable")
+    assert "v000009" in err["message"] or "version 9" in err["message"]
+    r = client.post("/search", json={"text": "red"})
+    assert r.status_code == 200 and r.json()["index_version"] == 1
+    assert 'clipsearch_reloads_total{outcome="failed"} 1' in client.get("/metrics").text

@@ -171,6 +171,7 @@ async function runSearch(append) {
       form.append("image", state.query.value, state.query.value.name || "query.jpg");
       form.append("k", String(PAGE));
       form.append("offset", String(state.offset));
+      form.append("group_by_doc", "true");
       if (where) form.append("filter", where);
       body = await api("/search/image", { method: "POST", body: form });
     } else {
