@@ -65,3 +65,13 @@ def save_tiny_weights(arch: str, folder: Path, seed: int) -> TinyCheckpoints:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tiny_arch: str, tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoints:
     return save_tiny_weights(tiny_arch, tmp_path_factory.mktemp("tiny-weights"), seed=1)
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes) -> None:
+    """Lay a file out as huggingface_hub caches it: refs/main -> snapshots/<rev>/file."""
+    rev = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / rev / filename).write_bytes(data)

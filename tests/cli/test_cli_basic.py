@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 import retrieval
 from cli.app import app
-from tests.conftest import TinyCheckpoints
+from tests.conftest import TinyCheckpoints, put_in_hf_cache
 
 runner = CliRunner()
 
@@ -109,6 +110,31 @@ def test_models_fetch_offline_fails_cleanly(offline_hf: Path) -> None:
     assert "error:" in result.output
     assert "'ViT-B-32'" in result.output and "'openai'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_models_fetch_finds_cached_weights_and_list_marks_them(
+    tiny_checkpoints: TinyCheckpoints, offline_hf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from open_clip import pretrained as oc_pretrained
+
+    arch = tiny_checkpoints.arch
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, arch, {"tinytag": {"hf_hub": "test-org/tiny/"}})
+    before = runner.invoke(app, ["models", "list", "--json"])
+    assert {"name": arch, "pretrained": "tinytag", "offline": False}.items() <= next(
+        r for r in json.loads(before.output) if r["name"] == arch
+    ).items()
+    data = tiny_checkpoints.safetensors.read_bytes()
+    put_in_hf_cache(offline_hf, "test-org/tiny", "open_clip_pytorch_model.safetensors", data)
+
+    result = runner.invoke(app, ["models", "fetch", arch, "--pretrained", "tinytag", "--json"])
+    assert result.exit_code == 0, result.output
+    fetched = json.loads(result.output)
+    assert fetched["path"].startswith(str(offline_hf))
+    assert fetched["sha256"] == hashlib.sha256(data).hexdigest()
+    after = runner.invoke(app, ["models", "list", "--offline", "--json"])
+    offline = {(r["name"], r["pretrained"]) for r in json.loads(after.output)}
+    assert (arch, "tinytag") in offline
+    assert ("vit-b-32", "laion2b_s34b_b79k") not in offline
 
 
 def test_models_fetch_needs_a_tag() -> None:

@@ -18,7 +18,7 @@ from retrieval.errors import (
     FingerprintMismatchError,
     ModelNotFoundError,
 )
-from tests.conftest import TINY_CONFIG, TinyCheckpoints, save_tiny_weights
+from tests.conftest import TINY_CONFIG, TinyCheckpoints, put_in_hf_cache, save_tiny_weights
 
 torch = pytest.importorskip("torch")
 from retrieval.encoders import openclip as oc  # noqa: E402
@@ -294,7 +294,7 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
 
     tag_cfg = {"hf_hub": "test-org/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     monkeypatch.setitem(oc_pretrained._PRETRAINED, tiny_checkpoints.arch, {"tinytag": tag_cfg})
-    _put_in_hf_cache(
+    put_in_hf_cache(
         empty_hf_cache,
         "test-org/tiny-clip",
         "open_clip_pytorch_model.safetensors",
@@ -309,16 +309,6 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
     )
 
 
-def _put_in_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes) -> None:
-    """Lay a file out as huggingface_hub caches it: refs/main -> snapshots/<rev>/file."""
-    rev = "0" * 40
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
-    (repo / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
-    (repo / "snapshots" / rev / filename).write_bytes(data)
-
-
 def test_cached_hub_model_loads_offline(
     tiny_checkpoints: TinyCheckpoints, empty_hf_cache: Path
 ) -> None:
@@ -329,13 +319,13 @@ def test_cached_hub_model_loads_offline(
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     }
     data = tiny_checkpoints.safetensors.read_bytes()
-    _put_in_hf_cache(
+    put_in_hf_cache(
         empty_hf_cache,
         "test-org/hub-tiny",
         "open_clip_config.json",
         json.dumps(hub_config).encode(),
     )
-    _put_in_hf_cache(empty_hf_cache, "test-org/hub-tiny", "open_clip_model.safetensors", data)
+    put_in_hf_cache(empty_hf_cache, "test-org/hub-tiny", "open_clip_model.safetensors", data)
 
     # The hub repo as the architecture: config, preprocessing and weights all from it.
     enc = load_encoder("hf-hub:test-org/hub-tiny")
