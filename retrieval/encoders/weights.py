@@ -92,6 +92,11 @@ def resolve_weights(
     path = Path(pretrained).expanduser()
     if path.is_file():
         return ResolvedWeights(model_name=arch, arch=arch, label=str(path.resolve()), path=path)
+    if path.is_dir():
+        raise ConfigError(
+            f"--pretrained {path.resolve()} is a folder; pass the weights file inside it "
+            "(.safetensors, .pt, .pth or .bin)"
+        )
     if _looks_like_path(pretrained):
         raise ModelNotFoundError(
             f"checkpoint file not found: {path.resolve()} (for model {arch!r}); "
@@ -164,6 +169,9 @@ def _resolve_tag(arch: str, tag: str, *, cache_dir: str | None, download: bool) 
             "pass a tag, a checkpoint path, or an hf-hub: id"
         )
     preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    # open_clip matches tags case- and dash-insensitively; record the canonical spelling
+    # so that "LAION2B-S34B-B79K" and "laion2b_s34b_b79k" give one fingerprint.
+    tag = tag.lower().replace("-", "_")
     path = _locate_tag_file(arch, tag, cfg, cache_dir=cache_dir, download=download)
     return ResolvedWeights(
         model_name=arch,

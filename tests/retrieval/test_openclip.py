@@ -280,6 +280,11 @@ def test_missing_checkpoint_path(tiny_arch: str, tmp_path: Path) -> None:
         load_encoder(tiny_arch, str(missing))
 
 
+def test_folder_given_as_checkpoint(tiny_arch: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder; pass the weights file inside it"):
+        load_encoder(tiny_arch, str(tmp_path))
+
+
 def test_unknown_tag_and_arch(empty_hf_cache: Path) -> None:
     with pytest.raises(ConfigError, match="known tags: openai"):
         load_encoder("ViT-B-32", "laion9000")
@@ -300,9 +305,9 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
         "open_clip_pytorch_model.safetensors",
         tiny_checkpoints.safetensors.read_bytes(),
     )
-    enc = load_encoder(tiny_checkpoints.arch, "tinytag")
+    enc = load_encoder(tiny_checkpoints.arch, "TinyTag")
     fp = enc.fingerprint
-    assert fp.pretrained == "tinytag"
+    assert fp.pretrained == "tinytag"  # canonical spelling, as open_clip matches tags
     assert fp.image_mean == (0.5, 0.5, 0.5) and fp.image_std == (0.25, 0.25, 0.25)
     assert (
         fp.weights_sha256 == hashlib.sha256(tiny_checkpoints.safetensors.read_bytes()).hexdigest()
