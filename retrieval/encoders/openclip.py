@@ -20,7 +20,7 @@ import numpy as np
 
 from retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding
 from retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, ModelNotFoundError
 from retrieval.images import to_rgb
 
 if TYPE_CHECKING:
@@ -93,10 +93,11 @@ class OpenClipEncoder(BaseEncoder):
             resize_mode=cfg["resize_mode"],
             fill_color=cfg.get("fill_color", 0),
         )
-        self.tokenizer = open_clip.get_tokenizer(self.weights.model_name)
+        self.tokenizer = _load_tokenizer(self.weights.model_name)
         self.context_length = int(self.tokenizer.context_length)
         self.n_parameters = sum(p.numel() for p in self.model.parameters())
         self._fingerprint = self._make_fingerprint(cfg)
+        log.info("loaded %r (%s parameters)", self, f"{self.n_parameters:,}")
 
     def __repr__(self) -> str:
         fp = self._fingerprint
@@ -228,6 +229,20 @@ def _create_model(weights: ResolvedWeights) -> Any:
             )
         except Exception as e:  # open_clip raises RuntimeError/KeyError/pickle errors
             raise ConfigError(_load_failure(weights, e)) from e
+
+
+def _load_tokenizer(model_name: str) -> Any:
+    """open_clip's tokenizer for the model; HF tokenizers must be cached when offline."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except Exception as e:  # HF tokenizers raise OSError/HTTP errors when not cached
+        raise ModelNotFoundError(
+            f"cannot load the tokenizer of {model_name!r}: {type(e).__name__}: {e}; "
+            "its HuggingFace tokenizer files must be in the local cache: load the model "
+            "once while online"
+        ) from e
 
 
 def _load_failure(weights: ResolvedWeights, e: Exception) -> str:
