@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import Progress
 
 from cli.common import cli_errors, console, err_console, print_json
+
+if TYPE_CHECKING:
+    from indexer.demo.run import DemoReport
 
 
 def demo_data_cmd(
@@ -74,42 +78,43 @@ def demo_cmd(
     _render_demo(report)
 
 
-def _render_demo(report: object) -> None:
+def _render_demo(report: DemoReport) -> None:
+    from rich import box
     from rich.table import Table
 
-    from indexer.demo.run import DemoReport
-
-    assert isinstance(report, DemoReport)
     cat, tm = report.catalog, report.timings
     console.print(
         f"[bold]clipsearch demo[/]: {cat.products} products ({cat.images} photos, seed {cat.seed}) "
-        f"in {cat.out_dir}; model {report.model['arch']} ({report.model['pretrained'] or 'random'}), "
+        f"indexed in {report.index}; model {report.model['arch']} ({report.model['pretrained'] or 'random'}), "
         f"dim {report.model['dim']}"
     )
     console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in tm.items()))
     for q in report.queries:
         heading = f"{q.title}: [cyan]{q.query}[/]"
         if q.filter:
-            heading += f"  where [magenta]{q.filter}[/] ({q.matches} photos match)"
-        table = Table(title=heading, title_justify="left", show_lines=False)
-        if q.kind == "image->text":
+            heading += f"  where [magenta]{q.filter}[/] ({q.matches} rows match)"
+        table = Table(title=heading, title_justify="left", box=box.SIMPLE_HEAD)
+        if q.kind == "classify":
             for col in ("rank", "caption", "probability"):
                 table.add_column(col)
             for h in q.hits:
                 table.add_row(str(h["rank"]), h["caption"], f"{h['probability']:.3f}")
         else:
-            for col in ("rank", "score", "sku", "title", "price", "rating", "in stock", "photo"):
-                table.add_column(col, overflow="fold")
+            # Fits 80 columns: only the title is cut (with an ellipsis); rows are in rank order.
+            table.add_column("score", no_wrap=True, min_width=5)
+            table.add_column("sku", no_wrap=True, min_width=10)
+            table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=36)
+            table.add_column("price", justify="right", no_wrap=True, min_width=6)
+            table.add_column("rating", no_wrap=True, min_width=6)
+            table.add_column("stock", no_wrap=True, min_width=5)
             for h in q.hits:
                 table.add_row(
-                    str(h["rank"]),
                     f"{h['score']:.3f}",
                     h["sku"],
                     h["title"],
                     f"{h['price']:.2f}",
                     f"{h['rating']:.1f}",
                     "yes" if h["in_stock"] else "[red]no[/]",
-                    h["image_path"],
                 )
         console.print(table)
     console.print(f"report: {cat.out_dir.parent / 'demo_report.json'}")

@@ -1,10 +1,11 @@
-"""The end-to-end demo: generate a shop, embed it, ask it shopping-assistant questions.
+"""The end-to-end demo: generate a shop, index it, ask it shopping-assistant questions.
 
-Two functions carry the search, so that the in-memory version here can be swapped for
-the real indexer and query engine without touching the rest: :func:`build_demo_index`
-(catalog -> searchable index) and :func:`search_demo_index` (query -> hits). The index
-here is exact: a numpy matrix of image vectors beside the Parquet metadata, filtered by
-a pyarrow boolean mask.
+Two functions carry the search: :func:`build_demo_index` (catalog -> a real clipsearch
+index, built by :func:`indexer.build.build` from ``products.parquet``: one image row per
+photo and one text row per title) and :func:`search_demo_index` (query -> hits, through
+:class:`retrieval.engine.SearchEngine` with its filter language). The catalog's
+``doc_id`` is the photo path, since the indexer keeps one image row per doc_id; hits
+are grouped by the ``sku`` metadata column instead, so a product appears once.
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from indexer.demo.evaluate import all_captions, encode_photos
+from indexer.demo.evaluate import all_captions
 from indexer.demo.generate import MANIFEST_NAME, CatalogSummary, generate_catalog
 from retrieval.encoders.base import Encoder
 from retrieval.errors import QueryError
-from retrieval.images import load_image
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    from retrieval.engine import SearchEngine
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +33,9 @@ log = logging.getLogger(__name__)
 # the model on products it has never seen.
 DEMO_SEED = 7
 DEMO_PRODUCTS = 3000
-# Logit scale used to turn "what is this?" similarities into probabilities (CLIP's cap).
-CLASSIFY_SCALE = 100.0
+INDEX_DIR = "index"
 
 Progress = Callable[[str, int, int], None]
-# A filter: metadata table -> boolean mask (pyarrow array or numpy), one entry per row.
-Where = Callable[["pa.Table"], Any]
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoIndex:
-    """An exact in-memory index of a catalog's photos."""
-
-    root: Path
-    # float32 [n, dim], L2-normalised, row i = photo i of ``metadata``.
-    vectors: np.ndarray
-    # The catalog's products.parquet (one row per photo).
-    metadata: pa.Table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,12 +44,13 @@ class DemoQuery:
 
     # Heading shown above the result table.
     title: str
-    # "text", "image" or "image->text".
+    # "text", "image", "image->text" (titles) or "classify" (attribute captions).
     kind: str
-    # What was asked: the text, the image path, or the filter in words.
+    # What was asked: the text, or the image path relative to the demo folder.
     query: str
+    # The filter expression, in clipsearch's filter language.
     filter: str | None
-    # Result rows: rank, score, and the product's metadata (or caption + probability).
+    # Result rows: rank, score and the product's metadata (or caption + probability).
     hits: list[dict[str, Any]]
     # Rows passing the filter (None without a filter), and milliseconds taken.
     matches: int | None
@@ -75,14 +60,16 @@ class DemoQuery:
 @dataclass(frozen=True, kw_only=True)
 class DemoReport:
     catalog: CatalogSummary
+    index: Path
     model: dict[str, Any]
-    # Seconds per stage: generate, load model, embed, queries.
+    # Seconds per stage: generate, load_model, index, queries.
     timings: dict[str, float]
     queries: list[DemoQuery] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "catalog": self.catalog.to_dict(),
+            "index": str(self.index),
             "model": self.model,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "queries": [
@@ -101,68 +88,64 @@ class DemoReport:
 
 
 def build_demo_index(
-    catalog_dir: Path, encoder: Encoder, *, progress: Progress | None = None
-) -> DemoIndex:
-    """Embed every photo of the catalog in ``catalog_dir``."""
-    import pyarrow.parquet as pq
+    catalog_dir: Path, index_dir: Path, encoder: Encoder, *, progress: Progress | None = None
+) -> SearchEngine:
+    """Index the catalog's photos and titles into ``index_dir``; open an engine on it."""
+    from indexer.build import BuildOptions, build
+    from indexer.sources import SourceOptions
+    from retrieval.engine import SearchEngine
 
-    table = pq.read_table(catalog_dir / MANIFEST_NAME)
-    paths = [catalog_dir / p for p in table.column("image_path").to_pylist()]
-    vectors = encode_photos(encoder, paths, progress)
-    return DemoIndex(root=catalog_dir, vectors=vectors, metadata=table)
+    options = BuildOptions(sources=SourceOptions(image_col="image_path", text_cols=("title",)))
+    build(
+        [catalog_dir / MANIFEST_NAME],
+        index_dir,
+        encoder=encoder,
+        options=options,
+        progress=(lambda p: progress(f"indexing ({p.stage})", p.done, p.total))
+        if progress
+        else None,
+    )
+    return SearchEngine.open(index_dir, encoder=encoder)
 
 
 def search_demo_index(
-    index: DemoIndex,
-    encoder: Encoder,
+    engine: SearchEngine,
     query: str | Path,
     *,
     k: int = 5,
-    where: Where | None = None,
-    group_by_product: bool = True,
+    where: str | None = None,
+    modality: str = "image",
 ) -> tuple[list[dict[str, Any]], int | None]:
-    """Top ``k`` photos for a text or an image (path) query, best photo per product.
+    """Top ``k`` products for a text or image (path) query: best row per ``sku``.
 
-    Returns (hits, number of rows passing ``where`` or None). Each hit holds rank,
-    score (cosine), and the photo's metadata row.
+    Returns (hits, rows passing ``where`` or None). A hit is rank, score (cosine), the
+    row's source, and its product metadata.
     """
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
-    if isinstance(query, Path):
-        qv = encoder.encode_images([load_image(query)])[0]
-    else:
-        if not query.strip():
-            raise QueryError("empty text query; type what you are looking for")
-        qv = encoder.encode_texts([query])[0]
-    scores = index.vectors @ qv
-    matches = None
-    if where is not None:
-        mask = np.asarray(where(index.metadata), dtype=bool)
-        matches = int(mask.sum())
-        scores = np.where(mask, scores, -np.inf)
+    # Over-fetch: a product has up to two photos, and duplicates are dropped below.
+    res = engine.search(query, k=3 * k, where=where, modality=modality)
     hits: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for i in np.argsort(-scores, kind="stable"):
-        if not np.isfinite(scores[i]) or len(hits) == k:
-            break
-        row = index.metadata.slice(int(i), 1).to_pylist()[0]
-        if group_by_product and row["sku"] in seen:
+    for h in res.hits:
+        sku = str(h.metadata.get("sku"))
+        if sku in seen:
             continue
-        seen.add(row["sku"])
-        hits.append({"rank": len(hits) + 1, "score": round(float(scores[i]), 4), **row})
-    return hits, matches
+        seen.add(sku)
+        hits.append(
+            {"rank": len(hits) + 1, "score": round(h.score, 4), "source": h.source, **h.metadata}
+        )
+        if len(hits) == k:
+            break
+    return hits, res.total_matches
 
 
-def what_is_this(encoder: Encoder, image: Path, *, k: int = 3) -> list[dict[str, Any]]:
-    """Rank every attribute caption for a photo; top ``k`` with softmax probabilities."""
-    captions = [c[0] for c in all_captions()]
-    sims = encoder.encode_texts(captions) @ encoder.encode_images([load_image(image)])[0]
-    logits = CLASSIFY_SCALE * (sims - sims.max())
-    probs = np.exp(logits) / np.exp(logits).sum()
-    top = np.argsort(-probs, kind="stable")[:k]
+def what_is_this(engine: SearchEngine, image: Path, *, k: int = 3) -> list[dict[str, Any]]:
+    """Zero-shot: rank every attribute caption for a photo; top ``k`` with probabilities."""
+    ranked = engine.classify(image, [c[0] for c in all_captions()])[:k]
     return [
-        {"rank": r + 1, "caption": captions[i], "probability": round(float(probs[i]), 4)}
-        for r, i in enumerate(top)
+        {"rank": r + 1, "caption": label, "probability": round(float(p), 4)}
+        for r, (label, p) in enumerate(ranked)
     ]
 
 
@@ -175,12 +158,9 @@ def run_demo(
     pretrained: str | None = None,
     progress: Progress | None = None,
 ) -> DemoReport:
-    """Generate a catalog in ``out_dir/catalog``, index it, and answer the demo questions.
-
-    Also writes ``out_dir/demo_report.json``.
+    """Generate a catalog in ``out_dir/catalog``, index it in ``out_dir/index``, and answer
+    the demo questions. Also writes ``out_dir/demo_report.json``.
     """
-    import pyarrow.compute as pc
-
     from retrieval.encoders import load_encoder
 
     timings: dict[str, float] = {}
@@ -196,57 +176,53 @@ def run_demo(
     encoder = load_encoder(model, pretrained, device="cpu")
     timings["load_model"] = time.monotonic() - t
     t = time.monotonic()
-    index = build_demo_index(catalog.out_dir, encoder, progress=progress)
-    timings["embed"] = time.monotonic() - t
+    engine = build_demo_index(catalog.out_dir, out_dir / INDEX_DIR, encoder, progress=progress)
+    timings["index"] = time.monotonic() - t
     t = time.monotonic()
     queries: list[DemoQuery] = []
 
     def ask(
-        title: str, query: str | Path, where: Where | None = None, said: str | None = None
+        title: str, query: str | Path, where: str | None = None, modality: str = "image"
     ) -> None:
         t0 = time.monotonic()
-        hits, matches = search_demo_index(index, encoder, query, where=where)
-        kind = "image" if isinstance(query, Path) else "text"
+        hits, matches = search_demo_index(engine, query, where=where, modality=modality)
+        kind = ("image" if isinstance(query, Path) else "text") + (
+            "->text" if modality == "text" else ""
+        )
         shown = str(query.relative_to(out_dir)) if isinstance(query, Path) else query
         ms = 1000 * (time.monotonic() - t0)
         queries.append(
             DemoQuery(
-                title=title, kind=kind, query=shown, filter=said, hits=hits, matches=matches, ms=ms
+                title=title, kind=kind, query=shown, filter=where, hits=hits, matches=matches, ms=ms
             )
         )
 
-    ask("Plain text search", "red striped t-shirt")
-    ask("Plain text search", "a white dotted mug")
-    ask(
-        "Text with filters",
-        "blue checked dress",
-        where=lambda tb: pc.and_(pc.less(tb["price"], 60.0), tb["in_stock"]),
-        said="price < 60 and in stock",
-    )
-    ask(
-        "Text with filters",
-        "black boot",
-        where=lambda tb: pc.and_(pc.greater_equal(tb["rating"], 4.5), tb["in_stock"]),
-        said="rating >= 4.5 and in stock",
-    )
-    probe = _probe_photo(index)
-    ask("Image query: more like this photo", probe)
-    t0 = time.monotonic()
-    guesses = what_is_this(encoder, probe)
-    queries.append(
-        DemoQuery(
-            title="Image -> text: what is this?",
-            kind="image->text",
-            query=str(probe.relative_to(out_dir)),
-            filter=None,
-            hits=guesses,
-            matches=None,
-            ms=1000 * (time.monotonic() - t0),
+    with engine:
+        ask("Plain text search", "red striped t-shirt")
+        ask("Plain text search", "a white dotted mug")
+        ask("Text with filters", "blue checked dress", where="price < 60 and in_stock")
+        ask("Text with filters", "black boot", where="rating >= 4.5 and in_stock")
+        probe = _probe_photo(catalog)
+        # The probe is a back photo: find the product among the front photos.
+        ask("Image query: which product is this?", probe, where="view = 'front'")
+        ask("Image -> text: closest product titles", probe, modality="text")
+        t0 = time.monotonic()
+        guesses = what_is_this(engine, probe)
+        queries.append(
+            DemoQuery(
+                title="Image -> text: what is this?",
+                kind="classify",
+                query=str(probe.relative_to(out_dir)),
+                filter=None,
+                hits=guesses,
+                matches=None,
+                ms=1000 * (time.monotonic() - t0),
+            )
         )
-    )
     timings["queries"] = time.monotonic() - t
     report = DemoReport(
         catalog=catalog,
+        index=out_dir / INDEX_DIR,
         model=encoder.fingerprint.to_dict(),
         timings=timings,
         queries=queries,
@@ -255,11 +231,13 @@ def run_demo(
     return report
 
 
-def _probe_photo(index: DemoIndex) -> Path:
-    """A back photo of some product: a query image whose front twin is in the index."""
-    views = index.metadata.column("view").to_pylist()
-    i = views.index("back") if "back" in views else 0
-    return index.root / str(index.metadata.column("image_path")[i].as_py())
+def _probe_photo(catalog: CatalogSummary) -> Path:
+    """The first back photo of the catalog (a photo whose front twin is indexed)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(catalog.manifest, columns=["image_path", "view"]).to_pylist()
+    chosen = next((r for r in rows if r["view"] == "back"), rows[0])
+    return catalog.out_dir / str(chosen["image_path"])
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -42,6 +42,8 @@ def _cfg(manifest: Path, out: Path, arch: str, **kw: object) -> TrainConfig:
         val_every=4,
         checkpoint_every=100,
         seed=3,
+        # One thread: on a busy shared CPU, two OpenMP threads spin-wait on each other.
+        threads=1,
     )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
