@@ -16,6 +16,7 @@ const state = {
   facets: {},
   query: null,      // {kind: "text"|"image"|"like", value, label}
   offset: 0,
+  seq: 0,           // the latest search; answers to older ones are dropped
   hits: [],
   objectUrls: [],
 };
@@ -160,10 +161,11 @@ function escapeHtml(s) {
 async function runSearch(append) {
   if (!state.query) return;
   if (!append) state.offset = 0;
+  const seq = ++state.seq;
   const where = filterExpression();
   const started = performance.now();
   $("error").hidden = true;
-  $("go").disabled = true;
+  document.body.classList.add("busy");
   try {
     let body;
     if (state.query.kind === "image") {
@@ -183,13 +185,14 @@ async function runSearch(append) {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(req),
       });
     }
+    if (seq !== state.seq) return;  // a newer search was started meanwhile
     const roundTrip = performance.now() - started;
     state.hits = append ? state.hits.concat(body.hits) : body.hits;
     renderResults(body, roundTrip, append);
   } catch (e) {
-    showError(e);
+    if (seq === state.seq) showError(e);
   } finally {
-    $("go").disabled = false;
+    if (seq === state.seq) document.body.classList.remove("busy");
   }
 }
 
@@ -349,6 +352,12 @@ window.addEventListener("drop", (ev) => {
   ev.preventDefault(); dragDepth = 0; $("drop-overlay").hidden = true;
   const file = ev.dataTransfer && ev.dataTransfer.files[0];
   if (file) useImage(file);
+});
+
+$("filters-toggle").addEventListener("click", () => {
+  const aside = document.querySelector(".filters");
+  const open = aside.classList.toggle("open");
+  $("filters-toggle").setAttribute("aria-expanded", String(open));
 });
 
 $("empty").hidden = false;
