@@ -204,20 +204,9 @@ async def _run_search(
 
 
 def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
-    @app.get("/items/{doc_id}", response_model=ItemResponse, tags=["catalog"])
-    async def item(doc_id: str) -> ItemResponse:
-        """Every indexed row of one product/document: its photos and texts with metadata."""
-        snapshot = state.snapshot
-        rows = await asyncio.to_thread(item_rows, snapshot, doc_id)
-        if not rows:
-            raise _unknown_doc(doc_id)
-        return ItemResponse(
-            index_version=snapshot.version,
-            doc_id=doc_id,
-            rows=[queries.item_row_out(doc_id, r) for r in rows],
-        )
-
-    @app.get("/items/{doc_id}/image", tags=["catalog"], response_class=FileResponse)
+    # doc_ids may contain "/" (an image folder's relative paths), hence :path; the
+    # image route is declared first so ".../image" is not read as part of a doc_id.
+    @app.get("/items/{doc_id:path}/image", tags=["catalog"], response_class=FileResponse)
     async def item_image(doc_id: str, row_id: int | None = None) -> FileResponse:
         """The indexed photo of a doc (its first, or the row ``row_id``), from the index's
         image roots only."""
@@ -254,6 +243,19 @@ def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
                 "Cache-Control": "public, max-age=300",
                 "X-Content-Type-Options": "nosniff",
             },
+        )
+
+    @app.get("/items/{doc_id:path}", response_model=ItemResponse, tags=["catalog"])
+    async def item(doc_id: str) -> ItemResponse:
+        """Every indexed row of one product/document: its photos and texts with metadata."""
+        snapshot = state.snapshot
+        rows = await asyncio.to_thread(item_rows, snapshot, doc_id)
+        if not rows:
+            raise _unknown_doc(doc_id)
+        return ItemResponse(
+            index_version=snapshot.version,
+            doc_id=doc_id,
+            rows=[queries.item_row_out(doc_id, r) for r in rows],
         )
 
     @app.get("/facets", response_model=FacetsResponse, tags=["catalog"])

@@ -294,7 +294,7 @@ def image_roots(state: ServiceState) -> tuple[Path, ...]:
 
 
 def _image_url(doc_id: str, row_id: int) -> str:
-    return f"/items/{quote(doc_id, safe='')}/image?row_id={row_id}"
+    return f"/items/{quote(doc_id, safe='/')}/image?row_id={row_id}"
 
 
 def to_response(results: Any, query: Query, *, took_ms: float) -> SearchResponse:

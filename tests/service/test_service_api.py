@@ -455,3 +455,24 @@ def test_a_failed_reload_keeps_serving_the_pinned_version(
     r = client.post("/search", json={"text": "red"})
     assert r.status_code == 200 and r.json()["index_version"] == 1
     assert 'clipsearch_reloads_total{outcome="failed"} 1' in client.get("/metrics").text
+
+
+def test_doc_ids_with_slashes_from_an_image_folder(make_client: Any, tmp_path: Any) -> None:
+    from indexer.build import BuildOptions, build
+    from retrieval.encoders import load_encoder
+
+    folder = tmp_path / "photos"
+    for sub, colour in (("shirts", "red"), ("shoes", "blue")):
+        (folder / sub).mkdir(parents=True)
+        product_image(COLOURS[colour], 0).save(folder / sub / f"{colour} one.png")
+    build(
+        [folder], tmp_path / "index", encoder=load_encoder("fake"), options=BuildOptions(workers=1)
+    )
+    client = make_client(index=tmp_path / "index")
+    hit = client.post("/search", json={"text": "blue", "k": 1}).json()["hits"][0]
+    assert hit["doc_id"] == "shoes/blue one.png"
+    image = client.get(hit["image_url"])
+    assert image.status_code == 200
+    assert image.content == (folder / "shoes" / "blue one.png").read_bytes()
+    item = client.get("/items/shoes/blue%20one.png").json()
+    assert item["doc_id"] == "shoes/blue one.png" and item["rows"][0]["modality"] == "image"
