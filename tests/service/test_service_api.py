@@ -414,9 +414,8 @@ def test_queue_full_gets_a_fast_429_and_deadline_a_504(make_client: Any, monkeyp
         if state.batcher.depth == 1:
             break
         time.sleep(0.01)
-    started = time.monotonic()
     r = client.post("/search", json={"text": "blue"})
-    assert time.monotonic() - started < 2.0  # refused at once, not after the blocked query
+    assert "r" not in first  # answered while the first query was still blocked: no waiting
     assert_error(r, 429, "overloaded")
     assert r.headers["retry-after"] == "1"
     gate.set()
