@@ -81,7 +81,7 @@ def test_filtered_ann_plan_reaches_stated_recall(index: Path, where: str) -> Non
     oracle = Oracle.load(index, "text")
     xq = _queries(oracle, 20, seed=1)
     with SearchEngine.open(
-        index, config=PlannerConfig(exact_max_rows=0, flat_subset_fraction=0)
+        index, config=PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0, flat_subset_fraction=0)
     ) as engine:
         results = engine.search_batch(list(xq), k=10, where=where, modality="text")
     assert _recall(results, oracle.search(xq, 10, where)) >= 0.9
@@ -105,7 +105,9 @@ def test_filtered_queries_return_min_k_matches(
     oracle = Oracle.load(index, "text")
     matches = int(oracle.mask(where).sum())
     xq = _queries(oracle, 4)
-    config = PlannerConfig(exact_max_rows=exact_max_rows, flat_subset_fraction=0)
+    config = PlannerConfig(
+        exact_max_rows=exact_max_rows, ivf_exact_max_rows=exact_max_rows, flat_subset_fraction=0
+    )
     with SearchEngine.open(index, config=config) as engine:
         for k in (1, 9, 10, 11):
             for r in engine.search_batch(list(xq), k=k, where=where, modality="text"):
