@@ -246,13 +246,23 @@ def _tune(index: Any, xb: np.ndarray, factory: str, options: IndexOptions) -> In
     qids = np.sort(rng.choice(n, nq, replace=False))
     truth = _exact_neighbours(xb, qids, _RECALL_AT)
     best: tuple[float, dict[str, int]] = (-1.0, {})
-    for value in [v for v in ladder if v < top] + [top]:
-        params = {knob: value, "k_factor": k_factor}
-        recall = _recall(index, xb, qids, truth, params)
-        log.info("tuning %s: %s=%d recall@10=%.3f", factory, knob, value, recall)
-        if recall > best[0]:
-            best = (recall, params)
-        if recall >= options.target_recall:
+    # PQ recall can plateau below the target whatever nprobe is (the codes are too coarse
+    # to put the true neighbours among the candidates): then re-rank more candidates.
+    k_factors = (k_factor, 4 * k_factor) if is_pq else (k_factor,)
+    for kf in k_factors:
+        previous = -1.0
+        for value in [v for v in ladder if v < top] + [top]:
+            params = {knob: value, "k_factor": kf}
+            recall = _recall(index, xb, qids, truth, params)
+            log.info(
+                "tuning %s: %s=%d k_factor=%d recall@10=%.3f", factory, knob, value, kf, recall
+            )
+            if recall > best[0]:
+                best = (recall, params)
+            if recall >= options.target_recall or (is_pq and recall < previous + 0.002):
+                break  # reached, or (PQ) more probing no longer helps
+            previous = recall
+        if best[0] >= options.target_recall:
             break
     recall, params = best
     if recall < options.target_recall:
