@@ -138,6 +138,11 @@ class SearchEngine:
         return self._state.version
 
     @property
+    def snapshot(self) -> Snapshot:
+        """The pinned snapshot (manifest, loaded shards, tombstones) queries run against now."""
+        return self._state.snapshot
+
+    @property
     def manifest(self) -> Manifest:
         return self._state.snapshot.manifest
 

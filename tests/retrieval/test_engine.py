@@ -289,3 +289,9 @@ def test_cutoff_then_sort_ranks_every_row_above_the_cutoff(index: Path) -> None:
         above = engine.search("red shirt", k=50, min_score=0.5, sort="price:desc")
         scores = oracle.vectors @ engine.encoder.encode_texts(["red shirt"])[0]  # type: ignore[union-attr]
         assert len(above) == min(50, int((scores >= 0.5).sum()))
+
+
+def test_snapshot_property_pins_the_version(index: Path) -> None:
+    with SearchEngine.open(index) as engine:
+        assert engine.snapshot.version == engine.version == engine.manifest.version
+        assert sum(s.record.rows for s in engine.snapshot.shards) == engine.manifest.n_rows
