@@ -61,9 +61,20 @@ def train_cmd(
         "--hard-negative-columns",
         help="Attributes for hard-negative pairs, e.g. kind,colour,pattern.",
     ),
+    hard_negative_vary: list[str] = typer.Option(
+        [],
+        "--hard-negative-vary",
+        help="Columns a partner may differ in (default: any hard-negative column), e.g. kind.",
+    ),
     hard_negatives: float = typer.Option(
         0.0, "--hard-negatives", help="Fraction of each batch made of hard-negative pairs (0-1)."
     ),
+    label_columns: list[str] = typer.Option(
+        [],
+        "--label-columns",
+        help="Attribute columns that also supervise the image tower (e.g. kind), via heads dropped at export.",
+    ),
+    label_weight: float = typer.Option(1.0, "--label-weight", help="Weight of the label losses."),
     steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(128, "--batch-size", help="Examples per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
@@ -110,7 +121,10 @@ def train_cmd(
             templates=templates,
             group_column=group_column,
             hard_negative_columns=_split(hard_negative_columns),
+            hard_negative_vary=_split(hard_negative_vary),
             hard_negative_fraction=hard_negatives,
+            label_columns=_split(label_columns),
+            label_weight=label_weight,
             steps=steps,
             batch_size=batch_size,
             lr=lr,

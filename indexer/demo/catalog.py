@@ -74,6 +74,11 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {colour} {kind}",
     "a {pattern} {kind}",
     "{colour} {pattern} {material} {kind}",
+    # Kind alone: colour and texture are learned first, the silhouette last; captions
+    # that name only the kind keep the model from ignoring it.
+    "a {kind}",
+    "a photo of a {kind}",
+    "{kind}",
 )
 
 _EPOCH = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)

@@ -52,8 +52,19 @@ class TrainConfig:
     # Attribute columns for hard-negative batches: each anchor gets a partner that
     # differs in exactly one of them (a red striped mug next to a blue striped mug).
     hard_negative_columns: tuple[str, ...] = ()
+    # The columns a partner may differ in (default: any of hard_negative_columns). With
+    # columns kind,colour,pattern and vary kind, partners share colour and pattern and
+    # differ in kind: the batch can only be solved by looking at the silhouette.
+    hard_negative_vary: tuple[str, ...] = ()
     # Fraction of each batch made of such (anchor, partner) pairs; 0 disables.
     hard_negative_fraction: float = 0.0
+    # Attribute columns whose values also supervise the image tower through a linear
+    # head per column (cross-entropy, discarded at export). Contrastive training alone
+    # can stall on an attribute neither tower encodes yet (a saddle: no image
+    # difference, no text gradient, and back); the heads break that tie.
+    label_columns: tuple[str, ...] = ()
+    # Weight of the summed label losses against the contrastive loss.
+    label_weight: float = 1.0
     # Optimiser steps in total (the cosine schedule spans them).
     steps: int = 1000
     batch_size: int = 128
@@ -99,6 +110,11 @@ class TrainConfig:
             raise bad(f"--hard-negatives must be in [0, 1], got {self.hard_negative_fraction}")
         if self.hard_negative_fraction > 0 and not self.hard_negative_columns:
             raise bad("--hard-negatives needs --hard-negative-columns (e.g. kind,colour,pattern)")
+        stray = set(self.hard_negative_vary) - set(self.hard_negative_columns)
+        if stray:
+            raise bad(f"--hard-negative-vary names {sorted(stray)}, not in --hard-negative-columns")
+        if self.label_weight < 0:
+            raise bad(f"--label-weight must be >= 0, got {self.label_weight}")
         if not 0 <= self.val_fraction < 1:
             raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:

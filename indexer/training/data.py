@@ -78,7 +78,12 @@ def load_examples(cfg: TrainConfig) -> list[Example]:
     if not rows:
         raise SourceError(f"training manifest {cfg.manifest} has no rows")
     columns = set(rows[0])
-    wanted = {cfg.image_column, *cfg.caption_columns, *cfg.hard_negative_columns}
+    wanted = {
+        cfg.image_column,
+        *cfg.caption_columns,
+        *cfg.hard_negative_columns,
+        *cfg.label_columns,
+    }
     if cfg.group_column:
         wanted.add(cfg.group_column)
     for template in cfg.templates:
@@ -222,6 +227,8 @@ class BatchPlan:
             self.neighbours.append(table)
             self.keys.append(keys)
         self.cols = cols
+        vary = cfg.hard_negative_vary or cols
+        self.vary = [i for i, c in enumerate(cols) if c in vary]
         self.values = [[e.fields[c] for c in cols] for e in examples]
 
     def indices(self, step: int) -> np.ndarray:
@@ -247,7 +254,7 @@ class BatchPlan:
 
     def _partner(self, anchor: int, rng: np.random.Generator) -> int:
         """An example differing from ``anchor`` in exactly one hard-negative column."""
-        for c in rng.permutation(len(self.cols)):
+        for c in rng.permutation(self.vary):
             pool = self.neighbours[c][self.keys[c][anchor]]
             mine = self.values[anchor][c]
             different = [i for i in pool if self.values[i][c] != mine]

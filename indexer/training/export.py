@@ -70,6 +70,7 @@ def export_model(
             "templates": list(cfg.templates),
             "group_column": cfg.group_column,
             "hard_negative_columns": list(cfg.hard_negative_columns),
+            "hard_negative_vary": list(cfg.hard_negative_vary),
             "hard_negative_fraction": cfg.hard_negative_fraction,
         },
         "training": cfg.to_dict(),

@@ -144,6 +144,28 @@ def train(
     """
     import torch
 
+    # Training seeds and, on resume, restores the global generators of python, numpy and
+    # torch, and sets torch's thread count: put all of them back for the caller.
+    threads = torch.get_num_threads()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return _train(cfg, progress, stop_at_step, export_path, command)
+        finally:
+            torch.set_num_threads(threads)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _train(
+    cfg: TrainConfig,
+    progress: ProgressFn | None,
+    stop_at_step: int | None,
+    export_path: Path | None,
+    command: str | None,
+) -> TrainResult:
+    import torch
+
     t0 = time.monotonic()
     report = progress or (lambda p: None)
     torch.set_num_threads(cfg.threads)
@@ -153,7 +175,6 @@ def train(
     torch.manual_seed(cfg.seed)
     model, tokenizer, size, mean, std = _create_model(cfg)
     device = torch.device(cfg.device)
-    model.to(device)
     examples = load_examples(cfg)
     train_set, val_set = split_examples(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if len(train_set) < 2:
@@ -169,7 +190,11 @@ def train(
     val_bank = ImageBank([e.image for e in val_set], size) if val_set else None
     plan = BatchPlan(train_set, cfg)
     sampler = CaptionSampler(cfg.templates)
-    optimizer = _optimizer(model, cfg)
+    labels, heads = _label_heads(cfg, train_set, model)
+    # One module holding the CLIP model and the label heads: optimised, checkpointed and
+    # resumed together; only ``model`` is exported.
+    trainee = torch.nn.ModuleDict({"model": model, "heads": heads}).to(device)
+    optimizer = _optimizer(trainee, cfg)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     losses: list[float] = []
@@ -177,7 +202,7 @@ def train(
     start = 0
     ckpt_path = latest_checkpoint(cfg.out_dir)
     if ckpt_path is not None:
-        start, losses, metrics = _resume(ckpt_path, cfg, model, optimizer, scaler)
+        start, losses, metrics = _resume(ckpt_path, cfg, trainee, optimizer, scaler)
     norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
     groups = [e.group for e in train_set]
     end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
@@ -199,6 +224,10 @@ def train(
             img = model.encode_image(pixels, normalize=True)
             txt = model.encode_text(tokens, normalize=True)
             loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, positives)
+            if labels:
+                loss = loss + cfg.label_weight * _label_loss(
+                    heads, img.float(), labels, idx, device
+                )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -232,7 +261,7 @@ def train(
             save_checkpoint(
                 cfg.out_dir,
                 step=done,
-                model=model,
+                model=trainee,
                 optimizer=optimizer,
                 scaler_state=scaler.state_dict() if scaler is not None else None,
                 state={"config": cfg.resume_key(), "losses": losses, "metrics": metrics},
@@ -297,6 +326,46 @@ def _create_model(cfg: TrainConfig) -> tuple[Any, Any, int, tuple[float, ...], t
     mean = tuple(float(x) for x in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(x) for x in pp.get("std", open_clip.OPENAI_DATASET_STD))
     return model, tokenizer, side, mean, std
+
+
+# Label heads see unit-norm features; this fixed scale lets them reach confident logits
+# without first growing their weights tenfold.
+_LABEL_LOGIT_SCALE = 10.0
+
+
+def _label_heads(
+    cfg: TrainConfig, train_set: Sequence[Example], model: Any
+) -> tuple[dict[str, torch.Tensor], torch.nn.ModuleDict]:
+    """Per label column: class index of every training example, and a linear head."""
+    import torch
+
+    dim = int(model.visual.output_dim)
+    labels: dict[str, torch.Tensor] = {}
+    heads = torch.nn.ModuleDict()
+    for col in cfg.label_columns:
+        values = sorted({e.fields[col] for e in train_set})
+        index = {v: i for i, v in enumerate(values)}
+        labels[col] = torch.tensor([index[e.fields[col]] for e in train_set])
+        heads[col] = torch.nn.Linear(dim, len(values))
+    return labels, heads
+
+
+def _label_loss(
+    heads: torch.nn.ModuleDict,
+    image_features: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    idx: np.ndarray,
+    device: torch.device,
+) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    rows = torch.from_numpy(idx)
+    losses = [
+        F.cross_entropy(_LABEL_LOGIT_SCALE * heads[col](image_features), y[rows].to(device))
+        for col, y in labels.items()
+    ]
+    return torch.stack(losses).sum()
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

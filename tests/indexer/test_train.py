@@ -55,7 +55,19 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path, tiny_arch: str) -> None:
     cfg = _cfg(small, tmp_path / "run", tiny_arch, steps=30, lr=3e-3, augment=False,
                hard_negative_fraction=0.0, hard_negative_columns=(), templates=(),
                val_fraction=0.0)  # fmt: skip
+    import random
+
+    import torch
+
+    threads, py_state, torch_state = (
+        torch.get_num_threads(),
+        random.getstate(),
+        torch.get_rng_state(),
+    )
     result = train(cfg)
+    # the caller's thread count and random generators are left as they were
+    assert torch.get_num_threads() == threads and random.getstate() == py_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
     first, last = np.mean(result.losses[:3]), np.mean(result.losses[-3:])
     assert len(result.losses) == 30
     assert last < first * 0.8, result.losses
@@ -64,8 +76,9 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path, tiny_arch: str) -> None:
 def test_resume_repeats_the_uninterrupted_run_exactly(
     catalog: Path, tmp_path: Path, tiny_arch: str
 ) -> None:
-    whole = train(_cfg(catalog, tmp_path / "whole", tiny_arch))
-    cfg = _cfg(catalog, tmp_path / "split", tiny_arch)
+    # label heads too: their weights and optimiser state must round-trip as well
+    whole = train(_cfg(catalog, tmp_path / "whole", tiny_arch, label_columns=("kind",)))
+    cfg = _cfg(catalog, tmp_path / "split", tiny_arch, label_columns=("kind",))
     part = train(cfg, stop_at_step=3)
     assert part.steps == 3 and part.model_path is None
     resumed = train(cfg)
@@ -183,3 +196,25 @@ def test_cli_train_runs_and_reports_json(catalog: Path, tmp_path: Path, tiny_arc
     assert "image_to_text_R@1" in out["metrics"]
     bad = CliRunner().invoke(app, [*args[:-1], "--template-set", "nope"])
     assert bad.exit_code == 1 and "unknown template set" in bad.output
+
+
+def test_hard_negative_vary_keeps_the_other_attributes(catalog: Path, tmp_path: Path) -> None:
+    cfg = _cfg(catalog, tmp_path, "clipsearch-demo", batch_size=32, hard_negative_vary=("kind",))
+    examples = load_examples(cfg)
+    idx = BatchPlan(examples, cfg).indices(2)
+
+    def look(i: int) -> tuple[str, str, str]:
+        f = examples[i].fields
+        return f["kind"], f["colour"], f["pattern"]
+
+    twins_found = 0
+    for a, p in zip(idx[:8], idx[24:], strict=True):
+        has_twin = any(
+            look(i)[1:] == look(a)[1:] and look(i)[0] != look(a)[0] for i in range(len(examples))
+        )
+        if has_twin:  # else the partner is random: a small catalog lacks some twins
+            assert look(p)[1:] == look(a)[1:] and look(p)[0] != look(a)[0]
+            twins_found += 1
+    assert twins_found >= 2
+    with pytest.raises(ConfigError, match="hard-negative-vary"):
+        _cfg(catalog, tmp_path, "clipsearch-demo", hard_negative_vary=("brand",))
