@@ -142,7 +142,11 @@ _DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N.")
 _IMAGE_COL = typer.Option(None, "--image-col", help="Manifest column with image paths.")
 _TEXT_COL = typer.Option([], "--text-col", help="Manifest column with texts (repeatable).")
 _ID_COL = typer.Option(None, "--id-col", help="Manifest column with document ids.")
-_DUP = typer.Option("reject", "--on-duplicate", help="reject (keep first) or last (keep last).")
+_DUP = typer.Option(
+    "reject",
+    "--on-duplicate",
+    help="Rows sharing an id: reject (keep first), last (keep last), group (all, one document).",
+)
 _JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 TEXT_EXTENSIONS = (".txt",)
-DUPLICATE_POLICIES = ("reject", "last")
+DUPLICATE_POLICIES = ("reject", "last", "group")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,9 @@ class SourceOptions:
     # Manifest column holding the document id; default: the image path, else "<file>#<row>".
     id_col: str | None = None
     # A doc_id seen twice: "reject" keeps the first and reports the later ones; "last" keeps
-    # the last and reports the earlier ones. Either way each dropped record is reported.
+    # the last and reports the earlier ones (each dropped record is reported); "group"
+    # keeps every record as rows of one document (a product with several photos, one row
+    # per photo), indexing an identical item (same modality and source) only once.
     on_duplicate: str = "reject"
     # File extensions (lower case, with dot) taken from image folders.
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
@@ -521,6 +523,8 @@ def _infer_schema(rows: list[dict[str, Any]], cols: list[str]) -> tuple[pa.Schem
 def _resolve_duplicates(
     records: list[_Record], policy: str, problems: list[Problem]
 ) -> list[_Record]:
+    if policy == "group":
+        return _group_duplicates(records)
     by_id: dict[str, int] = {}
     keep: list[_Record | None] = []
     for rec in records:
@@ -564,3 +568,19 @@ def iter_doc_ids(scan: SourceScan) -> Iterator[str]:
         if it.doc_id not in seen:
             seen.add(it.doc_id)
             yield it.doc_id
+
+
+def _group_duplicates(records: list[_Record]) -> list[_Record]:
+    """Keep every record; drop items repeating one already kept for the same document."""
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for rec in records:
+        items = []
+        for it in rec.items:
+            key = (it.doc_id, it.modality, it.source)
+            if key not in seen:
+                seen.add(key)
+                items.append(it)
+        if items:
+            out.append(_Record(doc_id=rec.doc_id, items=items, origin=rec.origin))
+    return out

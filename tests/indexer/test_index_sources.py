@@ -100,3 +100,19 @@ def test_bad_source_configuration_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "x.docx").write_text("?")
     with pytest.raises(SourceError, match="unknown source type"):
         scan_sources([tmp_path / "x.docx"], SourceOptions())
+
+
+def test_group_policy_keeps_every_photo_of_a_product_and_its_title_once(tmp_path: Path) -> None:
+    make_images(tmp_path / "p", 3)
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "sku,image,title\n"
+        "A,p/img0000.jpg,red mug\nA,p/img0001.jpg,red mug\nB,p/img0002.jpg,blue lamp\n"
+    )
+    opts = SourceOptions(
+        image_col="image", text_cols=("title",), id_col="sku", on_duplicate="group"
+    )
+    scan = scan_sources([path], opts)
+    keys = [(it.doc_id, it.modality) for it in scan.items]
+    assert keys == [("A", "image"), ("A", "image"), ("B", "image"), ("A", "text"), ("B", "text")]
+    assert not scan.problems and scan.n_input == 5
