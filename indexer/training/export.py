@@ -108,7 +108,9 @@ def render_card(card: dict[str, Any]) -> str:
         f"{card['data']['caption_columns']} and {len(card['data']['templates'])} templates",
         f"- Training: {tr['steps']} steps of batch {tr['batch_size']}, AdamW lr {tr['lr']} "
         f"(warmup {tr['warmup_steps']}, cosine), weight decay {tr['weight_decay']}, "
-        f"hard negatives {tr['hard_negative_fraction']} on {tr['hard_negative_columns']}, seed {tr['seed']}",
+        f"hard negatives {tr['hard_negative_fraction']} on {tr['hard_negative_columns']} "
+        f"(varying {tr.get('hard_negative_vary') or 'any'}), label heads on "
+        f"{tr.get('label_columns') or 'none'}, seed {tr['seed']}",
         f"- Final training loss: {card.get('final_loss')}",
     ]
     if card.get("command"):
