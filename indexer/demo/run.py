@@ -2,10 +2,9 @@
 
 Two functions carry the search: :func:`build_demo_index` (catalog -> a real clipsearch
 index, built by :func:`indexer.build.build` from ``products.parquet``: one image row per
-photo and one text row per title) and :func:`search_demo_index` (query -> hits, through
-:class:`retrieval.engine.SearchEngine` with its filter language). The catalog's
-``doc_id`` is the photo path, since the indexer keeps one image row per doc_id; hits
-are grouped by the ``sku`` metadata column instead, so a product appears once.
+photo and one text row per title, all rows of a product sharing its ``sku`` as doc_id)
+and :func:`search_demo_index` (query -> hits, through
+:class:`retrieval.engine.SearchEngine` with its filter language, one hit per product).
 """
 
 from __future__ import annotations
@@ -95,7 +94,11 @@ def build_demo_index(
     from indexer.sources import SourceOptions
     from retrieval.engine import SearchEngine
 
-    options = BuildOptions(sources=SourceOptions(image_col="image_path", text_cols=("title",)))
+    # doc_id = sku: a product's front and back photos and its title form one document.
+    sources = SourceOptions(
+        image_col="image_path", text_cols=("title",), id_col="sku", on_duplicate="group"
+    )
+    options = BuildOptions(sources=sources)
     build(
         [catalog_dir / MANIFEST_NAME],
         index_dir,
@@ -123,20 +126,11 @@ def search_demo_index(
     """
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
-    # Over-fetch: a product has up to two photos, and duplicates are dropped below.
-    res = engine.search(query, k=3 * k, where=where, modality=modality)
-    hits: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for h in res.hits:
-        sku = str(h.metadata.get("sku"))
-        if sku in seen:
-            continue
-        seen.add(sku)
-        hits.append(
-            {"rank": len(hits) + 1, "score": round(h.score, 4), "source": h.source, **h.metadata}
-        )
-        if len(hits) == k:
-            break
+    res = engine.search(query, k=k, where=where, modality=modality, group_by_doc=True)
+    hits = [
+        {"rank": h.rank + 1, "score": round(h.score, 4), "source": h.source, **h.metadata}
+        for h in res.hits
+    ]
     return hits, res.total_matches
 
 
