@@ -64,6 +64,16 @@ def test_demo_runs_end_to_end_and_answers_sensibly(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert json.loads((tmp_path / "demo_report.json").read_text())["queries"] == report["queries"]
+    # every hit names its product (the index's doc_id), as the result tables show it
+    assert all(
+        h["sku"].startswith("SKU-")
+        for q in report["queries"]
+        if q["kind"] != "classify"
+        for h in q["hits"]
+    )
+    table = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--products", "80"])
+    assert table.exit_code == 0, table.output
+    assert "red striped t-shirt" in table.output and "SKU-" in table.output
     rows = pq.read_table(tmp_path / "catalog" / "products.parquet").to_pylist()
     by_query = {(q["kind"], q["query"], q["filter"]): q for q in report["queries"]}
     for (kind, text, where), q in by_query.items():
