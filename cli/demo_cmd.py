@@ -103,7 +103,7 @@ def _render_demo(report: DemoReport) -> None:
             # Fits 80 columns: only the title is cut (with an ellipsis); rows are in rank order.
             table.add_column("score", no_wrap=True, min_width=5)
             table.add_column("sku", no_wrap=True, min_width=10)
-            table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=32)
+            table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=30)
             table.add_column("price", justify="right", no_wrap=True, min_width=6)
             table.add_column("rating", no_wrap=True, min_width=6)
             table.add_column("stock", no_wrap=True, min_width=5)
