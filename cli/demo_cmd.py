@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,16 @@ def _render_demo(report: DemoReport) -> None:
                 )
         console.print(table)
     console.print(f"report: {cat.out_dir.parent / 'demo_report.json'}")
+    console.print(
+        f"\nTry it in a browser: [bold]{_own_command()} serve {report.index}[/] "
+        "then open http://127.0.0.1:8000/"
+    )
+
+
+def _own_command() -> str:
+    """How the user ran clipsearch (``.venv/bin/clipsearch`` under ``make demo``)."""
+    argv0 = Path(sys.argv[0])
+    return str(argv0) if argv0.name == "clipsearch" else "clipsearch"
 
 
 def demo_eval_cmd(

@@ -194,6 +194,7 @@ def run_demo(
 
     with engine:
         ask("Plain text search", "red striped t-shirt")
+        ask("Shopping assistant", "red striped t-shirt", where="price < 30 and in_stock")
         ask("Plain text search", "a white dotted mug")
         ask("Text with filters", "blue checked dress", where="price < 60 and in_stock")
         ask("Text with filters", "black boot", where="rating >= 4.5 and in_stock")
