@@ -28,24 +28,50 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``write(file)`` to a temp name, fsync it, rename it into place."""
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s content to disk (for files written by a library we hand a path to)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_path(
+    path: Path, produce: Callable[[Path], object], *, sync_dir: bool = True
+) -> None:
+    """Let ``produce(tmp)`` write a temp file, fsync it, rename it to ``path``.
+
+    For writers that want a path rather than a file object (pyarrow, safetensors,
+    shutil.copyfile). ``sync_dir=False`` skips the directory fsync, for callers that write
+    many files into one folder and fsync the folder once at the end.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        produce(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, sync_dir: bool = True) -> None:
+    """Write ``path`` through ``write(file)`` to a temp name, fsync it, rename it into place."""
+
+    def produce(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write_path(path, produce, sync_dir=sync_dir)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    atomic_write(path, lambda f: f.write(data), sync_dir=sync_dir)
+
+
+def atomic_write_text(path: Path, text: str, *, sync_dir: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), sync_dir=sync_dir)
 
 
 def remove_temp_files(directory: Path) -> int:

@@ -16,7 +16,6 @@ import datetime as dt
 import itertools
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, attribute_caption
 from indexer.demo.generate import MANIFEST_NAME, generate_catalog
+from indexer.fsutil import atomic_write_text
 from retrieval.encoders.base import Encoder
 from retrieval.errors import SourceError
 from retrieval.images import load_image
@@ -148,10 +148,5 @@ def evaluate_demo_model(
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-        tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-        with tmp_path.open("rb") as f:
-            os.fsync(f.fileno())
-        tmp_path.replace(out_file)
+        atomic_write_text(out_file, json.dumps(report, indent=2) + "\n")
     return report

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, Product, make_product
 from indexer.demo.render import encode_jpeg, render_photo
+from indexer.fsutil import atomic_write_bytes, atomic_write_path, atomic_write_text, fsync_dir
 from retrieval.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ def generate_catalog(
             for view in product.views:
                 name = f"{product.sku}-{view}.jpg"
                 data = encode_jpeg(render_photo(product, view, seed, i))
-                _write_synced(staging / name, data)
+                atomic_write_bytes(staging / name, data, sync_dir=False)
                 rows.append(_row(product, view, f"images/{name}"))
             if progress is not None:
                 progress(i + 1, products)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         final = out / "images"
         if final.exists():
             old = out / f".images.old-{os.getpid()}"
@@ -118,8 +119,7 @@ def generate_catalog(
         "manifest": MANIFEST_NAME,
         "note": "one row per photo; rows of one product share its sku",
     }
-    _write_synced(out / "catalog.json", (json.dumps(info, indent=2) + "\n").encode())
-    _fsync_dir(out)
+    atomic_write_text(out / "catalog.json", json.dumps(info, indent=2) + "\n")
     log.info("wrote %d products (%d photos) to %s", products, len(rows), out)
     return CatalogSummary(
         out_dir=out, manifest=manifest, seed=seed, products=products, images=len(rows)
@@ -172,28 +172,4 @@ def _write_manifest(path: Path, rows: list[dict[str, object]]) -> None:
         ]
     )
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_path(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from indexer.demo.evaluate import all_captions
 from indexer.demo.generate import MANIFEST_NAME, CatalogSummary, generate_catalog
+from indexer.fsutil import atomic_write_text
 from retrieval.encoders.base import Encoder
 from retrieval.errors import QueryError
 
@@ -223,7 +223,9 @@ def run_demo(
         timings=timings,
         queries=queries,
     )
-    _write_json(out_dir / "demo_report.json", report.to_dict())
+    atomic_write_text(
+        out_dir / "demo_report.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+    )
     return report
 
 
@@ -234,11 +236,3 @@ def _probe_photo(catalog: CatalogSummary) -> Path:
     rows = pq.read_table(catalog.manifest, columns=["image_path", "view"]).to_pylist()
     chosen = next((r for r in rows if r["view"] == "back"), rows[0])
     return catalog.out_dir / str(chosen["image_path"])
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer.fsutil import fsync_dir, fsync_file
 from retrieval.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -117,12 +118,11 @@ def save_checkpoint(
     }
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1) + "\n")
     for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     old = sorted(p for p in root.iterdir() if _NAME.match(p.name))[:-keep]
     for p in old:
         shutil.rmtree(p)
@@ -170,11 +170,3 @@ def restore_rng(ckpt: Checkpoint) -> None:
     cuda = sorted(k for k in rng if k.startswith("torch_cuda_"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in cuda])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from indexer.fsutil import atomic_write_path, atomic_write_text
 from indexer.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -43,15 +44,16 @@ def export_model(
         for k, v in model.state_dict().items()
     }
     weights = out_dir / WEIGHTS_NAME
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_file(
-        state,
-        str(tmp),
-        metadata={"format": "pt", "arch": cfg.model, "producer": "clipsearch train"},
-    )
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
-    _fsync(tmp)
-    tmp.replace(weights)
+
+    def save(tmp: Path) -> None:
+        save_file(
+            state,
+            str(tmp),
+            metadata={"format": "pt", "arch": cfg.model, "producer": "clipsearch train"},
+        )
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
+
+    atomic_write_path(weights, save)
     sha = _sha256(weights)
     n_params = sum(int(p.numel()) for p in model.parameters())
     full = {
@@ -79,16 +81,12 @@ def export_model(
         **card,
     }
     card_json = out_dir / CARD_JSON
-    _write_text(card_json, json.dumps(full, indent=2, default=str) + "\n")
+    atomic_write_text(card_json, json.dumps(full, indent=2, default=str) + "\n")
     markdown = render_card(full)
-    _write_text(out_dir / CARD_MD, markdown)
+    atomic_write_text(out_dir / CARD_MD, markdown)
     if export_path is not None:
-        export_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_copy = export_path.with_name(f".{export_path.name}.tmp-{os.getpid()}")
-        shutil.copyfile(weights, tmp_copy)
-        _fsync(tmp_copy)
-        tmp_copy.replace(export_path)
-        _write_text(export_path.with_suffix(".md"), markdown)
+        atomic_write_path(export_path, lambda tmp: shutil.copyfile(weights, tmp))
+        atomic_write_text(export_path.with_suffix(".md"), markdown)
     return weights, card_json
 
 
@@ -128,15 +126,3 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    tmp.replace(path)
