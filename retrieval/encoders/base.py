@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -131,7 +132,7 @@ class Encoder(Protocol):
         ...
 
 
-class BaseEncoder:
+class BaseEncoder(ABC):
     """Builds the convenience methods of :class:`Encoder` on two primitives.
 
     Subclasses implement ``prepare_image``, ``encode_prepared``, ``encode_texts_detailed``
@@ -149,14 +150,17 @@ class BaseEncoder:
     def fingerprint(self) -> EncoderFingerprint:
         return self._fingerprint
 
+    @abstractmethod
     def prepare_image(self, image: Image.Image) -> np.ndarray:
-        raise NotImplementedError
+        """One PIL image -> float32 ``[C, H, W]`` model input. Must be thread-safe."""
 
+    @abstractmethod
     def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """float32 ``[n, C, H, W]`` -> float32 ``[n, dim]``."""
 
+    @abstractmethod
     def encode_texts_detailed(self, texts: Sequence[str]) -> TextEncoding:
-        raise NotImplementedError
+        """Texts -> vectors plus the truncation report."""
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = [np.zeros((0, self.dim), dtype=np.float32)]
