@@ -35,7 +35,14 @@ from indexer.crash import crash_point
 from indexer.fsutil import atomic_write, atomic_write_bytes, remove_temp_files
 from indexer.lock import IndexLock
 from indexer.pipeline import Embedded, embed_items
-from indexer.sources import Item, Problem, SourceOptions, SourceScan, scan_sources
+from indexer.sources import (
+    Item,
+    Problem,
+    SourceOptions,
+    SourceScan,
+    covering_folders,
+    scan_sources,
+)
 from indexer.writer import file_record, write_shard
 from retrieval.encoders.base import Encoder
 from retrieval.errors import ConfigError, FingerprintMismatchError
@@ -471,12 +478,14 @@ class _Ingest:
         replaced = self._replaced_rows()
         tombstones, n_tomb = None, 0
         base = self.base
+        image_roots = self.scan.image_roots
         if self.operation == "add" and base is not None:
             old_ids = _tombstone_table(self.root, base)
             if replaced or old_ids:
                 tombstones, n_tomb = _write_tombstones(self.root, version, old_ids, replaced)
             shards = base.shards + new_shards
             errors = base.errors + errors
+            image_roots = covering_folders([*base_image_roots(self.root, base), *image_roots])
         else:
             shards = new_shards
         rows_new = sum(s.rows for s in new_shards)
@@ -492,6 +501,7 @@ class _Ingest:
             errors=errors,
             next_row_id=(base.next_row_id if base else 0) + rows_new,
             next_shard=(base.next_shard if base else 0) + len(new_shards),
+            image_roots=image_roots,
         )
         if self.progress:
             self.progress(Progress("commit", 1, 1))
@@ -532,6 +542,28 @@ class _Ingest:
                 if m == mod and (doc, m, h) not in keep:
                     out.append((rid, doc))
         return out
+
+
+def base_image_roots(root: Path, manifest: Manifest) -> tuple[str, ...]:
+    """The image roots of ``manifest``; for a manifest written before roots were
+    recorded, the folders of its image rows' sources (resolved), so an ``add`` to an
+    older index keeps its existing images servable."""
+    if manifest.image_roots is not None:
+        return manifest.image_roots
+    import pyarrow.compute as pc
+
+    folders: set[str] = set()
+    for s in manifest.shards:
+        if s.modality != "image":
+            continue
+        sources = pc.unique(read_metadata(root / s.metadata.path).column("source"))
+        for source in sources.to_pylist():
+            if source and os.path.isabs(source):
+                folders.add(os.path.dirname(os.path.realpath(source)))
+    log.info(
+        "%s: version %d records no image roots; derived %d", root, manifest.version, len(folders)
+    )
+    return covering_folders(sorted(folders))
 
 
 def _write_errors(path: Path, problems: list[Problem]) -> None:

@@ -15,6 +15,11 @@ inputs, which keys resumable builds: a rerun over unchanged inputs resumes.
   columns become metadata; untyped CSV/JSONL columns get the type most of their values
   have, and rows whose value does not fit are reported and skipped.
 * A ``.txt`` file yields one text item per line; ``doc_id`` is ``<file name>:<line>``.
+
+The scan also names the folders the images come from (:attr:`SourceScan.image_roots`,
+recorded in the manifest so the service serves images from nowhere else): each image
+folder, each manifest's folder, and the folders of manifest images that resolve outside
+it, reduced by :func:`covering_folders`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 TEXT_EXTENSIONS = (".txt",)
 DUPLICATE_POLICIES = ("reject", "last", "group")
+# Image roots a manifest records at most before the deepest ones are replaced by their
+# parents (a catalog with one folder per product must not list a million folders).
+MAX_IMAGE_ROOTS = 64
+# Never widen a root by lifting it to a folder with fewer path parts ("/", "/home").
+_MIN_LIFTED_PARTS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +143,8 @@ class SourceScan:
     fingerprint: str
     # Files not taken from folders (wrong extension, symlink leaving the folder).
     ignored: int = 0
+    # Resolved absolute folders holding every image item (see covering_folders).
+    image_roots: tuple[str, ...] = ()
 
     @property
     def n_input(self) -> int:
@@ -158,6 +170,7 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
     problems: list[Problem] = []
     fields: dict[str, pa.DataType] = {}
     ignored = 0
+    roots: list[str] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -167,6 +180,8 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
             recs, n_ignored = _scan_folder(path, options, digest)
             ignored += n_ignored
             records.extend(recs)
+            if recs:
+                roots.append(str(path.resolve()))
             continue
         suffix = path.suffix.lower()
         st = path.stat()
@@ -175,6 +190,7 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
             recs, probs = _scan_text_file(path)
         elif suffix in MANIFEST_EXTENSIONS:
             recs, probs, schema = _scan_manifest(path, options)
+            roots.extend(_manifest_image_folders(path, recs))
             for f in schema:
                 if f.name in fields and fields[f.name] != f.type:
                     raise SourceError(
@@ -198,7 +214,54 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
         schema=pa.schema(list(fields.items())),
         fingerprint=digest.hexdigest(),
         ignored=ignored,
+        image_roots=covering_folders(roots),
     )
+
+
+def _manifest_image_folders(path: Path, records: list[_Record]) -> list[str]:
+    """The manifest's resolved folder, plus the resolved folder of every image it names
+    that lies outside it (an absolute path elsewhere, or a symlink leading out)."""
+    images = [it.source for r in records for it in r.items if it.modality == "image"]
+    if not images:
+        return []
+    base = os.path.realpath(path.parent)
+    prefix = base.rstrip(os.sep) + os.sep
+    outside = set()
+    for source in images:
+        real = os.path.realpath(source)
+        if not real.startswith(prefix):
+            outside.add(os.path.dirname(real))
+    if outside:
+        log.info("%s: images in %d folder(s) outside the manifest's folder", path, len(outside))
+    return [base, *outside]
+
+
+def covering_folders(folders: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The smallest sorted set of the given absolute folders covering all of them.
+
+    A folder inside another listed one is dropped. While more than
+    :data:`MAX_IMAGE_ROOTS` remain, the deepest ones are replaced by their parents (never
+    by ``/`` or a folder one level below it), so a catalog with a folder per product
+    records the folder of those folders instead of each.
+    """
+    parts = _prune_nested({Path(f).parts for f in folders})
+    while len(parts) > MAX_IMAGE_ROOTS:
+        deepest = max(len(p) for p in parts)
+        if deepest - 1 < _MIN_LIFTED_PARTS:
+            break
+        parts = _prune_nested({p[:-1] if len(p) == deepest else p for p in parts})
+    return tuple(str(Path(*p)) for p in parts)
+
+
+def _prune_nested(folders: set[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Drop every folder inside another; in sorted part order a folder's descendants
+    follow it directly."""
+    kept: list[tuple[str, ...]] = []
+    for p in sorted(folders):
+        if kept and p[: len(kept[-1])] == kept[-1]:
+            continue
+        kept.append(p)
+    return kept
 
 
 def _scan_folder(root: Path, options: SourceOptions, digest: Any) -> tuple[list[_Record], int]:

@@ -257,12 +257,23 @@ class Manifest:
     # Next unused row id and shard number (never reused, even after compaction).
     next_row_id: int = 0
     next_shard: int = 0
+    # Resolved absolute folders the indexed images came from (image folders, manifest
+    # folders, the folders of absolute image paths outside them), minimal and sorted:
+    # the service serves an image only from inside one of them. None when the manifest
+    # was written by a clipsearch that did not record them (readers then infer a root).
+    image_roots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.metric != METRIC:
             raise IndexFormatError(f"unsupported metric {self.metric!r}; expected {METRIC!r}")
         if self.version < 1:
             raise ConfigError(f"manifest version must be >= 1, got {self.version}")
+        for root in self.image_roots or ():
+            if not isinstance(root, str) or not root.startswith("/"):
+                raise IndexFormatError(
+                    f"image root {root!r} is not an absolute folder path; the manifest is "
+                    "corrupt, rebuild the index with `clipsearch index build`"
+                )
 
     @property
     def name(self) -> str:
@@ -324,6 +335,8 @@ class Manifest:
             "tombstones": None if self.tombstones is None else self.tombstones.to_dict(),
             "n_tombstones": self.n_tombstones,
             "errors": [e.to_dict() for e in self.errors],
+            # Absent (not null) when unknown, exactly as older manifests read.
+            **({} if self.image_roots is None else {"image_roots": list(self.image_roots)}),
         }
 
     def to_json(self) -> str:
@@ -339,6 +352,9 @@ class Manifest:
             )
         tomb = d.get("tombstones")
         parent = d.get("parent_version")
+        roots = d.get("image_roots")
+        if roots is not None and not isinstance(roots, list):
+            raise TypeError(f"image_roots must be a list of folder paths, got {roots!r}")
         return cls(
             format_version=int(fmt),
             version=int(d["version"]),
@@ -353,6 +369,7 @@ class Manifest:
             errors=tuple(ErrorReport.from_dict(e) for e in d.get("errors", [])),
             next_row_id=int(d["next_row_id"]),
             next_shard=int(d["next_shard"]),
+            image_roots=None if roots is None else tuple(str(r) for r in roots),
         )
 
 

@@ -132,6 +132,8 @@ def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
 def common_image_root(snapshot: Snapshot, *, min_depth: int = 2) -> Path | None:
     """Deepest folder holding every absolute image source of the snapshot, or None.
 
+    Only the fallback for manifests that do not record their image roots (written by an
+    older clipsearch): one stray path widens this root, so it is a weak guard.
     ``min_depth`` refuses roots too close to ``/`` (``/`` itself, ``/home``) to guard
     anything; relative sources cannot be placed without a configured root.
     """
@@ -167,12 +169,16 @@ def resolve_image(source: str, roots: tuple[Path, ...]) -> tuple[Path, str] | No
         if content_type is None or not content_type.startswith("image/"):
             return None
     candidate = Path(source)
+    absolute: Path | None = None
+    if candidate.is_absolute():
+        try:
+            absolute = candidate.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
     for root in roots:
         try:
             real_root = root.resolve(strict=True)
-            path = (candidate if candidate.is_absolute() else real_root / candidate).resolve(
-                strict=True
-            )
+            path = absolute or (real_root / candidate).resolve(strict=True)
         except (OSError, RuntimeError):
             continue
         if path.is_relative_to(real_root) and path.is_file():

@@ -285,12 +285,9 @@ def _doc_image_bytes(doc_id: str, state: ServiceState) -> bytes:
 
 
 def image_roots(state: ServiceState) -> tuple[Path, ...]:
-    """Folders images may be served from: --image-root folders when given, else the
-    index's own image root (the deepest folder holding every indexed image)."""
-    if state.config.image_roots:
-        return tuple(Path(r) for r in state.config.image_roots)
-    root = state.image_root()
-    return () if root is None else (root,)
+    """Folders images may be served from: the roots the index recorded at build time
+    plus any --image-root folders (see ``ServiceState.image_roots``)."""
+    return state.image_roots()
 
 
 def _image_url(doc_id: str, row_id: int) -> str:

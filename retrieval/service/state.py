@@ -49,7 +49,7 @@ class ServiceState:
         self._watch_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._facets: tuple[int, dict[str, Any]] | None = None
-        self._image_root: tuple[int, Path | None] | None = None
+        self._image_roots: tuple[int, tuple[Path, ...]] | None = None
         self.batcher: MicroBatcher[Job, Any] = MicroBatcher(
             self._run_batch,
             max_batch_size=config.max_batch_size,
@@ -158,21 +158,41 @@ class ServiceState:
             cached = self._facets = (snapshot.version, facets(snapshot))
         return cached
 
-    def image_root(self) -> Path | None:
-        """The index's own image root for the current version, computed once per version.
+    def image_roots(self) -> tuple[Path, ...]:
+        """Folders images of the current version may be served from, computed once per
+        version: the roots the index recorded at build time plus ``--image-root``.
 
-        The deepest folder containing every indexed image path (sources are absolute
-        paths recorded at build time). None when there are no image rows or the images
-        share no folder below the filesystem's top levels (then ``--image-root`` must
-        say where they live): serving from ``/`` or ``/home`` would be no guard at all.
+        A manifest written before roots were recorded falls back to ``--image-root``
+        alone when given, else to the deepest folder containing every indexed image path
+        (refused when that is ``/`` or one level below: no guard at all), with a warning.
         """
+        snapshot = self.snapshot
+        cached = self._image_roots
+        if cached is None or cached[0] != snapshot.version:
+            cached = self._image_roots = (snapshot.version, self._compute_image_roots(snapshot))
+        return cached[1]
+
+    def _compute_image_roots(self, snapshot: Any) -> tuple[Path, ...]:
         from retrieval.service.catalog import common_image_root
 
-        snapshot = self.snapshot
-        cached = self._image_root
-        if cached is None or cached[0] != snapshot.version:
-            cached = self._image_root = (snapshot.version, common_image_root(snapshot))
-        return cached[1]
+        configured = [Path(r) for r in self.config.image_roots]
+        recorded = snapshot.manifest.image_roots
+        if recorded is not None:
+            roots = [Path(r) for r in recorded]
+            return tuple(dict.fromkeys([*roots, *configured]))
+        if configured:
+            return tuple(dict.fromkeys(configured))
+        inferred = common_image_root(snapshot)
+        log.warning(
+            "index version %d does not record its image roots (built by an older "
+            "clipsearch); %s. Run `clipsearch index add` or rebuild to record them, or "
+            "pass --image-root",
+            snapshot.version,
+            "no image will be served"
+            if inferred is None
+            else f"serving images from the inferred folder {inferred}",
+        )
+        return () if inferred is None else (inferred,)
 
     # ------------------------------------------------------------------ reload
 

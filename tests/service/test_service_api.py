@@ -334,11 +334,15 @@ def test_items_image_and_facets(make_client: Any, catalog: Catalog) -> None:
     assert "title" not in facets  # free text (a value per product) is no filter menu
 
 
-def test_images_are_served_only_from_the_image_roots(make_client: Any, tmp_path: Any) -> None:
+def test_image_root_option_adds_to_the_recorded_roots(
+    make_client: Any, catalog: Catalog, tmp_path: Any
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     client = make_client(image_roots=(str(elsewhere),))
-    assert_error(client.get("/items/SKU-21/image"), 404, "image_not_found")
+    img = client.get("/items/SKU-21/image")
+    assert img.status_code == 200
+    assert img.content == (catalog.folder / "images" / "SKU-21.png").read_bytes()
 
 
 def test_resolve_image_refuses_escapes(tmp_path: Any) -> None:
