@@ -337,5 +337,10 @@ def info_cmd(
     recall = data["measured_recall_min"]
     t.add_row("measured recall@10", "exact" if recall is None else f"{recall:.3f} (lowest shard)")
     t.add_row("errors reported", f"{data['errors']:,}")
+    roots = data["image_roots"]
+    t.add_row(
+        "image roots",
+        "not recorded (older index)" if roots is None else "\n".join(roots) or "-",
+    )
     t.add_row("size", f"{data['bytes'] / 1e6:.1f} MB")
     console.print(t)

@@ -311,5 +311,7 @@ def info(root: str | Path) -> dict[str, Any]:
         "measured_recall_min": min(recalls) if recalls else None,
         "errors": m.n_errors,
         "error_reports": [e.file.path for e in m.errors],
+        # Folders the service may serve images from; None: not recorded (older index).
+        "image_roots": None if m.image_roots is None else list(m.image_roots),
         "bytes": size,
     }

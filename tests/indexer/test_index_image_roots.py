@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.build import BuildOptions, add, build
-from indexer.maintenance import compact, delete
+from indexer.maintenance import compact, delete, info
 from indexer.sources import MAX_IMAGE_ROOTS, SourceOptions, covering_folders
 from retrieval.encoders import FakeEncoder
 from retrieval.errors import IndexFormatError
@@ -39,6 +39,7 @@ def test_folder_source_records_its_resolved_root(tmp_path: Path) -> None:
     assert m.image_roots == (str((tmp_path / "real" / "photos").resolve()),)
     on_disk = json.loads((tmp_path / "idx" / manifest_path(m.version)).read_text())
     assert on_disk["image_roots"] == [str((tmp_path / "real" / "photos").resolve())]
+    assert info(tmp_path / "idx")["image_roots"] == on_disk["image_roots"]
 
 
 def test_parquet_source_records_its_folder_and_outside_image_folders(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_older_manifest_without_roots_reads_and_add_derives_them(tmp_path: Path)
     idx = tmp_path / "idx"
     build([tmp_path / "old"], idx, encoder=ENC)
     _strip_image_roots(idx)
-    assert read_current(idx).image_roots is None
+    assert read_current(idx).image_roots is None and info(idx)["image_roots"] is None
     add(idx, [tmp_path / "new"], encoder=ENC)
     # The older images' folders are derived from their sources, so they stay servable.
     assert read_current(idx).image_roots == tuple(
@@ -139,3 +140,21 @@ def test_covering_folders_is_minimal_and_bounded() -> None:
     )
     shallow = [f"/d{i}/x" for i in range(MAX_IMAGE_ROOTS + 1)]
     assert covering_folders(shallow) == tuple(sorted(shallow))  # would lift to /dN: refused
+
+
+def test_index_info_shows_the_image_roots(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    make_images(tmp_path / "p", 1)
+    build([tmp_path / "p"], tmp_path / "idx", encoder=ENC)
+    runner = CliRunner()
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["image_roots"] == [str((tmp_path / "p").resolve())]
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx")])
+    assert r.exit_code == 0 and "image roots" in r.stdout
+    _strip_image_roots(tmp_path / "idx")
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx")])
+    assert "not recorded (older index)" in r.stdout
