@@ -9,9 +9,11 @@ manifest records. ``auto`` picks from the row count, dim and a memory budget:
   ``k * k_factor`` candidates from the stored fp16 vectors.
 
 Approximate indexes are then tuned: the search knob (``nprobe`` / ``efSearch``) walks up
-a doubling ladder until recall@10 against exact search on held-out vectors reaches the
-target. The query's own row is removed from both result lists, so a query that simply
-finds itself does not inflate the score.
+a doubling ladder until recall@10 against exact search reaches the target; IVF-PQ walks
+one ladder per re-ranking depth and keeps the cheapest setting that reaches it (see
+``_tune_pq``). The tuning queries are shard rows held out of the training sample, and
+each query's own row is removed from both result lists (leave-one-out), so a query that
+simply finds itself does not inflate the score.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ NAMED_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 # Re-ranking depth for PQ: fetch k * 32 candidates, rescore exactly (a few hundred fp16
 # dot products per query, negligible next to scanning the inverted lists).
 PQ_K_FACTOR = 32
+# IVF-PQ re-ranking depths tried while tuning (each walks its own nprobe ladder), and the
+# smallest recall gain of one nprobe doubling that counts as "probing more still helps".
+_PQ_K_FACTORS = (PQ_K_FACTOR, 2 * PQ_K_FACTOR, 4 * PQ_K_FACTOR, 8 * PQ_K_FACTOR)
+_PQ_MIN_GAIN = 0.002
 _LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _RECALL_AT = 10
 
@@ -146,15 +152,15 @@ def build_ann(vectors: np.ndarray, options: IndexOptions) -> tuple[Any, IndexSpe
             f"FAISS cannot build index {factory!r} for dim {dim}: {e}; "
             "use auto, flat, ivf, ivfpq, hnsw or a valid factory string"
         ) from e
-    if not index.is_trained:
-        _train(index, xb, options)
+    trained_on = _train(index, xb, options) if not index.is_trained else None
     if n:
         index.add(xb)
-    spec = _tune(index, xb, factory, options)
+    spec = _tune(index, xb, factory, options, trained_on)
     return index, spec
 
 
-def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> None:
+def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> np.ndarray | None:
+    """Train on a seeded sample; returns the sampled row ids (None: trained on all rows)."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index) if _is_ivf(index) else None
@@ -168,15 +174,17 @@ def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> None:
     # with 4096 lists to a few minutes on 2 cores; 16 iterations instead of 25 cost <1% recall.
     n_train = min(len(xb), max(48 * nlist, 10_000))
     rng = np.random.default_rng(options.seed)
-    sample = xb[np.sort(rng.choice(len(xb), n_train, replace=False))] if n_train < len(xb) else xb
+    rows = np.sort(rng.choice(len(xb), n_train, replace=False)) if n_train < len(xb) else None
+    sample = xb[rows] if rows is not None else xb
     if ivf is not None:
         ivf.cp.seed = options.seed + 1234
         ivf.cp.niter = 16
     if _use_gpu(options) and ivf is not None:
         _train_gpu(index, ivf, sample)
-        return
+        return rows
     log.info("training %s on %d vectors", type(index).__name__, len(sample))
     index.train(sample)
+    return rows
 
 
 def _use_gpu(options: IndexOptions) -> bool:
@@ -223,7 +231,9 @@ def _is_hnsw(index: Any) -> bool:
     return hasattr(index, "hnsw")
 
 
-def _tune(index: Any, xb: np.ndarray, factory: str, options: IndexOptions) -> IndexSpec:
+def _tune(
+    index: Any, xb: np.ndarray, factory: str, options: IndexOptions, trained_on: np.ndarray | None
+) -> IndexSpec:
     import faiss
 
     n = len(xb)
@@ -242,29 +252,22 @@ def _tune(index: Any, xb: np.ndarray, factory: str, options: IndexOptions) -> In
     if n <= _RECALL_AT + 1 or nq == 0:
         params = {knob: top, "k_factor": k_factor}
         return IndexSpec(requested=options.index, factory=factory, search_params=params)
-    rng = np.random.default_rng(options.seed + 1)
-    qids = np.sort(rng.choice(n, nq, replace=False))
+    qids = _tuning_queries(n, nq, trained_on, options.seed)
     truth = _exact_neighbours(xb, qids, _RECALL_AT)
-    best: tuple[float, dict[str, int]] = (-1.0, {})
-    # PQ recall can plateau below the target whatever nprobe is (the codes are too coarse
-    # to put the true neighbours among the candidates): then re-rank more candidates.
-    k_factors = (k_factor, 4 * k_factor) if is_pq else (k_factor,)
-    for kf in k_factors:
-        previous = -1.0
-        for value in [v for v in ladder if v < top] + [top]:
-            params = {knob: value, "k_factor": kf}
-            recall = _recall(index, xb, qids, truth, params)
-            log.info(
-                "tuning %s: %s=%d k_factor=%d recall@10=%.3f", factory, knob, value, kf, recall
-            )
-            if recall > best[0]:
-                best = (recall, params)
-            if recall >= options.target_recall or (is_pq and recall < previous + 0.002):
-                break  # reached, or (PQ) more probing no longer helps
-            previous = recall
-        if best[0] >= options.target_recall:
-            break
-    recall, params = best
+    values = [v for v in ladder if v < top] + [top]
+    if is_pq:
+        nlist = faiss.extract_index_ivf(index).nlist
+        recall, params = _tune_pq(index, xb, qids, truth, values, nlist, options.target_recall)
+    else:
+        recall, params = -1.0, {}
+        for value in values:
+            p = {knob: value, "k_factor": k_factor}
+            r = _recall(index, xb, qids, truth, p)
+            log.info("tuning %s: %s=%d recall@10=%.3f", factory, knob, value, r)
+            if r > recall:
+                recall, params = r, p
+            if r >= options.target_recall:
+                break
     if recall < options.target_recall:
         log.warning(
             "%s reaches only recall@10=%.3f < target %.3f at %s; consider --index flat",
@@ -280,6 +283,73 @@ def _tune(index: Any, xb: np.ndarray, factory: str, options: IndexOptions) -> In
         measured_recall=round(recall, 4),
         target_recall=options.target_recall,
     )
+
+
+def _tune_pq(
+    index: Any,
+    xb: np.ndarray,
+    qids: np.ndarray,
+    truth: np.ndarray,
+    nprobes: list[int],
+    nlist: int,
+    target: float,
+) -> tuple[float, dict[str, int]]:
+    """The cheapest (nprobe, k_factor) of IVF-PQ + exact re-ranking that reaches ``target``.
+
+    With coarse 4-bit codes recall is not monotonic in nprobe at a fixed re-ranking depth:
+    probing more lists brings the true neighbours into reach but also more PQ-noise
+    candidates that push them out of the top ``k * k_factor``. So every depth in
+    ``_PQ_K_FACTORS`` walks its own nprobe ladder; a walk ends when it reaches the target
+    (deeper walks then only try fewer probes), when recall has not improved for two
+    steps, or when it has fallen well below the walk's best. Of the settings that reach
+    the target the one with the lowest modelled search cost wins, else the best recall.
+    """
+    dim = xb.shape[1]
+    per_list = len(xb) / nlist
+    best: tuple[float, dict[str, int]] = (-1.0, {})
+    reached: list[tuple[float, float, dict[str, int]]] = []
+    limit = nprobes[-1]
+    for kf in _PQ_K_FACTORS:
+        walk_best, stale = -1.0, 0
+        for value in [v for v in nprobes if v <= limit]:
+            params = {"nprobe": value, "k_factor": kf}
+            recall = _recall(index, xb, qids, truth, params)
+            log.info("tuning IVF-PQ: nprobe=%d k_factor=%d recall@10=%.3f", value, kf, recall)
+            if recall > best[0]:
+                best = (recall, params)
+            if recall >= target:
+                reached.append((_pq_cost(value, kf, per_list, dim), recall, params))
+                limit = value  # a deeper re-rank is only worth it with fewer probes
+                break
+            if recall > walk_best + _PQ_MIN_GAIN:
+                walk_best, stale = max(walk_best, recall), 0
+            else:
+                walk_best, stale = max(walk_best, recall), stale + 1
+                if stale >= 2 or recall < walk_best - 0.01:
+                    break  # this depth is saturated: the next, deeper one takes over
+    if reached:
+        _, recall, params = min(reached, key=lambda c: c[0])
+        return recall, params
+    return best
+
+
+def _pq_cost(nprobe: int, k_factor: int, per_list: float, dim: int) -> float:
+    """Modelled per-query cost, in units of one fast-scan PQ code: the probed lists plus
+    the exact rescoring of ``10 * k_factor`` fp16 vectors (each reads 2*dim bytes against
+    dim/16 bytes for a 4-bit code: ~32x a code)."""
+    return nprobe * per_list + _RECALL_AT * k_factor * 32.0
+
+
+def _tuning_queries(n: int, nq: int, trained_on: np.ndarray | None, seed: int) -> np.ndarray:
+    """Rows to tune on: when the index was trained on a sample, rows outside it (held out
+    of training, as a real query is); each query's own row is dropped from the results."""
+    rng = np.random.default_rng(seed + 1)
+    pool = np.arange(n)
+    if trained_on is not None:
+        rest = np.setdiff1d(pool, trained_on, assume_unique=True)
+        if len(rest) >= nq:
+            pool = rest
+    return np.sort(rng.choice(pool, nq, replace=False))
 
 
 def _exact_neighbours(xb: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
