@@ -4,7 +4,9 @@
 searchers, the metadata schema). Every query reads ``self._state`` once and works on that
 object only, so :meth:`SearchEngine.reload` can swap in a newer version at any time
 without disturbing queries in flight. No query mutates shared objects: FAISS search
-parameters are passed per call, masks are fresh arrays.
+parameters are passed per call, masks are fresh arrays. The exception is a GPU shard
+(:mod:`retrieval.placement`), whose index takes no per-call parameters: nprobe is set on
+it and the search run under that GPU's lock.
 
 The query path (DESIGN.md): encode -> compile the filter to per-shard masks (tombstones
 always removed) -> search every shard of the target modality in parallel with its plan
@@ -35,6 +37,7 @@ from retrieval.errors import FingerprintMismatchError, QueryError
 from retrieval.filters import CompiledFilter, compile_filter, to_text
 from retrieval.kernels import configure_faiss
 from retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
+from retrieval.placement import ShardPlacer
 from retrieval.planner import PlannerConfig, ShardSearcher
 from retrieval.queries import classify, encode_queries
 from retrieval.rerank import Candidates, default_pipeline, paginate, run_pipeline
@@ -90,12 +93,19 @@ class SearchEngine:
     """Search one index directory; safe to share between threads."""
 
     def __init__(
-        self, root: Path, encoder: Encoder | None, state: _State, config: PlannerConfig, device: str
+        self,
+        root: Path,
+        encoder: Encoder | None,
+        state: _State,
+        config: PlannerConfig,
+        device: str,
+        placer: ShardPlacer,
     ) -> None:
         self.root = root
         self.encoder = encoder
         self.config = config
         self.device = device
+        self._placer = placer
         self._state = state
         self._reload_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
@@ -118,18 +128,24 @@ class SearchEngine:
         Args:
             encoder: the encoder for text/image queries; must match the index's
                 fingerprint. None re-creates it from the manifest.
-            device: "auto", "cpu", "cuda"...; the encoder's device. Shards are searched
-                on CPU (the tested path); FAISS GPU builds are not used by the engine.
+            device: "auto", "cpu", "cuda", "cuda:N": the encoder's device (when the
+                encoder is created here) and where shards live (:mod:`retrieval.placement`):
+                "auto" moves Flat / IVF-Flat / IVF-PQ shards to every GPU a GPU build of
+                faiss sees, "cuda" / "cuda:N" require one, "cpu" never touches a GPU.
+                See :attr:`placement`.
         Raises:
-            IndexNotFoundError, IndexFormatError, FingerprintMismatchError.
+            IndexNotFoundError, IndexFormatError, FingerprintMismatchError;
+            ConfigError for "cuda" without a GPU build of faiss (says how to install one).
         """
         root = Path(path)
+        config = config or PlannerConfig()
+        placer = ShardPlacer(device, fp16_flat=config.gpu_flat_fp16)
         snapshot = open_snapshot(root)
         if encoder is None:
             encoder = encoder_from_fingerprint(snapshot.manifest.encoder, device=device)
         check_fingerprint(snapshot.manifest, encoder)
         configure_faiss(snapshot.dim)
-        return cls(root, encoder, _build_state(snapshot), config or PlannerConfig(), device)
+        return cls(root, encoder, _build_state(snapshot, placer), config, device, placer)
 
     # ------------------------------------------------------------------ properties
 
@@ -147,6 +163,11 @@ class SearchEngine:
         return self._state.snapshot.manifest
 
     @property
+    def placement(self) -> dict[str, str]:
+        """Shard name -> where its index is searched: "cpu" or "cuda:N"."""
+        return {s.record.name: s.placement for s in self._state.shards}
+
+    @property
     def schema(self) -> pa.Schema:
         """Metadata schema (fixed columns, then the user's) that filters are checked against."""
         return self._state.schema
@@ -162,7 +183,7 @@ class SearchEngine:
                 return False
             if self.encoder is not None:
                 check_fingerprint(snapshot.manifest, self.encoder)
-            self._state = _build_state(snapshot)
+            self._state = _build_state(snapshot, self._placer)
             log.info("%s: switched to version %d", self.root, snapshot.version)
             return True
 
@@ -331,7 +352,8 @@ class SearchEngine:
         # thread each (faiss's 2-thread path for one query is 1.6x slower than 1 thread
         # on small CPUs; shards give the parallelism instead). Flat scans are memory-bound
         # and BLAS already uses every core, so they run inline, one after the other.
-        ann = [i for i, s in enumerate(shards) if s.kind != "flat"]
+        # GPU shards run in the pool too: shards on different GPUs search concurrently.
+        ann = [i for i, s in enumerate(shards) if s.kind != "flat" or s.placement != "cpu"]
         futures = {i: self._pool.submit(one, i) for i in ann}
         results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
         plans = {s.record.name: r[2] for s, r in zip(shards, results, strict=True)}
@@ -410,10 +432,13 @@ def check_fingerprint(manifest: Manifest, encoder: Encoder) -> None:
         )
 
 
-def _build_state(snapshot: Snapshot) -> _State:
+def _build_state(snapshot: Snapshot, placer: ShardPlacer) -> _State:
+    placed = placer.place([(s.record.name, s.record.modality, s.index) for s in snapshot.shards])
     shards = tuple(
-        ShardSearcher.create(s.record, s.index, s.vectors, s.metadata, snapshot.tombstones)
-        for s in snapshot.shards
+        ShardSearcher.create(
+            s.record, s.index, s.vectors, s.metadata, snapshot.tombstones, placed=p
+        )
+        for s, p in zip(snapshot.shards, placed, strict=True)
     )
     schema = (
         shards[0].metadata.schema

@@ -16,13 +16,31 @@ may be returned (filter matches minus tombstones):
 * ``ann->exact``: when the index returns fewer than ``min(k, allowed rows)`` results,
   the shard is re-searched exactly over the allowed rows. A filtered query therefore
   never returns fewer results because of the index.
+
+Shards whose index takes no ``SearchParameters`` (GPU copies: classic FAISS GPU indexes
+ignore ``IDSelector``) are routed by their ``supports_selector`` flag, never by their
+faiss class, so the CPU twin (``PlannerConfig(use_selectors=False)``) runs exactly the
+GPU routing on CPU indexes:
+
+* ``index``: an unfiltered query searches the index itself, with nprobe / efSearch set
+  on the index (``GpuParameterSpace`` / ``ParameterSpace``) under the shard's lock, which
+  also covers the search, so concurrent queries never see each other's settings.
+  Candidates are rescored exactly (flat shards: from the float32 vectors kept on CPU, so
+  a float16 GPU copy ranks exactly like the CPU path; it is asked for 2k candidates).
+* ``exact-subset`` / ``exact``: a filter (tombstones count as one) that keeps few rows
+  scans them exactly on CPU, as above.
+* ``index-overfetch``: a filter keeping more rows fetches ``k / selectivity`` times a
+  margin from the index, drops disallowed rows and rescores; when some query keeps fewer
+  than ``min(k, allowed rows)``, or the fetch would exceed ``max_index_k`` (FAISS GPU's
+  top-k limit), the shard is scanned exactly over the allowed rows (``index->exact``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +48,7 @@ import pyarrow as pa
 
 from retrieval.kernels import exact_search, flat_codes, rescore, subset_search
 from retrieval.manifest import ShardRecord
+from retrieval.placement import CPU, Placed
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +70,19 @@ class PlannerConfig:
     flat_subset_fraction: float = 0.3
     # Caps on the raised search parameters (nprobe is also capped at nlist).
     max_ef_search: int = 4096
+    # False routes every shard as if it were on GPU (no IDSelector, no SearchParameters):
+    # the CPU twin of the GPU path, which the test suite checks against the oracle.
+    use_selectors: bool = True
+    # Selector-less filtered search fetches k * k_factor / selectivity * this many rows
+    # before dropping disallowed ones: 2x absorbs uneven spread of matches over the
+    # ranking, so the exact fallback stays rare.
+    overfetch_margin: float = 2.0
+    # Largest k (and nprobe) asked of a selector-less index: FAISS GPU's top-k limit
+    # (GPU_MAX_SELECTION_K); a bigger fetch scans exactly on CPU instead.
+    max_index_k: int = 2048
+    # Store flat shards in float16 on GPU (half the memory and scan bandwidth; results
+    # are rescored exactly from float32, so rankings equal the CPU path's).
+    gpu_flat_fp16: bool = True
 
     def __post_init__(self) -> None:
         if (
@@ -59,6 +91,8 @@ class PlannerConfig:
             or not 0.0 <= self.flat_subset_fraction <= 1.0
         ):
             raise ValueError("exact_max_rows must be >= 0 and flat_subset_fraction in [0, 1]")
+        if self.overfetch_margin < 1.0 or self.max_index_k < 1:
+            raise ValueError("overfetch_margin must be >= 1 and max_index_k >= 1")
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +100,8 @@ class ShardSearcher:
     """An immutable, thread-safe view of one loaded shard."""
 
     record: ShardRecord
-    # faiss index (CPU); never mutated after load.
+    # faiss index to search: the CPU index (never mutated when searched with selectors)
+    # or its GPU copy.
     index: Any
     # float16 [rows, dim], memory-mapped: exact vectors for rescoring and subset scans.
     vectors: np.ndarray
@@ -82,6 +117,14 @@ class ShardSearcher:
     params: dict[str, int]
     # nlist of an IVF index (0 otherwise).
     nlist: int
+    # "cpu" or "cuda:N" (see retrieval.placement).
+    placement: str = "cpu"
+    # Whether the index takes SearchParameters with an IDSelector (False on GPU).
+    supports_selector: bool = True
+    # Guards set-parameters-then-search on a selector-less index (shared per GPU).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Whether the index stores flat vectors in float16 (over-fetch, rescore from codes).
+    fp16: bool = False
 
     @classmethod
     def create(
@@ -91,7 +134,10 @@ class ShardSearcher:
         vectors: np.ndarray,
         metadata: pa.Table,
         tombstones: np.ndarray,
+        *,
+        placed: Placed | None = None,
     ) -> ShardSearcher:
+        """A searcher over the CPU ``index``; ``placed`` holds its GPU copy, if any."""
         import faiss
 
         codes = flat_codes(index)
@@ -111,9 +157,10 @@ class ShardSearcher:
             if dead.any():
                 live = np.ones(record.rows, dtype=bool)
                 live[tombstones[dead] - record.row_id_start] = False
+        where = placed or Placed(index=index, placement=CPU)
         return cls(
             record=record,
-            index=index,
+            index=where.index,
             vectors=vectors,
             codes=codes,
             metadata=metadata.combine_chunks(),
@@ -121,6 +168,10 @@ class ShardSearcher:
             kind=kind,
             params=dict(record.index.search_params),
             nlist=nlist,
+            placement=where.placement,
+            supports_selector=not where.on_gpu,
+            lock=where.lock,
+            fp16=where.fp16,
         )
 
     @property
@@ -144,6 +195,8 @@ class ShardSearcher:
         if k <= 0:
             empty = np.zeros((xq.shape[0], 0))
             return empty.astype(np.float32), empty.astype(np.int64), "empty"
+        if not (self.supports_selector and config.use_selectors):
+            return self._search_selectorless(xq, k, allowed, n_allowed, config)
         if self.codes is not None:
             if allowed is not None and n_allowed <= self.rows * config.flat_subset_fraction:
                 d, i = subset_search(xq, self.codes, np.flatnonzero(allowed), k)
@@ -206,16 +259,13 @@ class ShardSearcher:
         import faiss
 
         boost = 1.0 / max(selectivity, 1e-9) if selector is not None else 1.0
-        if self.kind == "ivf":
-            nprobe = self.params.get("nprobe", 1)
-            nprobe = min(self.nlist, max(nprobe, math.ceil(nprobe * boost)))
+        knob = self._knob(boost, fetch, config)
+        if knob is not None and knob[0] == "nprobe":
             inner: Any = faiss.SearchParametersIVF()
-            inner.nprobe = int(nprobe)
-        elif self.kind == "hnsw":
-            ef = max(self.params.get("efSearch", 16), fetch)
-            ef = min(config.max_ef_search, max(ef, math.ceil(ef * boost)))
+            inner.nprobe = knob[1]
+        elif knob is not None:
             inner = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-            inner.efSearch = int(max(ef, fetch))
+            inner.efSearch = knob[1]
         else:
             inner = faiss.SearchParameters()
         if selector is not None:
@@ -228,3 +278,104 @@ class ShardSearcher:
                 outer.sel = selector
             return outer, inner  # the caller keeps `inner` alive while `outer` is used
         return inner, None
+
+    def _knob(self, boost: float, fetch: int, config: PlannerConfig) -> tuple[str, int] | None:
+        """The search parameter for ``fetch`` results, raised by ``boost`` (1 / selectivity)."""
+        if self.kind == "ivf":
+            nprobe = self.params.get("nprobe", 1)
+            return "nprobe", int(min(self.nlist, max(nprobe, math.ceil(nprobe * boost))))
+        if self.kind == "hnsw":
+            ef = max(self.params.get("efSearch", 16), fetch)
+            ef = min(config.max_ef_search, max(ef, math.ceil(ef * boost)))
+            return "efSearch", int(max(ef, fetch))
+        return None
+
+    # -------------------------------------------------- selector-less (GPU) routing
+
+    def _search_selectorless(
+        self,
+        xq: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        n_allowed: int,
+        config: PlannerConfig,
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """The GPU routing of :meth:`search` (module docstring): no selector, ever."""
+        if allowed is not None:
+            if self.codes is not None:
+                few = n_allowed <= self.rows * config.flat_subset_fraction
+            elif self.kind == "ivf":
+                few = n_allowed <= config.ivf_exact_max_rows
+            else:
+                few = n_allowed <= config.exact_max_rows
+            if few:
+                source = self.codes if self.codes is not None else self.vectors
+                d, i = subset_search(xq, source, np.flatnonzero(allowed), k)
+                return d, i, "exact-subset"
+        result = self._index_search(xq, k, allowed, n_allowed, config)
+        if result is not None:
+            return result
+        if self.codes is not None:
+            d, i = exact_search(xq, self.codes, k, mask=allowed)
+        else:
+            rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
+            d, i = subset_search(xq, self.vectors, rows, k)
+        return d, i, "index->exact"
+
+    def _index_search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        n_allowed: int,
+        config: PlannerConfig,
+    ) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """Search the index without selector, post-filter, rescore exactly.
+
+        None when the fetch would exceed ``config.max_index_k``, the index fails, or
+        some query keeps fewer than ``k`` allowed rows (the caller scans exactly).
+        """
+        selectivity = n_allowed / max(1, self.rows)
+        per_k = max(1, self.params.get("k_factor", 1), 2 if self.fp16 else 1)
+        want = k * per_k
+        if allowed is not None:
+            want = math.ceil(want / max(selectivity, 1e-9) * config.overfetch_margin)
+        fetch = min(self.rows, want)
+        if fetch > config.max_index_k:
+            return None
+        boost = 1.0 / max(selectivity, 1e-9) if allowed is not None else 1.0
+        knob = self._knob(boost, fetch, config)
+        if knob is not None and knob[0] == "nprobe":  # GPU IVF caps nprobe like k
+            knob = ("nprobe", min(knob[1], config.max_index_k))
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        try:
+            # Parameters live on the index, so setting them and searching is one step.
+            with self.lock:
+                if knob is not None:
+                    self._parameter_space().set_index_parameter(self.index, *knob)
+                _, ids = self.index.search(xq, fetch)
+        except RuntimeError as e:
+            log.debug("shard %s: index search failed (%s); exact fallback", self.record.name, e)
+            return None
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        if allowed is not None:
+            valid &= allowed[safe]
+        if (valid.sum(axis=1) < k).any():
+            return None
+        source = self.codes if self.codes is not None else self.vectors
+        scores = rescore(xq, source, safe)
+        scores[~valid] = -np.inf
+        order = np.lexsort((safe, -scores), axis=1)[:, :k]
+        return (
+            np.take_along_axis(scores, order, axis=1).astype(np.float32),
+            np.take_along_axis(safe, order, axis=1).astype(np.int64),
+            "index" if allowed is None else "index-overfetch",
+        )
+
+    def _parameter_space(self) -> Any:
+        import faiss
+
+        if self.placement == CPU:
+            return faiss.ParameterSpace()
+        return faiss.GpuParameterSpace()
