@@ -163,7 +163,7 @@ class ShardPlacer:
                 self._resources[d] = faiss.StandardGpuResources()
 
     def place(self, shards: Sequence[tuple[str, str, Any]]) -> list[Placed]:
-        """Place ``(name, modality, cpu_index)`` shards; logs one line per placement."""
+        """Place ``(name, modality, cpu_index)`` shards; logs a one-line summary."""
         reasons = [gpu_unsupported(index) if self.devices else None for _, _, index in shards]
         targets = assign_devices(
             [
@@ -172,22 +172,20 @@ class ShardPlacer:
             ],
             self.devices,
         )
-        placed = []
-        for (name, _, index), reason, gpu in zip(shards, reasons, targets, strict=True):
-            if gpu is None:
-                placed.append(Placed(index=index, placement=CPU))
-                if reason is not None:
-                    log.info("shard %s stays on cpu: %s", name, reason)
-                continue
-            placed.append(self._to_gpu(name, index, gpu))
+        placed = [
+            Placed(index=index, placement=CPU) if gpu is None else self._to_gpu(name, index, gpu)
+            for (name, _, index), gpu in zip(shards, targets, strict=True)
+        ]
         counts: dict[str, int] = {}
         for p in placed:
             counts[p.placement] = counts.get(p.placement, 0) + 1
+        kept = sorted({r for r in reasons if r is not None})
         if placed:
             log.info(
-                "shard placement (device=%r): %s",
+                "shard placement (device=%r): %s%s",
                 self.device,
                 ", ".join(f"{n} on {where}" for where, n in sorted(counts.items())),
+                f" (kept on cpu: {'; '.join(kept)})" if kept else "",
             )
         return placed
 

@@ -18,7 +18,14 @@ from query_fixtures import Oracle, build_index, encoder, write_corpus
 from indexer.maintenance import delete
 from retrieval.engine import SearchEngine
 from retrieval.errors import ConfigError
-from retrieval.placement import assign_devices, faiss_gpu_count, gpu_unsupported, shard_devices
+from retrieval.placement import (
+    Placed,
+    ShardPlacer,
+    assign_devices,
+    faiss_gpu_count,
+    gpu_unsupported,
+    shard_devices,
+)
 from retrieval.planner import PlannerConfig
 
 N_DOCS = 300
@@ -109,6 +116,28 @@ def test_only_classic_index_types_go_to_gpu() -> None:
         assert (reason is None) == (factory in supported), (factory, reason)
     assert "8-bit" in str(gpu_unsupported(faiss.index_factory(32, "IVF8,PQ8x4")))
     assert "metric" in str(gpu_unsupported(faiss.IndexFlatL2(32)))
+
+
+def test_placer_keeps_unsupported_shards_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    import faiss
+
+    placer = ShardPlacer("cpu")
+    assert placer.place([("s0", "image", faiss.IndexFlatIP(8))])[0].placement == "cpu"
+    # Pretend two GPUs; the copy itself needs a GPU faiss, so it is replaced by a label.
+    placer.devices = [0, 1]
+    placer._to_gpu = lambda name, index, gpu: Placed(index, f"cuda:{gpu}")  # type: ignore[method-assign]
+    shards = [
+        ("s0", "image", faiss.IndexFlatIP(8)),
+        ("s1", "image", faiss.IndexHNSWFlat(8, 16, faiss.METRIC_INNER_PRODUCT)),
+        ("s2", "image", faiss.index_factory(8, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)),
+        ("s3", "text", faiss.index_factory(8, "IVF4,PQ2", faiss.METRIC_INNER_PRODUCT)),
+    ]
+    with caplog.at_level("INFO", logger="retrieval.placement"):
+        placed = placer.place(shards)
+    assert [p.placement for p in placed] == ["cuda:0", "cpu", "cuda:1", "cuda:0"]
+    assert placed[1].index is shards[1][2] and not placed[1].on_gpu
+    assert "1 on cpu, 2 on cuda:0, 1 on cuda:1" in caplog.text
+    assert "IndexHNSWFlat has no FAISS GPU implementation" in caplog.text
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the error raised where faiss has no GPU")
