@@ -18,6 +18,7 @@ from query_fixtures import Oracle, build_index, encoder, write_corpus
 from indexer.maintenance import delete
 from retrieval.engine import SearchEngine
 from retrieval.errors import ConfigError
+from retrieval.kernels import flat_codes
 from retrieval.placement import (
     Placed,
     ShardPlacer,
@@ -26,7 +27,8 @@ from retrieval.placement import (
     gpu_unsupported,
     shard_devices,
 )
-from retrieval.planner import PlannerConfig
+from retrieval.planner import PlannerConfig, ShardSearcher
+from retrieval.store import open_snapshot
 
 N_DOCS = 300
 TWIN = PlannerConfig(use_selectors=False)
@@ -289,3 +291,29 @@ def test_gpu_filtered_queries_return_min_k_matches(index: Path) -> None:
                 for r in engine.search_batch(list(xq), k=k, where=where, modality="text"):
                     assert len(r) == min(k, int(mask.sum()))
                     assert set(r.row_ids) <= set(oracle.row_ids[mask].tolist())
+
+
+def test_fp16_flat_copy_ranks_like_the_cpu_path(corpus: Path, tmp_path: Path) -> None:
+    """A float16 GPU copy of a flat shard scores slightly off; the planner fetches 2k
+    from it and rescores with the float32 vectors, so the ranking equals the CPU path's.
+    Simulated here with a CPU flat index holding perturbed vectors."""
+    import faiss
+
+    root = build_index(tmp_path / "idx", corpus, "flat")
+    snap = open_snapshot(root)
+    shard = snap.shards[0]
+    exact = flat_codes(shard.index)
+    assert exact is not None
+    rng = np.random.default_rng(5)
+    lossy = faiss.IndexFlatIP(exact.shape[1])
+    lossy.add((exact + rng.normal(0, 2e-3, exact.shape)).astype(np.float32))
+    args = (shard.record, shard.index, shard.vectors, shard.metadata, snap.tombstones)
+    cpu = ShardSearcher.create(*args)
+    gpu_like = ShardSearcher.create(*args, placed=Placed(lossy, "cpu", fp16=True))
+    xq = exact[rng.integers(0, len(exact), 30)] + rng.normal(0, 0.05, (30, exact.shape[1]))
+    xq = (xq / np.linalg.norm(xq, axis=1, keepdims=True)).astype(np.float32)
+    d1, i1, plan1 = cpu.search(xq, 10, None, PlannerConfig())
+    d2, i2, plan2 = gpu_like.search(xq, 10, None, TWIN)
+    assert (plan1, plan2) == ("exact", "index")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=1e-5)
