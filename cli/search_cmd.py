@@ -17,6 +17,10 @@ from rich.table import Table
 from cli.common import cli_errors, console, print_json
 from retrieval.errors import QueryError
 
+_DEVICE = typer.Option(
+    "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
+)
+
 
 def search_cmd(
     index: Path = typer.Argument(..., help="Index directory."),
@@ -32,6 +36,7 @@ def search_cmd(
     mmr: float | None = typer.Option(None, "--mmr", help="MMR diversity lambda in [0, 1]."),
     sort: str | None = typer.Option(None, "--sort", help="Sort by a field: FIELD or FIELD:desc."),
     min_score: float | None = typer.Option(None, "--min-score", help="Drop results scoring lower."),
+    device: str = _DEVICE,
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Search an index with a text or an image query."""
@@ -41,7 +46,7 @@ def search_cmd(
         if (text is None) == (image is None):
             raise QueryError("give exactly one of --text or --image")
         query: Any = text if text is not None else image
-        with SearchEngine.open(index) as engine:
+        with SearchEngine.open(index, device=device) as engine:
             results = engine.search(
                 query,
                 k=k,
@@ -98,13 +103,14 @@ def eval_cmd(
     index: Path = typer.Argument(..., help="Index directory."),
     pairs: Path = typer.Option(..., "--pairs", help="CSV/JSONL of labelled (image, text) pairs."),
     k: int = typer.Option(10, "-k", help="k of the index recall@k."),
+    device: str = _DEVICE,
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """R@1/5/10 and ranks both directions on labelled pairs, and index recall@k."""
     from retrieval.engine import SearchEngine
     from retrieval.eval import evaluate_index
 
-    with cli_errors(), SearchEngine.open(index) as engine:
+    with cli_errors(), SearchEngine.open(index, device=device) as engine:
         report = evaluate_index(engine, pairs, k=k)
     if as_json:
         print_json(report)

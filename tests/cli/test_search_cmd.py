@@ -116,3 +116,17 @@ def test_classify_and_eval(index: Path) -> None:
     report = json.loads(res.stdout)
     assert report["pairs"] == 4 and report["text_to_image"]["R@1"] == 1.0
     assert report["index_recall@10"]["text_to_image"] == 1.0
+
+
+def test_search_device_cpu_and_cuda_without_gpu_faiss(index: Path) -> None:
+    import faiss
+
+    res = runner.invoke(
+        app, ["search", str(index), "-t", "red", "-k", "1", "--device", "cpu", "--json"]
+    )
+    assert res.exit_code == 0 and json.loads(res.stdout)["hits"][0]["doc_id"] == "p0"
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here: --device cuda is valid")
+    res = runner.invoke(app, ["search", str(index), "-t", "red", "--device", "cuda"])
+    # a clear one-line error that says how to get a GPU build of faiss
+    assert res.exit_code == 1 and "faiss" in res.output and "Traceback" not in res.output
