@@ -139,10 +139,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved raw/build rounds")
+    ap.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's own, one per core)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args()
 
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
