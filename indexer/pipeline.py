@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.sources import Item, Problem
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, decode_side
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_image
 
@@ -96,7 +96,7 @@ def _prepare_one(position: int, item: Item, encoder: Encoder, skip: SkipFn | Non
     if skip is not None and skip(item, digest):
         return _Prepared(position, item, digest, None, None, True)
     try:
-        image = load_image(data)
+        image = load_image(data, min_side=decode_side(encoder))
         array = encoder.prepare_image(image)
     except ImageDecodeError as e:
         reason = _BYTESIO.sub("the file", str(e).removeprefix(f"<{len(data)} bytes>: "))

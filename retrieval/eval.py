@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.encoders.base import load_image_for
 from retrieval.errors import SourceError
-from retrieval.images import load_image
 from retrieval.kernels import exact_search
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def read_pairs(path: str | Path) -> list[tuple[Path, str]]:
 
 def evaluate_pairs(encoder: Encoder, pairs: Sequence[tuple[Path, str]]) -> dict[str, Any]:
     """Encode labelled pairs and compute :func:`pair_metrics`."""
-    images = encoder.encode_images([load_image(p) for p, _ in pairs])
+    images = encoder.encode_images([load_image_for(encoder, p) for p, _ in pairs])
     texts = encoder.encode_texts([t for _, t in pairs])
     return pair_metrics(images, texts)
 
@@ -142,7 +142,7 @@ def evaluate_index(engine: SearchEngine, pairs_file: str | Path, *, k: int = 10)
     if engine.encoder is None:
         raise SourceError("evaluation needs the index's encoder")
     pairs = read_pairs(pairs_file)
-    images = engine.encoder.encode_images([load_image(p) for p, _ in pairs])
+    images = engine.encoder.encode_images([load_image_for(engine.encoder, p) for p, _ in pairs])
     texts = engine.encoder.encode_texts([t for _, t in pairs])
     out = pair_metrics(images, texts)
     out[f"index_recall@{k}"] = {

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.base import Encoder, l2_normalize, load_image_for
 from retrieval.errors import QueryError
-from retrieval.images import load_image
 
 # Prompt templates of the CLIP zero-shot recipe (a subset of the ImageNet ensemble);
 # averaging several phrasings makes label embeddings less sensitive to wording.
@@ -102,7 +101,10 @@ def encode_queries(encoder: Encoder | None, queries: Sequence[Any], dim: int) ->
         for (qi, w, _), v in zip(texts, vecs, strict=True):
             out[qi] += w * v
     if images:
-        pils = [load_image(bytes(t) if isinstance(t, bytearray) else t) for _, _, t in images]
+        pils = [
+            load_image_for(encoder, bytes(t) if isinstance(t, bytearray) else t)
+            for _, _, t in images
+        ]
         vecs = encoder.encode_images(pils)  # type: ignore[union-attr]
         for (qi, w, _), v in zip(images, vecs, strict=True):
             out[qi] += w * v
@@ -145,7 +147,7 @@ def classify(
     prompts = [t.format(label) for label in labels for t in templates]
     text = encoder.encode_texts(prompts).reshape(len(labels), len(templates), -1).mean(axis=1)
     text = l2_normalize(text)
-    img = encoder.encode_images([load_image(image)])[0]
+    img = encoder.encode_images([load_image_for(encoder, image)])[0]
     scale = float(getattr(encoder, "logit_scale", DEFAULT_LOGIT_SCALE) or DEFAULT_LOGIT_SCALE)
     logits = scale * (text @ img)
     probs = np.exp(logits - logits.max())

@@ -26,9 +26,8 @@ import numpy as np
 from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, attribute_caption
 from indexer.demo.generate import MANIFEST_NAME, generate_catalog
 from indexer.fsutil import atomic_write_text
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, load_image_for
 from retrieval.errors import SourceError
-from retrieval.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def encode_photos(
     out = [np.zeros((0, encoder.dim), dtype=np.float32)]
     for s in range(0, len(paths), ENCODE_CHUNK):
         chunk = paths[s : s + ENCODE_CHUNK]
-        out.append(encoder.encode_images([load_image(p) for p in chunk]))
+        out.append(encoder.encode_images([load_image_for(encoder, p) for p in chunk]))
         if progress is not None:
             progress("encoding photos", s + len(chunk), len(paths))
     return np.concatenate(out)

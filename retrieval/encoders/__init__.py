@@ -17,7 +17,9 @@ from retrieval.encoders.base import (
     Encoder,
     EncoderFingerprint,
     TextEncoding,
+    decode_side,
     l2_normalize,
+    load_image_for,
 )
 from retrieval.encoders.fake import FakeEncoder
 from retrieval.errors import ConfigError, FingerprintMismatchError
@@ -34,10 +36,12 @@ __all__ = [
     "OpenClipEncoder",
     "Preset",
     "TextEncoding",
+    "decode_side",
     "encoder_from_fingerprint",
     "is_fake",
     "l2_normalize",
     "load_encoder",
+    "load_image_for",
     "resolve_model_name",
 ]
 

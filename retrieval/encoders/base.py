@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from retrieval.errors import ConfigError
-from retrieval.images import to_rgb
+from retrieval.images import DRAFT_FACTOR, ImageInput, load_image, to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -174,6 +174,20 @@ class BaseEncoder(ABC):
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a sequence of strings, not one string")
         return self.encode_texts_detailed(texts).vectors
+
+
+def decode_side(encoder: Encoder | None) -> int | None:
+    """The ``min_side`` to decode images at for ``encoder`` (see ``load_image``).
+
+    Every path that decodes an image for an encoder (indexing, queries, the service,
+    evaluation) uses this, so the same file is embedded identically everywhere.
+    """
+    return None if encoder is None else DRAFT_FACTOR * encoder.fingerprint.image_size
+
+
+def load_image_for(encoder: Encoder | None, source: ImageInput) -> Image.Image:
+    """:func:`retrieval.images.load_image` at the decode side of ``encoder``."""
+    return load_image(source, min_side=decode_side(encoder))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -190,13 +190,13 @@ def embed_inputs(
     encoder: Encoder, *, texts: Sequence[str] = (), images: Sequence[str | Path] = ()
 ) -> Embeddings:
     """Embed texts and image files with one encoder (images decoded safely)."""
-    from retrieval.images import load_image
+    from retrieval.encoders.base import load_image_for
 
     if not texts and not images:
         raise ConfigError("nothing to embed: give at least one --text or --image")
     dim = encoder.dim
     text_enc = encoder.encode_texts_detailed(list(texts)) if texts else None
-    pil = [load_image(p) for p in images]
+    pil = [load_image_for(encoder, p) for p in images]
     image_vecs = encoder.encode_images(pil) if pil else np.zeros((0, dim), np.float32)
     text_vecs = text_enc.vectors if text_enc else np.zeros((0, dim), np.float32)
     truncated = np.concatenate(

@@ -93,7 +93,9 @@ def check_image_bytes(raw: bytes, config: ServiceConfig, *, field: str) -> None:
         raise image_too_large(len(raw), config, field=field)
 
 
-def decode_image(raw: bytes, config: ServiceConfig, *, field: str) -> Image.Image:
+def decode_image(
+    raw: bytes, config: ServiceConfig, *, field: str, min_side: int | None = None
+) -> Image.Image:
     """Image bytes -> RGB PIL image, enforcing the byte and pixel limits. Blocking.
 
     The pixel count is read from the header before anything is decoded, so a
@@ -119,7 +121,7 @@ def decode_image(raw: bytes, config: ServiceConfig, *, field: str) -> Image.Imag
             details={"field": field, "width": w, "height": h, "limit": config.max_image_pixels},
         )
     try:
-        return load_image(raw, max_pixels=config.max_image_pixels)
+        return load_image(raw, max_pixels=config.max_image_pixels, min_side=min_side)
     except ImageDecodeError as e:
         raise ApiError(
             400, "bad_image", f"{field}: {e}", details={"field": field, "bytes": len(raw)}
@@ -127,12 +129,18 @@ def decode_image(raw: bytes, config: ServiceConfig, *, field: str) -> Image.Imag
 
 
 async def decode_image_async(
-    raw: bytes, config: ServiceConfig, *, field: str, deadline: float
+    raw: bytes,
+    config: ServiceConfig,
+    *,
+    field: str,
+    deadline: float,
+    min_side: int | None = None,
 ) -> Image.Image:
     """:func:`decode_image` in a worker thread, bounded by the request deadline."""
     try:
         return await asyncio.wait_for(
-            asyncio.to_thread(decode_image, raw, config, field=field), timeout=remaining(deadline)
+            asyncio.to_thread(decode_image, raw, config, field=field, min_side=min_side),
+            timeout=remaining(deadline),
         )
     except TimeoutError as e:
         raise ApiError(504, "deadline_exceeded", f"{field}: decoding took too long") from e

@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import retrieval
+from retrieval.encoders.base import decode_side
 from retrieval.errors import ClipsearchError
 from retrieval.service import queries
 from retrieval.service.admission import deadline_for, decode_image_async, remaining
@@ -140,7 +141,10 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         start = time.perf_counter()
         deadline = deadline_for(config)
         raw = await _read_upload(image, config)
-        pil = await decode_image_async(raw, config, field="image", deadline=deadline)
+        min_side = decode_side(state.engine.encoder)
+        pil = await decode_image_async(
+            raw, config, field="image", deadline=deadline, min_side=min_side
+        )
         body = SearchRequest(k=k, offset=offset, filter=filter or None, group_by_doc=group_by_doc)
         options = queries.options_for(body, config, modality=queries.check_modality(modality))
         query = queries.Query(value=pil, options=options)

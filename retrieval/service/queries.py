@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from retrieval.encoders.base import decode_side
 from retrieval.service.admission import decode_base64_image, decode_image_async, remaining
 from retrieval.service.catalog import ItemRow, item_rows, resolve_image
 from retrieval.service.errors import ApiError
@@ -199,7 +200,8 @@ async def image_from(
         raise ApiError(
             400, "empty_query", f"{field}: give an image (base64), image_url or like_doc"
         )
-    return await decode_image_async(raw, config, field=field, deadline=deadline)
+    min_side = decode_side(state.engine.encoder)
+    return await decode_image_async(raw, config, field=field, deadline=deadline, min_side=min_side)
 
 
 async def _fetch(url: str, config: ServiceConfig, deadline: float) -> bytes:

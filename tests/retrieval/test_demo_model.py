@@ -42,6 +42,28 @@ def test_bundled_model_loads_offline_with_a_portable_fingerprint() -> None:
     assert fp.image_size == 64 and fp.context_length == 32 and fp.dim == 128
 
 
+def test_draft_decoding_embeds_a_large_photo_like_a_full_decode(tmp_path: Path) -> None:
+    """Images are decoded at 2x the model's input side (JPEG DCT scaling) on every path;
+    a 1024 px photo must embed as its full-size decode does, and index == query."""
+    import io
+
+    import numpy as np
+
+    from indexer.demo.catalog import make_product
+    from indexer.demo.render import render_photo
+    from retrieval.encoders import load_encoder, load_image_for
+    from retrieval.images import load_image
+
+    enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32")
+    photo = render_photo(make_product(3, 0), "front", 3, 0).resize((1024, 1024))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=92)
+    draft = load_image_for(enc, buf.getvalue())
+    assert draft.size == (128, 128)  # 1/8 scale: 2 x 64 px input side
+    full, fast = enc.encode_images([load_image(buf.getvalue()), draft])
+    assert float(np.dot(full, fast)) > 0.98
+
+
 @pytest.mark.slow
 def test_bundled_model_meets_the_quality_bar_on_unseen_products(tmp_path: Path) -> None:
     from retrieval.encoders import load_encoder
