@@ -74,22 +74,24 @@ def bench_model(
 ) -> dict[str, Any]:
     from indexer.ann import IndexOptions
     from indexer.build import BuildOptions, build
-    from retrieval.images import load_image
+    from retrieval.encoders import load_image_for
 
     encoder, weights = load_model(name, batch_size)
     paths = sorted(folder.glob("*.jpg"))
     n = len(paths)
     # Warm-up (first forward passes allocate, JIT-select kernels).
-    warm = np.stack([encoder.prepare_image(load_image(p)) for p in paths[:batch_size]])
+    warm = np.stack([encoder.prepare_image(load_image_for(encoder, p)) for p in paths[:batch_size]])
     encoder.encode_prepared(warm)
 
     t0 = time.perf_counter()
-    prepared = [encoder.prepare_image(load_image(p)) for p in paths]
+    prepared = [encoder.prepare_image(load_image_for(encoder, p)) for p in paths]
     decode_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for s in range(0, n, batch_size):
-        batch = [encoder.prepare_image(load_image(p)) for p in paths[s : s + batch_size]]
+        batch = [
+            encoder.prepare_image(load_image_for(encoder, p)) for p in paths[s : s + batch_size]
+        ]
         encoder.encode_prepared(np.stack(batch))
     seq_s = time.perf_counter() - t0
 
