@@ -130,3 +130,23 @@ class Oracle:
     def search(self, xq: np.ndarray, k: int, where: str | None = None) -> list[list[int]]:
         _, idx = exact_search(np.atleast_2d(xq), self.vectors, k, mask=self.mask(where))
         return [self.row_ids[i].tolist() for i in idx]
+
+
+def noisy_queries(oracle: Oracle, n: int, seed: int = 0) -> np.ndarray:
+    """In-distribution queries: stored vectors plus noise, re-normalised."""
+    rng = np.random.default_rng(seed)
+    base = oracle.vectors[rng.integers(0, len(oracle.vectors), n)]
+    q = base + 0.3 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(base.shape[1])
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def mean_recall(results: list, expected: list[list[int]]) -> float:
+    """Mean over queries of |returned row ids & expected| / |expected|."""
+    return float(
+        np.mean(
+            [
+                len(set(r.row_ids) & set(e)) / max(1, len(e))
+                for r, e in zip(results, expected, strict=True)
+            ]
+        )
+    )

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from query_fixtures import Oracle, build_index, encoder, write_corpus
+from query_fixtures import (
+    Oracle,
+    build_index,
+    encoder,
+    mean_recall,
+    noisy_queries,
+    write_corpus,
+)
 
 from indexer.maintenance import delete
 from retrieval.encoders import FakeEncoder
@@ -31,25 +38,6 @@ def index(
     return build_index(tmp_path_factory.mktemp(request.param), corpus, request.param)
 
 
-def _queries(oracle: Oracle, n: int, seed: int = 0) -> np.ndarray:
-    """In-distribution queries: stored vectors plus noise."""
-    rng = np.random.default_rng(seed)
-    base = oracle.vectors[rng.integers(0, len(oracle.vectors), n)]
-    q = base + 0.3 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(base.shape[1])
-    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _recall(results: list, expected: list[list[int]]) -> float:
-    return float(
-        np.mean(
-            [
-                len(set(r.row_ids) & set(e)) / max(1, len(e))
-                for r, e in zip(results, expected, strict=True)
-            ]
-        )
-    )
-
-
 FILTERS = [
     None,
     "price < 30",
@@ -61,7 +49,7 @@ FILTERS = [
 @pytest.mark.parametrize("where", FILTERS)
 def test_topk_matches_the_oracle(index: Path, where: str | None) -> None:
     oracle = Oracle.load(index, "text")
-    xq = _queries(oracle, 20)
+    xq = noisy_queries(oracle, 20)
     expected = oracle.search(xq, 10, where)
     with SearchEngine.open(index) as engine:
         results = engine.search_batch(list(xq), k=10, where=where, modality="text")
@@ -70,7 +58,7 @@ def test_topk_matches_the_oracle(index: Path, where: str | None) -> None:
     if flat or (where is not None and exact_plans):
         assert [r.row_ids for r in results] == expected
     else:
-        assert _recall(results, expected) >= 0.9
+        assert mean_recall(results, expected) >= 0.9
     for r in results:
         assert len(r) == 10 and all(np.isfinite(h.score) and h.row_id >= 0 for h in r)
         assert [h.rank for h in r] == list(range(10))
@@ -79,12 +67,12 @@ def test_topk_matches_the_oracle(index: Path, where: str | None) -> None:
 @pytest.mark.parametrize("where", FILTERS[1:])
 def test_filtered_ann_plan_reaches_stated_recall(index: Path, where: str) -> None:
     oracle = Oracle.load(index, "text")
-    xq = _queries(oracle, 20, seed=1)
+    xq = noisy_queries(oracle, 20, seed=1)
     with SearchEngine.open(
         index, config=PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0, flat_subset_fraction=0)
     ) as engine:
         results = engine.search_batch(list(xq), k=10, where=where, modality="text")
-    assert _recall(results, oracle.search(xq, 10, where)) >= 0.9
+    assert mean_recall(results, oracle.search(xq, 10, where)) >= 0.9
     assert all(len(r) == 10 for r in results)
 
 
@@ -104,7 +92,7 @@ def test_filtered_queries_return_min_k_matches(
 ) -> None:
     oracle = Oracle.load(index, "text")
     matches = int(oracle.mask(where).sum())
-    xq = _queries(oracle, 4)
+    xq = noisy_queries(oracle, 4)
     config = PlannerConfig(
         exact_max_rows=exact_max_rows, ivf_exact_max_rows=exact_max_rows, flat_subset_fraction=0
     )
@@ -138,7 +126,7 @@ def test_tombstoned_rows_are_never_returned(corpus: Path, tmp_path: Path, kind: 
     if kind == "flat":
         assert [r.row_ids for r in after] == oracle.search(xq, 5)
     else:
-        assert _recall(after, oracle.search(xq, 5)) >= 0.9
+        assert mean_recall(after, oracle.search(xq, 5)) >= 0.9
     engine.close()
 
 

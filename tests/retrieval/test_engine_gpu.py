@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from query_fixtures import Oracle, build_index, encoder, write_corpus
+from query_fixtures import (
+    Oracle,
+    build_index,
+    encoder,
+    mean_recall,
+    noisy_queries,
+    write_corpus,
+)
 
 from indexer.maintenance import delete
 from retrieval.engine import SearchEngine
@@ -58,24 +65,6 @@ def index(
     request: pytest.FixtureRequest, corpus: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return build_index(tmp_path_factory.mktemp(request.param), corpus, request.param)
-
-
-def _queries(oracle: Oracle, n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = oracle.vectors[rng.integers(0, len(oracle.vectors), n)]
-    q = base + 0.3 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(base.shape[1])
-    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _recall(results: list, expected: list[list[int]]) -> float:
-    return float(
-        np.mean(
-            [
-                len(set(r.row_ids) & set(e)) / max(1, len(e))
-                for r, e in zip(results, expected, strict=True)
-            ]
-        )
-    )
 
 
 # ---------------------------------------------------------------- placement rules
@@ -159,7 +148,7 @@ def test_cuda_without_gpu_faiss_is_a_clear_error(corpus: Path, tmp_path: Path) -
 @pytest.mark.parametrize("where", [None, *FILTERS])
 def test_twin_matches_the_oracle(index: Path, where: str | None) -> None:
     oracle = Oracle.load(index, "text")
-    xq = _queries(oracle, 20)
+    xq = noisy_queries(oracle, 20)
     expected = oracle.search(xq, 10, where)
     with SearchEngine.open(index, config=TWIN) as engine:
         results = engine.search_batch(list(xq), k=10, where=where, modality="text")
@@ -169,7 +158,7 @@ def test_twin_matches_the_oracle(index: Path, where: str | None) -> None:
     if index.name.startswith("flat"):
         assert [r.row_ids for r in results] == expected
     else:
-        assert _recall(results, expected) >= 0.9
+        assert mean_recall(results, expected) >= 0.9
     for r in results:
         assert len(r) == 10 and all(np.isfinite(h.score) and h.row_id >= 0 for h in r)
 
@@ -192,7 +181,7 @@ def test_twin_filtered_queries_return_min_k_matches(
     mask = oracle.mask(where)
     matches = int(mask.sum())
     allowed = set(oracle.row_ids[mask].tolist())
-    xq = _queries(oracle, 4, seed=2)
+    xq = noisy_queries(oracle, 4, seed=2)
     with SearchEngine.open(index, config=config) as engine:
         for k in (1, 10, 11, 150):
             results = engine.search_batch(list(xq), k=k, where=where, modality="text")
@@ -202,7 +191,7 @@ def test_twin_filtered_queries_return_min_k_matches(
             plans = set(results[0].plans.values())
             assert not plans & {"ann", "ann-filtered"}  # no selector-based plan
             if matches and k <= 11:
-                assert _recall(results, oracle.search(xq, k, where)) >= 0.9
+                assert mean_recall(results, oracle.search(xq, k, where)) >= 0.9
             if config is TWIN_OVERFETCH and k == 10 and matches > 300:
                 assert "index-overfetch" in plans
 
@@ -226,7 +215,7 @@ def test_twin_never_returns_tombstoned_rows(corpus: Path, tmp_path: Path, kind: 
     if kind == "flat":
         assert [r.row_ids for r in after] == expected
     else:
-        assert _recall(after, expected) >= 0.9
+        assert mean_recall(after, expected) >= 0.9
 
 
 def test_twin_concurrent_queries_keep_their_own_nprobe(corpus: Path, tmp_path: Path) -> None:
@@ -262,7 +251,7 @@ def test_twin_concurrent_queries_keep_their_own_nprobe(corpus: Path, tmp_path: P
 @pytest.mark.parametrize("where", [None, *FILTERS])
 def test_gpu_results_match_cpu(index: Path, where: str | None) -> None:
     oracle = Oracle.load(index, "text")
-    xq = _queries(oracle, 20, seed=3)
+    xq = noisy_queries(oracle, 20, seed=3)
     with SearchEngine.open(index, device="cpu") as cpu_engine:
         cpu = cpu_engine.search_batch(list(xq), k=10, where=where, modality="text")
     with SearchEngine.open(index, device="cuda") as gpu_engine:
@@ -276,14 +265,14 @@ def test_gpu_results_match_cpu(index: Path, where: str | None) -> None:
     if kind == "flat":
         assert [r.row_ids for r in results] == [r.row_ids for r in cpu]
     else:
-        assert _recall(results, [r.row_ids for r in cpu]) >= 0.95
+        assert mean_recall(results, [r.row_ids for r in cpu]) >= 0.95
 
 
 @pytest.mark.gpu
 @gpu
 def test_gpu_filtered_queries_return_min_k_matches(index: Path) -> None:
     oracle = Oracle.load(index, "text")
-    xq = _queries(oracle, 4, seed=4)
+    xq = noisy_queries(oracle, 4, seed=4)
     with SearchEngine.open(index, device="cuda", config=TWIN_OVERFETCH) as engine:
         for where in ["price < 0", "doc_id = 'd0007'", *FILTERS]:
             mask = oracle.mask(where)
