@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +29,22 @@ def cli_errors() -> Iterator[None]:
     except KeyboardInterrupt as e:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from e
+
+
+@contextmanager
+def staged_progress(*, disable: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient rich bar per stage, fed by a library ``progress(stage, done, total)``."""
+    from rich.progress import Progress, TaskID
+
+    with Progress(console=err_console, disable=disable, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield on_progress
 
 
 def print_json(obj: Any) -> None:

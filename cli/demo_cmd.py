@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.progress import Progress
 
-from cli.common import cli_errors, console, err_console, print_json
+from cli.common import cli_errors, console, err_console, print_json, staged_progress
 
 if TYPE_CHECKING:
     from indexer.demo.run import DemoReport
@@ -57,14 +57,7 @@ def demo_cmd(
     """Generate a demo shop, index it, and run shopping-assistant queries (text, filters, image)."""
     from indexer.demo.run import run_demo
 
-    with cli_errors(), Progress(console=err_console, disable=as_json, transient=True) as bar:
-        tasks: dict[str, object] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
-
+    with cli_errors(), staged_progress(disable=as_json) as on_progress:
         report = run_demo(
             out,
             products=products,
@@ -146,14 +139,7 @@ def demo_eval_cmd(
     """Measure a model on a freshly generated demo catalog against the demo quality bar."""
     from indexer.demo.evaluate import evaluate_demo_model
 
-    with cli_errors(), Progress(console=err_console, disable=as_json, transient=True) as bar:
-        tasks: dict[str, object] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)  # type: ignore[arg-type]
-
+    with cli_errors(), staged_progress(disable=as_json) as on_progress:
         report = evaluate_demo_model(
             model=model,
             pretrained=pretrained,
