@@ -2,7 +2,8 @@
 
 On N x 512 clustered synthetic vectors (unit norm, 1000 Gaussian clusters) with a
 ``bucket`` column (uniform 0..999, independent of the clusters) so that
-``bucket < 1 / 10 / 100 / 500`` keeps 0.1% / 1% / 10% / 50% of the rows. Two indexes are
+``bucket < 1 / 10 / 100 / 500`` keeps 0.1% / 1% / 10% / 50% of the rows (plus 2% and
+5%, shown but outside the goals). Two indexes are
 written with the real shard writer: ``Flat`` (exact) and ``IVF{nlist},Flat`` (ANN, nprobe
 tuned by the indexer to recall@10 >= 0.95), each in ``--shards`` shards.
 
@@ -41,6 +42,9 @@ import pyarrow as pa
 DIM = 512
 K = 10
 SELECTIVITIES = {"0.1%": 1, "1%": 10, "10%": 100, "50%": 500}
+# Measured too, outside the issue's goals: the band where exact scans and filtered IVF
+# cost about the same, the planner's hardest choice.
+EXTRA_SELECTIVITIES = {"2%": 20, "5%": 50}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -112,7 +116,15 @@ def write_index(root: Path, xb: np.ndarray, bucket: np.ndarray, shards: int, ind
 
 
 def timed(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[float], list[Any]]:
-    fn(items[0])  # warm-up (page cache, lazy init)
+    """Latencies (ms) and outputs of ``fn`` over ``items``, after one untimed pass.
+
+    The untimed pass pages in what the queries touch: the indexes are memory-mapped, and
+    each query visits different IVF lists, so a single warm-up query leaves most of them
+    cold (on the benchmark VM, whose DAMON policy also pages idle memory out, cold
+    filtered p50s were 3-10x the warm ones).
+    """
+    for item in items:
+        fn(item)
     times, outs = [], []
     for item in items:
         t = time.perf_counter()
@@ -160,7 +172,6 @@ def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[
     import faiss
 
     from retrieval.engine import SearchEngine
-    from retrieval.filters import compile_filter
     from retrieval.kernels import exact_search
 
     t0 = time.perf_counter()
@@ -265,7 +276,7 @@ def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[
     bucket_all = np.concatenate(
         [s.metadata.column("bucket").to_numpy() for s in flat._state.shards]
     )
-    for label, below in SELECTIVITIES.items():
+    for label, below in {**SELECTIVITIES, **EXTRA_SELECTIVITIES}.items():
         where = f"bucket < {below}"
         mask = bucket_all < below
         ftruth = exact_truth(codes, np.stack(q1), mask)
@@ -275,6 +286,11 @@ def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[
             lambda q, w=where: flat.search(q, k=K, where=w).row_ids,
             ftruth,
         )
+        # The engine caches per filter text its masks and (for exact scans) a contiguous
+        # copy of the allowed rows; the first query with a filter pays for both.
+        t = time.perf_counter()
+        ann.search(q1[-1], k=K, where=where)
+        cold_ms = round((time.perf_counter() - t) * 1000, 3)
         single(
             f"engine-ann filtered {label}",
             lambda q, w=where: ann.search(q, k=K, where=w).row_ids,
@@ -283,14 +299,7 @@ def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[
         rows[f"engine-ann filtered {label}"]["plans"] = sorted(
             set(ann.search(q1[0], k=K, where=where).plans.values())
         )
-        # The engine caches masks per filter text; this is the cost of a first-seen filter.
-        t = time.perf_counter()
-        compiled = compile_filter(where, ann.schema)
-        for s in ann._state.shards:
-            compiled.mask(s.metadata)
-        rows[f"engine-ann filtered {label}"]["cold_mask_ms"] = round(
-            (time.perf_counter() - t) * 1000, 3
-        )
+        rows[f"engine-ann filtered {label}"]["first_query_ms"] = cold_ms
 
         def post(q: np.ndarray, m: np.ndarray = mask) -> list[int]:
             _, ids = faiss_ivf(q, tuned_nprobe, K * 10)
@@ -307,7 +316,11 @@ def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[
 
 def goals(rows: dict[str, Any]) -> dict[str, Any]:
     ann_p50 = rows["engine-ann single"]["p50_ms"]
-    filtered = {k: v for k, v in rows.items() if k.startswith("engine-ann filtered")}
+    filtered = {
+        k: v
+        for k, v in rows.items()
+        if k.startswith("engine-ann filtered") and k.split()[-1] in SELECTIVITIES
+    }
     return {
         "exact_single_vs_numpy_floor": round(
             rows["engine-exact single"]["p50_ms"] / rows["numpy single"]["p50_ms"], 3
@@ -334,12 +347,22 @@ def to_markdown(r: dict[str, Any]) -> str:
     ]
     for name, v in r["rows"].items():
         plans = f" ({', '.join(v['plans'])})" if "plans" in v else ""
-        if "cold_mask_ms" in v:
-            plans += f" [first-seen filter: +{v['cold_mask_ms']} ms mask]"
+        if "first_query_ms" in v:
+            plans += f" [first query with this filter: {v['first_query_ms']} ms]"
         lines.append(
             f"| {name}{plans} | {v['p50_ms']} | {v['p99_ms']} | {v['qps']} | {v['recall@10']} | {v['full_k']} |"
         )
-    lines += ["", "Goals:", "", "```", json.dumps(r["goals"], indent=2), "```", ""]
+    lines += [
+        "",
+        "Goals (filtered rows: the issue's 0.1%, 1%, 10% and 50%; 2% and 5% are shown as "
+        "the band where the planner's choice between an exact scan and filtered IVF is "
+        "closest):",
+        "",
+        "```",
+        json.dumps(r["goals"], indent=2),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

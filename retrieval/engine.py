@@ -35,10 +35,10 @@ import pyarrow as pa
 from retrieval.encoders import Encoder, encoder_from_fingerprint
 from retrieval.errors import FingerprintMismatchError, QueryError
 from retrieval.filters import CompiledFilter, compile_filter, to_text
-from retrieval.kernels import configure_faiss
+from retrieval.kernels import configure_faiss, single_threaded_worker
 from retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
 from retrieval.placement import ShardPlacer
-from retrieval.planner import PlannerConfig, ShardSearcher
+from retrieval.planner import AllowedRows, GatherBudget, PlannerConfig, ShardSearcher
 from retrieval.queries import classify, encode_queries
 from retrieval.rerank import Candidates, default_pipeline, paginate, run_pipeline
 from retrieval.results import Hit, SearchResults
@@ -68,25 +68,28 @@ class _State:
 
 
 class _MaskCache:
-    """Thread-safe LRU: canonical filter text -> per-shard allowed masks and match count."""
+    """Thread-safe LRU: canonical filter text -> what each shard allows (mask, count,
+    rows and their gathered vectors; see AllowedRows), sharing one gather budget."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, gather_bytes: int) -> None:
         self.size = size
+        self.budget = GatherBudget(gather_bytes)
         self.lock = threading.Lock()
-        self.items: OrderedDict[str, tuple[tuple[np.ndarray | None, ...], int]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[AllowedRows, ...]] = OrderedDict()
 
-    def get(self, key: str) -> tuple[tuple[np.ndarray | None, ...], int] | None:
+    def get(self, key: str) -> tuple[AllowedRows, ...] | None:
         with self.lock:
             hit = self.items.get(key)
             if hit is not None:
                 self.items.move_to_end(key)
             return hit
 
-    def put(self, key: str, value: tuple[tuple[np.ndarray | None, ...], int]) -> None:
+    def put(self, key: str, value: tuple[AllowedRows, ...]) -> None:
         with self.lock:
             self.items[key] = value
             while len(self.items) > self.size:
-                self.items.popitem(last=False)
+                for allowed in self.items.popitem(last=False)[1]:
+                    allowed.release()
 
 
 class SearchEngine:
@@ -111,7 +114,7 @@ class SearchEngine:
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(8, os.cpu_count() or 1)),
             thread_name_prefix="clipsearch-shard",
-            initializer=_one_faiss_thread,
+            initializer=single_threaded_worker,
         )
 
     @classmethod
@@ -145,7 +148,7 @@ class SearchEngine:
             encoder = encoder_from_fingerprint(snapshot.manifest.encoder, device=device)
         check_fingerprint(snapshot.manifest, encoder)
         configure_faiss(snapshot.dim)
-        return cls(root, encoder, _build_state(snapshot, placer), config, device, placer)
+        return cls(root, encoder, _build_state(snapshot, placer, config), config, device, placer)
 
     # ------------------------------------------------------------------ properties
 
@@ -183,7 +186,7 @@ class SearchEngine:
                 return False
             if self.encoder is not None:
                 check_fingerprint(snapshot.manifest, self.encoder)
-            self._state = _build_state(snapshot, self._placer)
+            self._state = _build_state(snapshot, self._placer, self.config)
             log.info("%s: switched to version %d", self.root, snapshot.version)
             return True
 
@@ -255,12 +258,13 @@ class SearchEngine:
         timings["encode"] = _ms(tick)
         tick = time.perf_counter()
         shards = [s for s in state.shards if s.record.modality == target]
-        masks, total = self._masks(state, shards, where)
+        masks, caches = self._masks(state, shards, where)
+        total = _allowed_total(shards, masks, caches)
         timings["filter"] = _ms(tick)
         pool = offset + k if not stages else max(RERANK_WINDOW, offset + k)
         while True:
             tick = time.perf_counter()
-            merged, plans = self._search_shards(shards, masks, xq, pool)
+            merged, plans = self._search_shards(shards, masks, caches, xq, pool)
             timings["search"] = timings.get("search", 0.0) + _ms(tick)
             tick = time.perf_counter()
             ranked = [
@@ -302,7 +306,8 @@ class SearchEngine:
         """Live rows of a modality (default: all) that pass ``where``."""
         state = self._state
         shards = [s for s in state.shards if modality is None or s.record.modality == modality]
-        return self._masks(state, shards, where)[1]
+        masks, caches = self._masks(state, shards, where)
+        return _allowed_total(shards, masks, caches)
 
     # ------------------------------------------------------------------ internals
 
@@ -316,29 +321,27 @@ class SearchEngine:
 
     def _masks(
         self, state: _State, shards: list[ShardSearcher], where: str | dict[str, Any] | None
-    ) -> tuple[tuple[np.ndarray | None, ...], int]:
+    ) -> tuple[tuple[np.ndarray | None, ...], tuple[AllowedRows | None, ...]]:
+        """Per shard, the allowed mask (None: every row) and its cached form, if any."""
         if where is None:
-            masks = tuple(s.live for s in shards)
-            return masks, sum(
-                s.rows if m is None else int(m.sum()) for s, m in zip(shards, masks, strict=True)
-            )
+            return tuple(s.live for s in shards), (None,) * len(shards)
         compiled: CompiledFilter = compile_filter(where, state.schema)
         key = to_text(compiled.node) + "|" + ",".join(s.record.name for s in shards)
         cached = state.masks.get(key)
-        if cached is not None:
-            return cached
-        out = []
-        for s in shards:
-            m = compiled.mask(s.metadata)
-            out.append(m if s.live is None else m & s.live)
-        value = (tuple(out), sum(int(m.sum()) for m in out))
-        state.masks.put(key, value)
-        return value
+        if cached is None:
+            out = []
+            for s in shards:
+                m = compiled.mask(s.metadata)
+                out.append(AllowedRows(m if s.live is None else m & s.live, state.masks.budget))
+            cached = tuple(out)
+            state.masks.put(key, cached)
+        return tuple(a.mask for a in cached), cached
 
     def _search_shards(
         self,
         shards: list[ShardSearcher],
         masks: tuple[np.ndarray | None, ...],
+        caches: tuple[AllowedRows | None, ...],
         xq: np.ndarray,
         pool: int,
     ) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
@@ -346,7 +349,7 @@ class SearchEngine:
         config = self.config
 
         def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
-            return shards[i].search(xq, pool, masks[i], config)
+            return shards[i].search(xq, pool, masks[i], config, cache=caches[i])
 
         # ANN shards run in the engine's pool, whose threads run faiss with one OpenMP
         # thread each (faiss's 2-thread path for one query is 1.6x slower than 1 thread
@@ -432,7 +435,7 @@ def check_fingerprint(manifest: Manifest, encoder: Encoder) -> None:
         )
 
 
-def _build_state(snapshot: Snapshot, placer: ShardPlacer) -> _State:
+def _build_state(snapshot: Snapshot, placer: ShardPlacer, config: PlannerConfig) -> _State:
     placed = placer.place([(s.record.name, s.record.modality, s.index) for s in snapshot.shards])
     shards = tuple(
         ShardSearcher.create(
@@ -446,8 +449,23 @@ def _build_state(snapshot: Snapshot, placer: ShardPlacer) -> _State:
         else pa.schema([(c, pa.string()) for c in FIXED_COLUMNS])
     )
     return _State(
-        snapshot=snapshot, shards=shards, schema=schema, masks=_MaskCache(MASK_CACHE_SIZE)
+        snapshot=snapshot,
+        shards=shards,
+        schema=schema,
+        masks=_MaskCache(MASK_CACHE_SIZE, config.gather_cache_bytes),
     )
+
+
+def _allowed_total(
+    shards: list[ShardSearcher],
+    masks: tuple[np.ndarray | None, ...],
+    caches: tuple[AllowedRows | None, ...],
+) -> int:
+    """Rows the query may return over ``shards``."""
+    total = 0
+    for s, m, c in zip(shards, masks, caches, strict=True):
+        total += c.count if c is not None else s.rows if m is None else int(np.count_nonzero(m))
+    return total
 
 
 def _needs_more(
@@ -471,14 +489,6 @@ def _needs_more(
         if min_score is not None and sort is not None:
             return True
     return False
-
-
-def _one_faiss_thread() -> None:
-    """Pool initializer: OpenMP's thread count is per calling thread, so this only
-    affects the engine's own shard workers, never the application's threads."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
 
 
 def _ms(since: float) -> float:

@@ -5,9 +5,11 @@ may be returned (filter matches minus tombstones):
 
 * ``exact``: flat shards are scanned with BLAS over FAISS's own float32 vectors (a
   zero-copy view), which is as fast as numpy from one query on. A filter masks scores.
-* ``exact-subset``: few allowed rows (``<= exact_max_rows`` for HNSW, far fewer for
-  IVF, or a small share of a flat shard): gather those rows' vectors and scan them exactly. At 1% of 1M rows this takes
-  about a millisecond and has recall 1.0, where HNSW + bitmap often comes back short.
+* ``exact-subset``: few allowed rows (``<= exact_max_rows`` for HNSW; for IVF when a
+  cost model says gathering them beats the lists a filtered search would visit; a
+  small share of a flat shard): gather those rows' vectors and scan them exactly. At 1%
+  of 1M rows this takes about a millisecond per shard and has recall 1.0, where HNSW +
+  bitmap often comes back short and IVF + bitmap visits 100x more lists (5.5 ms).
 * ``ann`` / ``ann-filtered``: the shard's FAISS index with per-call
   ``SearchParameters`` (never mutating the shared index, so concurrent queries are
   safe); with a filter, an ``IDSelectorBitmap`` and nprobe / efSearch raised in
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from retrieval.kernels import exact_search, flat_codes, rescore, subset_search
+from retrieval.kernels import GatheredRows, exact_search, flat_codes, rescore, subset_search
 from retrieval.manifest import ShardRecord
 from retrieval.placement import CPU, Placed
 
@@ -61,11 +63,18 @@ class PlannerConfig:
     # 20k x 512 fp16 is 20 MB, a few ms, still cheaper than a bitmap-filtered ANN search
     # that has to visit ~1/selectivity times more of the index.
     exact_max_rows: int = 20_000
-    # The same threshold for IVF shards, much lower: a bitmap-filtered IVF search skips
-    # non-matching codes before computing their distance, so visiting 1/selectivity
-    # times more lists costs little (measured at 1M rows: 1% selectivity, nprobe x100,
-    # ~2 ms with recall 1.0, against ~20+ ms to gather 10k fp16 rows).
+    # IVF shards scan allowed rows exactly at or below this many, whatever the cost model
+    # below says (a few thousand rows take well under a millisecond).
     ivf_exact_max_rows: int = 2_000
+    # Above that (and up to exact_max_rows), an IVF shard scans allowed rows exactly when
+    # allowed_rows * cost <= the rows a bitmap-filtered IVF search would visit (nprobe
+    # raised by 1 / selectivity, lists of rows / nlist each). Measured per row at
+    # 500k x 512 on 2 cores (benchmarks/results/query.md): a visited IVF row 0.09-0.24 us
+    # (bitmap check; distances for members only), an fp16 row gathered and scored 0.25 us,
+    # a row of a filter's contiguous copy (gather_cache_bytes) 0.07 us.
+    ivf_subset_cost: float = 2.2
+    # The cost above when the filter's rows have (or can get) a contiguous copy.
+    ivf_gathered_cost: float = 0.5
     # Share of a flat shard at or below which gathering allowed rows beats a full scan.
     flat_subset_fraction: float = 0.3
     # Caps on the raised search parameters (nprobe is also capped at nlist).
@@ -80,6 +89,11 @@ class PlannerConfig:
     # Largest k (and nprobe) asked of a selector-less index: FAISS GPU's top-k limit
     # (GPU_MAX_SELECTION_K); a bigger fetch scans exactly on CPU instead.
     max_index_k: int = 2048
+    # Memory for contiguous copies of the allowed rows of repeated filters (per open
+    # index version; 0 disables). A filter's rows are copied on its first exact-subset
+    # scan (at most exact_max_rows rows per shard), so later queries with the same
+    # filter scan contiguous memory instead of gathering scattered rows again.
+    gather_cache_bytes: int = 256 << 20
     # Store flat shards in float16 on GPU (half the memory and scan bandwidth; results
     # are rescored exactly from float32, so rankings equal the CPU path's).
     gpu_flat_fp16: bool = True
@@ -91,8 +105,85 @@ class PlannerConfig:
             or not 0.0 <= self.flat_subset_fraction <= 1.0
         ):
             raise ValueError("exact_max_rows must be >= 0 and flat_subset_fraction in [0, 1]")
+        if min(self.ivf_subset_cost, self.ivf_gathered_cost, self.gather_cache_bytes) < 0:
+            raise ValueError(
+                "ivf_subset_cost, ivf_gathered_cost and gather_cache_bytes must be >= 0"
+            )
         if self.overfetch_margin < 1.0 or self.max_index_k < 1:
             raise ValueError("overfetch_margin must be >= 1 and max_index_k >= 1")
+
+
+class GatherBudget:
+    """Thread-safe byte budget shared by the :class:`AllowedRows` of one index version."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+class AllowedRows:
+    """What one shard keeps of a cached filter (filter AND live), shared by the queries
+    that repeat the filter: the mask, its count, the row ids, and, from the first exact
+    scan on, the rows' vectors copied into one contiguous index while the budget allows.
+
+    Measured at 1M x 512 (2 shards, 1% of rows): the contiguous copy scans in about half
+    the time of gathering the same 5000 scattered rows per query.
+    """
+
+    def __init__(self, mask: np.ndarray, budget: GatherBudget) -> None:
+        self.mask = mask
+        self.count = int(np.count_nonzero(mask))
+        self.rows = np.flatnonzero(mask)
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._gathered: GatheredRows | None = None
+        self._source: np.ndarray | None = None
+        self._refused = False
+
+    def can_gather(self, source: np.ndarray, max_rows: int) -> bool:
+        """Whether :meth:`gathered` would (probably) return a copy of ``source``'s rows."""
+        if self._gathered is not None:
+            return self._source is source
+        if self._refused or self.count > max_rows:
+            return False
+        if source.dtype not in (np.float16, np.float32):
+            return False
+        nbytes = self.count * source.shape[1] * source.dtype.itemsize
+        return self._budget.used + nbytes <= self._budget.limit
+
+    def gathered(self, source: np.ndarray, max_rows: int) -> GatheredRows | None:
+        """The contiguous copy of ``source[rows]``, made on first call; None when the
+        rows are too many, the budget is spent, or a different source was copied."""
+        if self.count > max_rows or source.dtype not in (np.float16, np.float32):
+            return None
+        with self._lock:  # concurrent first queries wait for one copy, not make two
+            if self._gathered is None and not self._refused:
+                nbytes = self.count * source.shape[1] * source.dtype.itemsize
+                if self._budget.reserve(nbytes):
+                    self._gathered, self._source = GatheredRows(source, self.rows), source
+                else:
+                    self._refused = True
+            return self._gathered if self._source is source else None
+
+    def release(self) -> None:
+        """Give the copy's bytes back (the filter left the cache). Queries still
+        scanning it keep their own reference until they finish."""
+        with self._lock:
+            if self._gathered is not None:
+                self._budget.release(self._gathered.nbytes)
+            self._gathered, self._source, self._refused = None, None, True
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,33 +270,43 @@ class ShardSearcher:
         return self.record.rows
 
     def search(
-        self, xq: np.ndarray, k: int, allowed: np.ndarray | None, config: PlannerConfig
+        self,
+        xq: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        config: PlannerConfig,
+        *,
+        cache: AllowedRows | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """Top-``k`` of every query over the allowed rows of this shard.
 
         Args:
             xq: float32 ``[nq, dim]`` query vectors.
             allowed: bool ``[rows]`` (filter AND live), or None for every row.
+            cache: the cached form of ``allowed`` (``cache.mask is allowed``) when the
+                filter is one the engine keeps; exact subset scans then reuse its rows.
         Returns:
             ``(D, I, plan)``: exact float32 scores ``[nq, k']`` descending and int64 local
             row offsets ``[nq, k']`` with ``k' = min(k, allowed rows)``; the plan name.
         """
-        n_allowed = self.rows if allowed is None else int(np.count_nonzero(allowed))
+        if allowed is None:
+            n_allowed = self.rows
+        else:
+            n_allowed = cache.count if cache is not None else int(np.count_nonzero(allowed))
         k = min(k, n_allowed)
         if k <= 0:
             empty = np.zeros((xq.shape[0], 0))
             return empty.astype(np.float32), empty.astype(np.int64), "empty"
         if not (self.supports_selector and config.use_selectors):
-            return self._search_selectorless(xq, k, allowed, n_allowed, config)
+            return self._search_selectorless(xq, k, allowed, n_allowed, config, cache)
         if self.codes is not None:
             if allowed is not None and n_allowed <= self.rows * config.flat_subset_fraction:
-                d, i = subset_search(xq, self.codes, np.flatnonzero(allowed), k)
+                d, i = self._subset(xq, self.codes, allowed, k, config, cache)
                 return d, i, "exact-subset"
             d, i = exact_search(xq, self.codes, k, mask=allowed)
             return d, i, "exact"
-        limit = config.ivf_exact_max_rows if self.kind == "ivf" else config.exact_max_rows
-        if allowed is not None and n_allowed <= limit:
-            d, i = subset_search(xq, self.vectors, np.flatnonzero(allowed), k)
+        if allowed is not None and self._subset_pays(n_allowed, config, cache):
+            d, i = self._subset(xq, self.vectors, allowed, k, config, cache)
             return d, i, "exact-subset"
         result = self._ann(xq, k, allowed, n_allowed, config)
         if result is None:
@@ -213,6 +314,40 @@ class ShardSearcher:
             d, i = subset_search(xq, self.vectors, rows, k)
             return d, i, "ann->exact"
         return result
+
+    def _subset(
+        self,
+        xq: np.ndarray,
+        source: np.ndarray,
+        allowed: np.ndarray,
+        k: int,
+        config: PlannerConfig,
+        cache: AllowedRows | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the allowed rows of ``source`` (codes or fp16 vectors)."""
+        if cache is None:
+            return subset_search(xq, source, np.flatnonzero(allowed), k)
+        gathered = cache.gathered(source, config.exact_max_rows)
+        if gathered is not None:
+            return gathered.search(xq, k)
+        return subset_search(xq, source, cache.rows, k)
+
+    def _subset_pays(
+        self, n_allowed: int, config: PlannerConfig, cache: AllowedRows | None
+    ) -> bool:
+        """Whether scanning ``n_allowed`` rows exactly beats the filtered ANN search."""
+        if self.kind != "ivf":
+            return n_allowed <= config.exact_max_rows
+        if n_allowed <= config.ivf_exact_max_rows:
+            return True
+        if n_allowed > config.exact_max_rows:
+            return False
+        knob = self._knob(self.rows / max(1, n_allowed), 0, config)
+        lists = knob[1] if knob is not None else self.nlist
+        visited = min(self.rows, lists * self.rows / max(1, self.nlist))
+        gathered = cache is not None and cache.can_gather(self.vectors, config.exact_max_rows)
+        cost = config.ivf_gathered_cost if gathered else config.ivf_subset_cost
+        return n_allowed * cost <= visited
 
     def _ann(
         self,
@@ -299,6 +434,7 @@ class ShardSearcher:
         allowed: np.ndarray | None,
         n_allowed: int,
         config: PlannerConfig,
+        cache: AllowedRows | None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """The GPU routing of :meth:`search` (module docstring): no selector, ever."""
         if allowed is not None:
@@ -310,7 +446,7 @@ class ShardSearcher:
                 few = n_allowed <= config.exact_max_rows
             if few:
                 source = self.codes if self.codes is not None else self.vectors
-                d, i = subset_search(xq, source, np.flatnonzero(allowed), k)
+                d, i = self._subset(xq, source, allowed, k, config, cache)
                 return d, i, "exact-subset"
         result = self._index_search(xq, k, allowed, n_allowed, config)
         if result is not None:
