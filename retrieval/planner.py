@@ -6,16 +6,22 @@ may be returned (filter matches minus tombstones):
 * ``exact``: flat shards are scanned with BLAS over FAISS's own float32 vectors (a
   zero-copy view), which is as fast as numpy from one query on. A filter masks scores.
 * ``exact-subset``: few allowed rows (``<= exact_max_rows`` for HNSW; for IVF when a
-  cost model says gathering them beats the lists a filtered search would visit; a
-  small share of a flat shard): gather those rows' vectors and scan them exactly. At 1%
-  of 1M rows this takes about a millisecond per shard and has recall 1.0, where HNSW +
-  bitmap often comes back short and IVF + bitmap visits 100x more lists (5.5 ms).
+  cost model says so; a small share of a flat shard): gather those rows' vectors and
+  scan them exactly (recall 1.0). A filter the engine has cached scans a contiguous
+  copy of its rows instead (see :class:`AllowedRows`). At 1% of 1M rows: ~0.3 ms per
+  500k-row shard from the copy, where HNSW + bitmap often comes back short.
+* ``ivf-lists``: filtered CPU IVF. The coarse quantizer picks nprobe lists, nprobe
+  raised in proportion to 1 / selectivity (a filter keeping 10% of rows needs ~10x the
+  lists to see as many matching rows); the allowed rows of those lists are scored
+  exactly from the fp16 vectors (:class:`IvfLists`). Same lists as faiss's own
+  bitmap-filtered search, but the lists' codes are never read: 0.4 ms instead of
+  1.2-6 ms per 500k-row shard from 1% to 10% selectivity.
 * ``ann`` / ``ann-filtered``: the shard's FAISS index with per-call
   ``SearchParameters`` (never mutating the shared index, so concurrent queries are
-  safe); with a filter, an ``IDSelectorBitmap`` and nprobe / efSearch raised in
-  proportion to 1 / selectivity (a filter keeping 10% of rows needs ~10x the lists to
-  see as many matching rows). Candidates are rescored exactly from the fp16 vectors.
-* ``ann->exact``: when the index returns fewer than ``min(k, allowed rows)`` results,
+  safe); with a filter (HNSW, IVF behind a pre-transform), an ``IDSelectorBitmap`` and
+  nprobe / efSearch raised in proportion to 1 / selectivity. Candidates are rescored
+  exactly from the fp16 vectors.
+* ``ann->exact``: when the index (or the probed lists) return fewer than ``min(k, allowed rows)`` results,
   the shard is re-searched exactly over the allowed rows. A filtered query therefore
   never returns fewer results because of the index.
 
@@ -54,6 +60,12 @@ from retrieval.placement import CPU, Placed
 
 log = logging.getLogger(__name__)
 
+# A search that returns fewer than k rows (a query far from every probed list, a filter
+# whose rows cluster elsewhere) is retried with nprobe / efSearch raised by these
+# factors before the shard falls back to an exact scan of every allowed row: an
+# out-of-distribution query on a 500k-row IVF shard took 70 ms exact, ~1 ms retried.
+ESCALATION = (1.0, 8.0, 64.0)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerConfig:
@@ -66,15 +78,16 @@ class PlannerConfig:
     # IVF shards scan allowed rows exactly at or below this many, whatever the cost model
     # below says (a few thousand rows take well under a millisecond).
     ivf_exact_max_rows: int = 2_000
-    # Above that (and up to exact_max_rows), an IVF shard scans allowed rows exactly when
-    # allowed_rows * cost <= the rows a bitmap-filtered IVF search would visit (nprobe
-    # raised by 1 / selectivity, lists of rows / nlist each). Measured per row at
-    # 500k x 512 on 2 cores (benchmarks/results/query.md): a visited IVF row 0.09-0.24 us
-    # (bitmap check; distances for members only), an fp16 row gathered and scored 0.25 us,
-    # a row of a filter's contiguous copy (gather_cache_bytes) 0.07 us.
-    ivf_subset_cost: float = 2.2
-    # The cost above when the filter's rows have (or can get) a contiguous copy.
-    ivf_gathered_cost: float = 0.5
+    # Above that (and up to exact_max_rows) a cost model picks between scanning every
+    # allowed row and the filtered IVF search (nprobe raised by 1 / selectivity). Costs
+    # are in units of one fp16 row gathered and scored exactly (0.25 us at d=512 on the
+    # 2-core benchmark machine); a coarse centroid counts 1. Measured at 500k x 512:
+    # - a row id of a probed list checked against the filter ("ivf-lists" plan): 0.04;
+    ivf_list_visit_cost: float = 0.04
+    # - a row visited by faiss's bitmap-filtered scan (IVF behind a pre-transform): 0.45;
+    ivf_scan_visit_cost: float = 0.45
+    # - a row of a repeated filter's contiguous copy (gather_cache_bytes): 0.3.
+    gathered_row_cost: float = 0.3
     # Share of a flat shard at or below which gathering allowed rows beats a full scan.
     flat_subset_fraction: float = 0.3
     # Caps on the raised search parameters (nprobe is also capped at nlist).
@@ -105,10 +118,9 @@ class PlannerConfig:
             or not 0.0 <= self.flat_subset_fraction <= 1.0
         ):
             raise ValueError("exact_max_rows must be >= 0 and flat_subset_fraction in [0, 1]")
-        if min(self.ivf_subset_cost, self.ivf_gathered_cost, self.gather_cache_bytes) < 0:
-            raise ValueError(
-                "ivf_subset_cost, ivf_gathered_cost and gather_cache_bytes must be >= 0"
-            )
+        costs = (self.ivf_list_visit_cost, self.ivf_scan_visit_cost, self.gathered_row_cost)
+        if min(*costs, self.gather_cache_bytes) < 0:
+            raise ValueError("planner costs and gather_cache_bytes must be >= 0")
         if self.overfetch_margin < 1.0 or self.max_index_k < 1:
             raise ValueError("overfetch_margin must be >= 1 and max_index_k >= 1")
 
@@ -186,6 +198,58 @@ class AllowedRows:
             self._gathered, self._source, self._refused = None, None, True
 
 
+class IvfLists:
+    """The row ids of every inverted list of a CPU IVF index, as CSR arrays built on
+    first use (8 bytes per row), and the index's coarse quantizer.
+
+    A filtered query probes lists like the index would, then scores only the allowed
+    rows of those lists, exactly, from the fp16 vectors: the lists' codes are never
+    scanned. faiss's bitmap-filtered scan reads every code of every probed list (10
+    lists at 10% selectivity: ~1.2 ms per 500k-row shard); this reads their ids and
+    gathers a tenth of their rows (~0.3 ms), with the same lists and exact scores.
+    """
+
+    def __init__(self, ivf: Any) -> None:
+        self._ivf = ivf
+        self._lock = threading.Lock()
+        self._csr: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if self._csr is None:
+                import faiss
+
+                lists = self._ivf.invlists
+                sizes = np.array([lists.list_size(i) for i in range(lists.nlist)], np.int64)
+                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                ids = np.empty(int(offsets[-1]), np.int64)
+                for i in np.flatnonzero(sizes):
+                    ptr = lists.get_ids(int(i))
+                    ids[offsets[i] : offsets[i + 1]] = faiss.rev_swig_ptr(ptr, int(sizes[i]))
+                    lists.release_ids(int(i), ptr)
+                self._csr = (offsets, ids)
+            return self._csr
+
+    def probe(self, xq: np.ndarray, nprobe: int) -> np.ndarray:
+        """The ``nprobe`` lists each query visits (int64 ``[nq, nprobe]``, -1 = none)."""
+        _, lists = self._ivf.quantizer.search(xq, nprobe)
+        return np.asarray(lists, dtype=np.int64)
+
+    def allowed_rows(self, lists: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Sorted allowed row offsets in ``lists`` (one query's probe)."""
+        offsets, ids = self._arrays()
+        lists = lists[lists >= 0]
+        starts, ends = offsets[lists], offsets[lists + 1]
+        sizes = ends - starts
+        total = int(sizes.sum())
+        if total == 0:
+            return np.zeros(0, np.int64)
+        # positions starts[j] .. ends[j] - 1 of every probed list, without a Python loop
+        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+        rows = ids[np.arange(total) + shift]
+        return np.sort(rows[allowed[rows]])
+
+
 @dataclass(frozen=True, eq=False)
 class ShardSearcher:
     """An immutable, thread-safe view of one loaded shard."""
@@ -216,6 +280,8 @@ class ShardSearcher:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Whether the index stores flat vectors in float16 (over-fetch, rescore from codes).
     fp16: bool = False
+    # Inverted lists of a CPU IVF index searched directly (not behind a pre-transform).
+    lists: IvfLists | None = None
 
     @classmethod
     def create(
@@ -249,6 +315,11 @@ class ShardSearcher:
                 live = np.ones(record.rows, dtype=bool)
                 live[tombstones[dead] - record.row_id_start] = False
         where = placed or Placed(index=index, placement=CPU)
+        lists = None
+        if kind == "ivf" and not where.on_gpu:
+            top = faiss.downcast_index(index)
+            if isinstance(top, faiss.IndexIVF):
+                lists = IvfLists(top)
         return cls(
             record=record,
             index=where.index,
@@ -263,6 +334,7 @@ class ShardSearcher:
             supports_selector=not where.on_gpu,
             lock=where.lock,
             fp16=where.fp16,
+            lists=lists,
         )
 
     @property
@@ -308,7 +380,10 @@ class ShardSearcher:
         if allowed is not None and self._subset_pays(n_allowed, config, cache):
             d, i = self._subset(xq, self.vectors, allowed, k, config, cache)
             return d, i, "exact-subset"
-        result = self._ann(xq, k, allowed, n_allowed, config)
+        if allowed is not None and self.lists is not None:
+            result = self._ivf_lists(xq, k, allowed, n_allowed, config)
+        else:
+            result = self._ann(xq, k, allowed, n_allowed, config)
         if result is None:
             rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
             d, i = subset_search(xq, self.vectors, rows, k)
@@ -343,11 +418,40 @@ class ShardSearcher:
         if n_allowed > config.exact_max_rows:
             return False
         knob = self._knob(self.rows / max(1, n_allowed), 0, config)
-        lists = knob[1] if knob is not None else self.nlist
-        visited = min(self.rows, lists * self.rows / max(1, self.nlist))
+        probed = knob[1] if knob is not None else self.nlist
+        visited = min(self.rows, probed * self.rows / max(1, self.nlist))
+        if self.lists is not None:  # centroids scored, ids checked, allowed rows gathered
+            selectivity = n_allowed / max(1, self.rows)
+            search = self.nlist + visited * (config.ivf_list_visit_cost + selectivity)
+        else:
+            search = visited * config.ivf_scan_visit_cost
         gathered = cache is not None and cache.can_gather(self.vectors, config.exact_max_rows)
-        cost = config.ivf_gathered_cost if gathered else config.ivf_subset_cost
-        return n_allowed * cost <= visited
+        return n_allowed * (config.gathered_row_cost if gathered else 1.0) <= search
+
+    def _ivf_lists(
+        self,
+        xq: np.ndarray,
+        k: int,
+        allowed: np.ndarray,
+        n_allowed: int,
+        config: PlannerConfig,
+    ) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """Filtered IVF through :class:`IvfLists`; None when some query came back short."""
+        assert self.lists is not None
+        ds, ids = [], []
+        for qi in range(xq.shape[0]):
+            for raise_by in ESCALATION:
+                knob = self._knob(self.rows / max(1, n_allowed) * raise_by, k, config)
+                probes = self.lists.probe(xq[qi : qi + 1], knob[1] if knob else self.nlist)
+                rows = self.lists.allowed_rows(probes[0], allowed)
+                if len(rows) >= k or not self._can_raise(knob, config):
+                    break
+            if len(rows) < k:
+                return None
+            d, i = subset_search(xq[qi : qi + 1], self.vectors, rows, k)
+            ds.append(d)
+            ids.append(i)
+        return np.concatenate(ds), np.concatenate(ids), "ivf-lists"
 
     def _ann(
         self,
@@ -357,7 +461,7 @@ class ShardSearcher:
         n_allowed: int,
         config: PlannerConfig,
     ) -> tuple[np.ndarray, np.ndarray, str] | None:
-        """ANN search + exact rescoring; None when some query came back short."""
+        """ANN search + exact rescoring; None when some query stays short (see ESCALATION)."""
         selectivity = n_allowed / max(1, self.rows)
         fetch = min(n_allowed, k * max(1, self.params.get("k_factor", 1)))
         bitmap = None
@@ -367,16 +471,24 @@ class ShardSearcher:
 
             bitmap = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bitmap))
-        search_params, keep = self._search_params(selector, selectivity, fetch, config)
-        try:
-            _, ids = self.index.search(xq, fetch, params=search_params)
-        except RuntimeError as e:  # an index type that rejects selectors / parameters
-            log.debug("shard %s: ANN search failed (%s); exact fallback", self.record.name, e)
+        for raise_by in ESCALATION:
+            search_params, keep, knob = self._search_params(
+                selector, selectivity, fetch, config, raise_by
+            )
+            try:
+                _, ids = self.index.search(xq, fetch, params=search_params)
+            except RuntimeError as e:  # an index type that rejects selectors / parameters
+                log.debug("shard %s: ANN search failed (%s); exact fallback", self.record.name, e)
+                return None
+            del search_params, keep  # the search is done; they only had to outlive it
+            valid = ids >= 0
+            if (valid.sum(axis=1) >= k).all():
+                break
+            if not self._can_raise(knob, config):
+                return None
+        else:
             return None
-        del bitmap, selector, keep  # the search is done; they only had to outlive it
-        valid = ids >= 0
-        if (valid.sum(axis=1) < k).any():
-            return None
+        del bitmap, selector
         safe = np.where(valid, ids, 0)
         scores = rescore(xq, self.vectors, safe)
         scores[~valid] = -np.inf
@@ -389,12 +501,18 @@ class ShardSearcher:
         )
 
     def _search_params(
-        self, selector: Any, selectivity: float, fetch: int, config: PlannerConfig
-    ) -> tuple[Any, Any]:
+        self,
+        selector: Any,
+        selectivity: float,
+        fetch: int,
+        config: PlannerConfig,
+        raise_by: float = 1.0,
+    ) -> tuple[Any, Any, tuple[str, int] | None]:
+        """(SearchParameters, an object to keep alive while they are used, the knob)."""
         import faiss
 
         boost = 1.0 / max(selectivity, 1e-9) if selector is not None else 1.0
-        knob = self._knob(boost, fetch, config)
+        knob = self._knob(boost * raise_by, fetch, config)
         if knob is not None and knob[0] == "nprobe":
             inner: Any = faiss.SearchParametersIVF()
             inner.nprobe = knob[1]
@@ -411,8 +529,15 @@ class ShardSearcher:
             outer.index_params = inner
             if selector is not None:
                 outer.sel = selector
-            return outer, inner  # the caller keeps `inner` alive while `outer` is used
-        return inner, None
+            return outer, inner, knob  # the caller keeps `inner` alive while `outer` is used
+        return inner, None, knob
+
+    def _can_raise(self, knob: tuple[str, int] | None, config: PlannerConfig) -> bool:
+        """Whether a search that came back short can be retried with a larger knob."""
+        if knob is None:
+            return False
+        cap = self.nlist if knob[0] == "nprobe" else config.max_ef_search
+        return knob[1] < cap
 
     def _knob(self, boost: float, fetch: int, config: PlannerConfig) -> tuple[str, int] | None:
         """The search parameter for ``fetch`` results, raised by ``boost`` (1 / selectivity)."""

@@ -66,28 +66,83 @@ def test_copies_stay_within_the_budget_and_are_released_on_eviction(ivf_index: P
 def test_ivf_cost_model_scans_selective_filters_and_searches_broad_ones(
     ivf_index: Path,
 ) -> None:
-    """Exact scan when allowed rows x cost <= rows the filtered IVF search would visit.
-
-    Every row passes "rating >= 1", so even a search visiting every list visits no more
-    rows than are allowed: a cost above 1 must pick the index, a tiny one the scan.
-    """
     oracle = Oracle.load(ivf_index, "text")
     xq = noisy_queries(oracle, 1, seed=5)[0]
-    for copies in (256 << 20, 0):
 
-        def plans(where: str, cost: float, copies: int = copies) -> set[str]:
-            config = PlannerConfig(
-                ivf_exact_max_rows=0,
-                ivf_subset_cost=cost,
-                ivf_gathered_cost=cost,
-                gather_cache_bytes=copies,
-            )
-            with SearchEngine.open(ivf_index, config=config) as engine:
-                got = engine.search(xq, k=5, where=where, modality="text")
-            if set(got.plans.values()) <= {"exact-subset", "empty"}:
-                assert got.row_ids == oracle.search(xq[None], 5, where)[0]
-            return set(got.plans.values()) - {"empty"}  # shards without the document
+    def plans(where: str, **costs: float) -> set[str]:
+        config = PlannerConfig(ivf_exact_max_rows=0, **costs)  # type: ignore[arg-type]
+        with SearchEngine.open(ivf_index, config=config) as engine:
+            got = engine.search(xq, k=5, where=where, modality="text")
+        matches = oracle.row_ids[oracle.mask(where)].tolist()
+        assert len(got) == min(5, len(matches)) and set(got.row_ids) <= set(matches)
+        return set(got.plans.values()) - {"empty"}  # shards without the document
 
-        assert plans("doc_id = 'd0007'", PlannerConfig().ivf_subset_cost) == {"exact-subset"}
-        assert "exact-subset" not in plans("rating >= 1", 1.5)
-        assert plans("rating >= 1", 0.01) == {"exact-subset"}
+    assert plans("doc_id = 'd0007'") == {"exact-subset"}
+    # Every row passes: probing lists visits no fewer rows than scanning them all...
+    assert plans("rating >= 1", ivf_list_visit_cost=1.0) == {"exact-subset"}
+    # ...unless scanning them all is priced out.
+    assert plans("rating >= 1", exact_max_rows=0) == {"ivf-lists"}
+
+
+def test_ivf_lists_probe_the_same_lists_as_the_index(ivf_index: Path) -> None:
+    """Candidates = allowed rows of exactly the lists faiss would probe."""
+    import faiss
+
+    oracle = Oracle.load(ivf_index, "text")
+    xq = noisy_queries(oracle, 3, seed=6)
+    with SearchEngine.open(ivf_index) as engine:
+        shard = next(s for s in engine._state.shards if s.record.modality == "text")
+        assert shard.lists is not None
+        allowed = np.random.default_rng(0).random(shard.rows) < 0.5
+        ivf = faiss.extract_index_ivf(shard.index)
+        for nprobe in (1, 2, ivf.nlist):
+            probes = shard.lists.probe(xq, nprobe)
+            for q, lists in zip(xq, probes, strict=True):
+                expected = [
+                    int(
+                        faiss.rev_swig_ptr(
+                            ivf.invlists.get_ids(int(ln)), ivf.invlists.list_size(int(ln))
+                        )[j]
+                    )
+                    for ln in lists
+                    if ln >= 0
+                    for j in range(ivf.invlists.list_size(int(ln)))
+                ]
+                want = sorted(r for r in expected if allowed[r])
+                assert shard.lists.allowed_rows(lists, allowed).tolist() == want
+                # and the index itself, searched with this nprobe, only returns these lists' rows
+                params = faiss.SearchParametersIVF()
+                params.nprobe = nprobe
+                _, ids = shard.index.search(q[None], 20, params=params)
+                assert set(ids[0][ids[0] >= 0].tolist()) <= set(expected)
+
+
+def test_short_ivf_results_retry_with_more_lists_before_scanning_everything(
+    ivf_index: Path,
+) -> None:
+    """A query whose probed lists hold fewer than k (allowed) rows raises nprobe and
+    stays on the index, instead of scanning the whole shard exactly."""
+    import dataclasses
+
+    import faiss
+
+    from retrieval.kernels import exact_search
+
+    with SearchEngine.open(ivf_index) as engine:
+        shard = next(s for s in engine._state.shards if s.kind == "ivf")
+        ivf = faiss.extract_index_ivf(shard.index)
+        assert ivf.nlist > 2
+        one_list = dataclasses.replace(shard, params={**shard.params, "nprobe": 1})
+        sizes = sorted((ivf.invlists.list_size(i) for i in range(ivf.nlist)), reverse=True)
+        k = sizes[0] + sizes[1] + 1  # one or two lists (filter boost ~1.2) are short
+        xq = noisy_queries(Oracle.load(ivf_index, shard.record.modality), 2, seed=8)
+        vectors = np.asarray(shard.vectors, np.float32)
+        allowed = np.ones(shard.rows, bool)
+        allowed[::7] = False
+        assert k <= allowed.sum()
+        for mask, plan in ((None, "ann"), (allowed, "ivf-lists")):
+            config = PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0)
+            d, i, got_plan = one_list.search(xq, k, mask, config)
+            assert got_plan == plan and i.shape == (2, k)
+            if ivf.nlist <= 8:  # one retry probes every list: exact over the shard
+                assert np.array_equal(i, exact_search(xq, vectors, k, mask=mask)[1])
