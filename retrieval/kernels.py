@@ -389,7 +389,7 @@ def single_threaded_worker() -> None:
     try:
         import torch
 
-        torch.zeros(1).add_(1)  # torch's lazy per-thread init sets OpenMP's count
+        torch.get_num_threads()  # runs torch's per-thread init, which sets the count
         lib = _torch_openmp()
         if lib is not None:
             lib.omp_set_num_threads(1)

@@ -70,7 +70,7 @@ def test_ivf_cost_model_scans_selective_filters_and_searches_broad_ones(
     xq = noisy_queries(oracle, 1, seed=5)[0]
 
     def plans(where: str, **costs: float) -> set[str]:
-        config = PlannerConfig(ivf_exact_max_rows=0, **costs)  # type: ignore[arg-type]
+        config = PlannerConfig(ivf_exact_max_rows=0, **costs)
         with SearchEngine.open(ivf_index, config=config) as engine:
             got = engine.search(xq, k=5, where=where, modality="text")
         matches = oracle.row_ids[oracle.mask(where)].tolist()
@@ -142,7 +142,7 @@ def test_short_ivf_results_retry_with_more_lists_before_scanning_everything(
         assert k <= allowed.sum()
         for mask, plan in ((None, "ann"), (allowed, "ivf-lists")):
             config = PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0)
-            d, i, got_plan = one_list.search(xq, k, mask, config)
+            _, i, got_plan = one_list.search(xq, k, mask, config)
             assert got_plan == plan and i.shape == (2, k)
             if ivf.nlist <= 8:  # one retry probes every list: exact over the shard
                 assert np.array_equal(i, exact_search(xq, vectors, k, mask=mask)[1])
