@@ -24,6 +24,9 @@ BLOCK_ROWS = 16_384
 # across calls (see _scratch_buffer): 4 MiB of fp16 + 8 MiB of float32 per searching
 # thread at d=512, small enough to stay in cache-friendly, already-mapped memory.
 GATHER_ROWS = 4096
+# Smaller float16 blocks are cast by numpy: below this size torch's per-call overhead
+# (~20 us) exceeds numpy's software cast (2 ns per value).
+TORCH_CAST_FROM = 16_384
 # Scores computed per block for float32 rows (64 MiB of float32).
 SCORE_BLOCK = 1 << 24
 # Up to this many queries, subset scans avoid multi-threaded BLAS (see small_scores).
@@ -35,9 +38,6 @@ BLAS_FROM_QUERIES = 8
 
 _faiss_lock = threading.Lock()
 _faiss_configured_dim: int | None = None
-# Smaller float16 blocks are cast by numpy: below this size torch's per-call overhead
-# (~20 us) exceeds numpy's software cast (2 ns per value).
-TORCH_CAST_FROM = 16_384
 # Per-thread scratch buffers and flat indexes of the gathering kernels.
 _scratch = threading.local()
 

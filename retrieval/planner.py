@@ -45,6 +45,7 @@ GPU routing on CPU indexes:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -157,12 +158,17 @@ class AllowedRows:
     def __init__(self, mask: np.ndarray, budget: GatherBudget) -> None:
         self.mask = mask
         self.count = int(np.count_nonzero(mask))
-        self.rows = np.flatnonzero(mask)
         self._budget = budget
         self._lock = threading.Lock()
         self._gathered: GatheredRows | None = None
         self._source: np.ndarray | None = None
         self._refused = False
+
+    @functools.cached_property
+    def rows(self) -> np.ndarray:
+        """Allowed row offsets, made on first use (8 bytes per row: broad filters that
+        never take an exact scan never pay for them); racing threads make equal arrays."""
+        return np.flatnonzero(self.mask)
 
     def can_gather(self, source: np.ndarray, max_rows: int) -> bool:
         """Whether :meth:`gathered` would (probably) return a copy of ``source``'s rows."""
@@ -436,16 +442,22 @@ class ShardSearcher:
         n_allowed: int,
         config: PlannerConfig,
     ) -> tuple[np.ndarray, np.ndarray, str] | None:
-        """Filtered IVF through :class:`IvfLists`; None when some query came back short."""
-        assert self.lists is not None
+        """Filtered IVF through :class:`IvfLists`; None when some query stays short."""
+        lists = self.lists
+        assert lists is not None  # only called for shards that have them
+        boost = self.rows / max(1, n_allowed)
+        knob = self._knob(boost, k, config)
+        probes = lists.probe(xq, knob[1] if knob else self.nlist)  # one call per batch
         ds, ids = [], []
         for qi in range(xq.shape[0]):
-            for raise_by in ESCALATION:
-                knob = self._knob(self.rows / max(1, n_allowed) * raise_by, k, config)
-                probes = self.lists.probe(xq[qi : qi + 1], knob[1] if knob else self.nlist)
-                rows = self.lists.allowed_rows(probes[0], allowed)
-                if len(rows) >= k or not self._can_raise(knob, config):
+            rows = lists.allowed_rows(probes[qi], allowed)
+            query_knob = knob
+            for raise_by in ESCALATION[1:]:  # a short query alone probes more lists
+                if len(rows) >= k or not self._can_raise(query_knob, config):
                     break
+                query_knob = self._knob(boost * raise_by, k, config)
+                nprobe = query_knob[1] if query_knob else self.nlist
+                rows = lists.allowed_rows(lists.probe(xq[qi : qi + 1], nprobe)[0], allowed)
             if len(rows) < k:
                 return None
             d, i = subset_search(xq[qi : qi + 1], self.vectors, rows, k)
