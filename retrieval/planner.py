@@ -381,7 +381,7 @@ class ShardSearcher:
             if allowed is not None and n_allowed <= self.rows * config.flat_subset_fraction:
                 d, i = self._subset(xq, self.codes, allowed, k, config, cache)
                 return d, i, "exact-subset"
-            d, i = exact_search(xq, self.codes, k, mask=allowed)
+            d, i = self._exact(xq, k, allowed)
             return d, i, "exact"
         if allowed is not None and self._subset_pays(n_allowed, config, cache):
             d, i = self._subset(xq, self.vectors, allowed, k, config, cache)
@@ -391,10 +391,33 @@ class ShardSearcher:
         else:
             result = self._ann(xq, k, allowed, n_allowed, config)
         if result is None:
-            rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
-            d, i = subset_search(xq, self.vectors, rows, k)
+            d, i = self._exact(xq, k, allowed)
             return d, i, "ann->exact"
         return result
+
+    def _exact(
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the allowed rows: a flat shard's float32 codes, masked, or
+        the fp16 vectors of the allowed rows (the fallback of every index plan)."""
+        if self.codes is not None:
+            return exact_search(xq, self.codes, k, mask=allowed)
+        rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
+        return subset_search(xq, self.vectors, rows, k)
+
+    @staticmethod
+    def _best_rescored(
+        xq: np.ndarray, source: np.ndarray, safe: np.ndarray, valid: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` candidates per query by exact score from ``source``: ``safe`` holds
+        candidate rows (any row where ``valid`` is False), ties broken by row."""
+        scores = rescore(xq, source, safe)
+        scores[~valid] = -np.inf
+        order = np.lexsort((safe, -scores), axis=1)[:, :k]
+        return (
+            np.take_along_axis(scores, order, axis=1).astype(np.float32),
+            np.take_along_axis(safe, order, axis=1).astype(np.int64),
+        )
 
     def _subset(
         self,
@@ -501,16 +524,8 @@ class ShardSearcher:
         else:
             return None
         del bitmap, selector
-        safe = np.where(valid, ids, 0)
-        scores = rescore(xq, self.vectors, safe)
-        scores[~valid] = -np.inf
-        order = np.lexsort((safe, -scores), axis=1)[:, :k]
-        plan = "ann" if allowed is None else "ann-filtered"
-        return (
-            np.take_along_axis(scores, order, axis=1).astype(np.float32),
-            np.take_along_axis(safe, order, axis=1).astype(np.int64),
-            plan,
-        )
+        d, i = self._best_rescored(xq, self.vectors, np.where(valid, ids, 0), valid, k)
+        return d, i, "ann" if allowed is None else "ann-filtered"
 
     def _search_params(
         self,
@@ -588,11 +603,7 @@ class ShardSearcher:
         result = self._index_search(xq, k, allowed, n_allowed, config)
         if result is not None:
             return result
-        if self.codes is not None:
-            d, i = exact_search(xq, self.codes, k, mask=allowed)
-        else:
-            rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
-            d, i = subset_search(xq, self.vectors, rows, k)
+        d, i = self._exact(xq, k, allowed)
         return d, i, "index->exact"
 
     def _index_search(
@@ -637,14 +648,8 @@ class ShardSearcher:
         if (valid.sum(axis=1) < k).any():
             return None
         source = self.codes if self.codes is not None else self.vectors
-        scores = rescore(xq, source, safe)
-        scores[~valid] = -np.inf
-        order = np.lexsort((safe, -scores), axis=1)[:, :k]
-        return (
-            np.take_along_axis(scores, order, axis=1).astype(np.float32),
-            np.take_along_axis(safe, order, axis=1).astype(np.int64),
-            "index" if allowed is None else "index-overfetch",
-        )
+        d, i = self._best_rescored(xq, source, safe, valid, k)
+        return d, i, "index" if allowed is None else "index-overfetch"
 
     def _parameter_space(self) -> Any:
         import faiss
