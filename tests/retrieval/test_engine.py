@@ -13,7 +13,6 @@ from query_fixtures import (
     encoder,
     mean_recall,
     noisy_queries,
-    write_corpus,
 )
 
 from indexer.maintenance import delete
@@ -22,21 +21,6 @@ from retrieval.engine import SearchEngine
 from retrieval.errors import FilterError, FingerprintMismatchError, QueryError
 from retrieval.planner import PlannerConfig
 from retrieval.queries import ComposedQuery
-
-N_DOCS = 300
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"), N_DOCS)
-
-
-@pytest.fixture(scope="module", params=["flat", "ivf", "hnsw", "ivfpq"])
-def index(
-    request: pytest.FixtureRequest, corpus: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    return build_index(tmp_path_factory.mktemp(request.param), corpus, request.param)
-
 
 FILTERS = [
     None,

@@ -19,7 +19,6 @@ from query_fixtures import (
     encoder,
     mean_recall,
     noisy_queries,
-    write_corpus,
 )
 
 from indexer.maintenance import delete
@@ -37,7 +36,6 @@ from retrieval.placement import (
 from retrieval.planner import PlannerConfig, ShardSearcher
 from retrieval.store import open_snapshot
 
-N_DOCS = 300
 TWIN = PlannerConfig(use_selectors=False)
 # Every filtered query takes the over-fetch path (no exact-subset shortcut).
 TWIN_OVERFETCH = PlannerConfig(
@@ -53,18 +51,6 @@ HAS_GPU = faiss_gpu_count() > 0
 gpu = pytest.mark.skipif(
     not HAS_GPU, reason="needs a CUDA GPU and a GPU build of faiss (faiss.get_num_gpus() == 0)"
 )
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"), N_DOCS)
-
-
-@pytest.fixture(scope="module", params=["flat", "ivf", "hnsw", "ivfpq"])
-def index(
-    request: pytest.FixtureRequest, corpus: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    return build_index(tmp_path_factory.mktemp(request.param), corpus, request.param)
 
 
 # ---------------------------------------------------------------- placement rules

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from query_fixtures import Oracle, build_index, noisy_queries, write_corpus
+from query_fixtures import Oracle, noisy_queries
 
 from retrieval.engine import MASK_CACHE_SIZE, SearchEngine
 from retrieval.planner import PlannerConfig
 
 
-@pytest.fixture(scope="module")
-def ivf_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), 300)
-    return build_index(tmp_path_factory.mktemp("ivf"), corpus, "ivf")
+@pytest.fixture
+def ivf_index(built_index: Callable[[str], Path]) -> Path:
+    return built_index("ivf")
 
 
 def test_repeated_filter_answers_from_a_copy_exactly_like_a_fresh_scan(ivf_index: Path) -> None:
