@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy
+	$(BIN)/python .ci/typecheck.py
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download does not
 # work offline); install it once when missing (needs root, as on CI machines).

@@ -71,7 +71,7 @@ def bench_kind(
 ) -> dict[str, Any]:
     import faiss
 
-    from indexer.ann import IndexOptions, build_ann
+    from clipsearch.indexer.ann import IndexOptions, build_ann
 
     max_mem = int(args.max_memory_gb * 2**30) if args.max_memory_gb else None
     options = IndexOptions(index=kind, max_memory=max_mem, target_recall=args.target_recall)
@@ -143,7 +143,7 @@ def main() -> None:
         lat.append((time.perf_counter() - t) * 1000)
     setup_s = time.perf_counter() - t0
     print(f"data + ground truth: {setup_s:.1f}s; exact scan {np.median(lat):.1f} ms/query")
-    from indexer.ann import IndexOptions, choose_factory
+    from clipsearch.indexer.ann import IndexOptions, choose_factory
 
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders.openclip import OpenClipEncoder, cpu_supports_bf16
+from clipsearch.retrieval.encoders.openclip import OpenClipEncoder, cpu_supports_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "encode.json"
 WORDS = [

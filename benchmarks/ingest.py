@@ -6,7 +6,7 @@ For each model, in one process:
   beforehand (the best the encoder can do; the baseline);
 * ``sequential``: decode + prepare + encode one batch after another, no overlap (what a
   naive loop achieves);
-* ``build``: ``indexer.build.build`` over the folder of JPEGs (scan, read + sha256,
+* ``build``: ``clipsearch.indexer.build.build`` over the folder of JPEGs (scan, read + sha256,
   decode + prepare in worker threads overlapped with encoding, fp16 + Parquet + FAISS
   shard writing, manifest commit).
 
@@ -58,8 +58,8 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> None
 
 
 def load_model(name: str, batch_size: int) -> tuple[Any, str]:
-    from retrieval.encoders import load_encoder
-    from retrieval.errors import ModelNotFoundError
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.errors import ModelNotFoundError
 
     if name == "clipsearch-demo":
         try:
@@ -72,9 +72,9 @@ def load_model(name: str, batch_size: int) -> tuple[Any, str]:
 def bench_model(
     name: str, folder: Path, batch_size: int, workers: int, repeats: int
 ) -> dict[str, Any]:
-    from indexer.ann import IndexOptions
-    from indexer.build import BuildOptions, build
-    from retrieval.encoders import load_image_for
+    from clipsearch.indexer.ann import IndexOptions
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.retrieval.encoders import load_image_for
 
     encoder, weights = load_model(name, batch_size)
     paths = sorted(folder.glob("*.jpg"))

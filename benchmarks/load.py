@@ -72,7 +72,7 @@ def load_query_encoder(kind: str, work: Path) -> tuple[Any, str]:
     2-core build box (load average ~7) one ViT-B-32 text encode took 1.2-3 s, so this
     mode needs a quiet machine to say anything.
     """
-    from retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders import load_encoder
 
     if kind == "fake":
         return load_encoder("fake"), "fake"
@@ -91,9 +91,9 @@ def load_query_encoder(kind: str, work: Path) -> tuple[Any, str]:
 
 
 def build_demo_index(work: Path, products: int, encoder: Any) -> Path:
-    from indexer.build import BuildOptions, build
-    from indexer.demo.generate import generate_catalog
-    from indexer.sources import SourceOptions
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.demo.generate import generate_catalog
+    from clipsearch.indexer.sources import SourceOptions
 
     summary = generate_catalog(work / "demo-catalog", products=products, seed=0)
     out = work / "demo-index"
@@ -110,10 +110,10 @@ def build_synthetic_index(work: Path, rows: int, encoder: Any, shard_rows: int =
     """``rows`` clustered unit vectors with shop metadata, written as a real index."""
     import pyarrow as pa
 
-    from indexer.ann import IndexOptions
-    from indexer.commit import commit, utc_now
-    from indexer.writer import write_shard
-    from retrieval.manifest import Manifest, shard_name
+    from clipsearch.indexer.ann import IndexOptions
+    from clipsearch.indexer.commit import commit, utc_now
+    from clipsearch.indexer.writer import write_shard
+    from clipsearch.retrieval.manifest import Manifest, shard_name
 
     out = work / "synthetic-index"
     out.mkdir(parents=True)
@@ -187,7 +187,7 @@ def library_baseline(
     index: Path, encoder: Any, bodies: list[dict[str, Any]], seconds: float
 ) -> dict[str, Any]:
     """The same queries through SearchEngine in-process: one by one, and in batches of 16."""
-    from retrieval.engine import SearchEngine
+    from clipsearch.retrieval.engine import SearchEngine
 
     engine = SearchEngine.open(index, encoder=encoder)
     try:
@@ -236,7 +236,7 @@ def free_port() -> int:
 def start_server(
     index: Path, work: Path, config: dict[str, Any]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    from retrieval.service.app import CONFIG_ENV, INDEX_ENV
+    from clipsearch.retrieval.service.app import CONFIG_ENV, INDEX_ENV
 
     port = free_port()
     env = dict(os.environ, **{INDEX_ENV: str(index), CONFIG_ENV: json.dumps(config)})
@@ -247,7 +247,7 @@ def start_server(
             "-m",
             "uvicorn",
             "--factory",
-            "retrieval.service.app:app_from_env",
+            "clipsearch.retrieval.service.app:app_from_env",
             "--host",
             "127.0.0.1",
             "--port",
@@ -582,7 +582,7 @@ def main() -> None:
         t0 = time.perf_counter()
         demo = build_demo_index(work, args.demo_products, encoder)
         print(f"demo index built in {time.perf_counter() - t0:.1f} s", flush=True)
-        from retrieval.manifest import read_current
+        from clipsearch.retrieval.manifest import read_current
 
         demo_filters = ["price < 60", "category = 'footwear'", "in_stock", "colour = 'red'"]
         r = bench_index("demo", demo, encoder, demo_filters, args, work)
@@ -592,7 +592,7 @@ def main() -> None:
         shutil.rmtree(demo.parent / "demo-catalog", ignore_errors=True)
         if args.rows > 0:
             t0 = time.perf_counter()
-            from retrieval.encoders import load_encoder
+            from clipsearch.retrieval.encoders import load_encoder
 
             # 1M rows at the fake encoder's 64 dims; a 512-dim build does not fit this box's budget.
             synthetic_encoder = load_encoder("fake")

@@ -72,11 +72,11 @@ def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def write_index(root: Path, xb: np.ndarray, bucket: np.ndarray, shards: int, index: str) -> None:
-    from indexer.ann import IndexOptions
-    from indexer.commit import commit
-    from indexer.writer import write_shard
-    from retrieval.encoders import FakeEncoder
-    from retrieval.manifest import Manifest, shard_name
+    from clipsearch.indexer.ann import IndexOptions
+    from clipsearch.indexer.commit import commit
+    from clipsearch.indexer.writer import write_shard
+    from clipsearch.retrieval.encoders import FakeEncoder
+    from clipsearch.retrieval.manifest import Manifest, shard_name
 
     n = len(xb)
     bounds = np.linspace(0, n, shards + 1).astype(int)
@@ -162,7 +162,7 @@ def exact_truth(
     codes: np.ndarray, xq: np.ndarray, mask: np.ndarray | None = None
 ) -> list[list[int]]:
     """Ground truth in one batched BLAS pass (a per-query loop would dominate the run)."""
-    from retrieval.kernels import exact_search
+    from clipsearch.retrieval.kernels import exact_search
 
     _, idx = exact_search(xq, codes, K, mask=mask)
     return idx.tolist()
@@ -171,8 +171,8 @@ def exact_truth(
 def run(n: int, shards: int, n_queries: int, batch: int, workdir: Path) -> dict[str, Any]:
     import faiss
 
-    from retrieval.engine import SearchEngine
-    from retrieval.kernels import exact_search
+    from clipsearch.retrieval.engine import SearchEngine
+    from clipsearch.retrieval.kernels import exact_search
 
     t0 = time.perf_counter()
     xb, bucket, queries = make_data(n)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import typer
 
-import retrieval
-from cli.common import setup_logging
+import clipsearch
+from clipsearch.cli.common import setup_logging
 
 app = typer.Typer(
     name="clipsearch",
@@ -21,7 +21,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"clipsearch {retrieval.__version__}")
+        typer.echo(f"clipsearch {clipsearch.__version__}")
         raise typer.Exit()
 
 
@@ -37,13 +37,13 @@ def _root(
     setup_logging(verbose)
 
 
-from cli.demo_cmd import demo_cmd, demo_data_cmd, demo_eval_cmd  # noqa: E402
-from cli.embed_cmd import embed_cmd  # noqa: E402
-from cli.index_cmd import index_app  # noqa: E402
-from cli.models_cmd import models_app  # noqa: E402
-from cli.search_cmd import classify_cmd, eval_cmd, search_cmd  # noqa: E402
-from cli.serve_cmd import serve as serve_cmd  # noqa: E402
-from cli.train_cmd import train_cmd  # noqa: E402
+from clipsearch.cli.demo_cmd import demo_cmd, demo_data_cmd, demo_eval_cmd  # noqa: E402
+from clipsearch.cli.embed_cmd import embed_cmd  # noqa: E402
+from clipsearch.cli.index_cmd import index_app  # noqa: E402
+from clipsearch.cli.models_cmd import models_app  # noqa: E402
+from clipsearch.cli.search_cmd import classify_cmd, eval_cmd, search_cmd  # noqa: E402
+from clipsearch.cli.serve_cmd import serve as serve_cmd  # noqa: E402
+from clipsearch.cli.train_cmd import train_cmd  # noqa: E402
 
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")

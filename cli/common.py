@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from retrieval.errors import ClipsearchError
+from clipsearch.retrieval.errors import ClipsearchError
 
 console = Console()
 err_console = Console(stderr=True)

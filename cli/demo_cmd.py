@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import typer
 from rich.progress import Progress
 
-from cli.common import cli_errors, console, err_console, print_json, staged_progress
+from clipsearch.cli.common import cli_errors, console, err_console, print_json, staged_progress
 
 if TYPE_CHECKING:
-    from indexer.demo.run import DemoReport
+    from clipsearch.indexer.demo.run import DemoReport
 
 
 def demo_data_cmd(
@@ -22,7 +22,7 @@ def demo_data_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Generate the demo shop catalog: rendered product photos plus products.parquet."""
-    from indexer.demo.generate import generate_catalog
+    from clipsearch.indexer.demo.generate import generate_catalog
 
     with cli_errors(), Progress(console=err_console, disable=as_json) as bar:
         task = bar.add_task("rendering products", total=products)
@@ -55,7 +55,7 @@ def demo_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Generate a demo shop, index it, and run shopping-assistant queries (text, filters, image)."""
-    from indexer.demo.run import run_demo
+    from clipsearch.indexer.demo.run import run_demo
 
     with cli_errors(), staged_progress(disable=as_json) as on_progress:
         report = run_demo(
@@ -137,7 +137,7 @@ def demo_eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Measure a model on a freshly generated demo catalog against the demo quality bar."""
-    from indexer.demo.evaluate import evaluate_demo_model
+    from clipsearch.indexer.demo.evaluate import evaluate_demo_model
 
     with cli_errors(), staged_progress(disable=as_json) as on_progress:
         report = evaluate_demo_model(

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import cli_errors, console, err_console, print_json
-from retrieval.encoders import DEFAULT_MODEL
+from clipsearch.cli.common import cli_errors, console, err_console, print_json
+from clipsearch.retrieval.encoders import DEFAULT_MODEL
 
 
 def embed_cmd(
@@ -27,8 +27,8 @@ def embed_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the vectors as JSON."),
 ) -> None:
     """Embed texts and images with one model and show how similar they are to each other."""
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.catalog import describe_encoder, embed_inputs
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders.catalog import describe_encoder, embed_inputs
 
     with cli_errors():
         encoder = load_encoder(model, pretrained, device=device, precision=precision)

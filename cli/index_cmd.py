@@ -1,6 +1,6 @@
 """``clipsearch index``: build, add, delete, compact, verify and inspect an index.
 
-Each command parses its options, calls one ``indexer`` (or ``retrieval.store``) function
+Each command parses its options, calls one ``indexer`` (or ``clipsearch.retrieval.store``) function
 and renders the result; the library does the work and a backend can call it the same way.
 """
 
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from cli.common import cli_errors, console, err_console, print_json
+from clipsearch.cli.common import cli_errors, console, err_console, print_json
 
 if TYPE_CHECKING:
-    from indexer.build import BuildOptions, IngestSummary, ProgressFn
+    from clipsearch.indexer.build import BuildOptions, IngestSummary, ProgressFn
 
 index_app = typer.Typer(
     help="Build and maintain indexes: build, add, delete, compact, verify, info.",
@@ -77,9 +77,9 @@ def _options(
     id_col: str | None,
     on_duplicate: str,
 ) -> BuildOptions:
-    from indexer.ann import IndexOptions, parse_memory
-    from indexer.build import BuildOptions
-    from indexer.sources import SourceOptions
+    from clipsearch.indexer.ann import IndexOptions, parse_memory
+    from clipsearch.indexer.build import BuildOptions
+    from clipsearch.indexer.sources import SourceOptions
 
     index_device = "cpu" if device == "cpu" else "auto"
     extra = {"workers": workers} if workers else {}
@@ -174,8 +174,8 @@ def build_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
-    from indexer.build import build
-    from retrieval.encoders import load_encoder
+    from clipsearch.indexer.build import build
+    from clipsearch.retrieval.encoders import load_encoder
 
     with cli_errors():
         opts = _options(
@@ -210,9 +210,9 @@ def add_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Append SOURCES as new shards; unchanged items are skipped, changed ones replaced."""
-    from indexer.build import add
-    from retrieval.encoders import encoder_from_fingerprint
-    from retrieval.manifest import read_current
+    from clipsearch.indexer.build import add
+    from clipsearch.retrieval.encoders import encoder_from_fingerprint
+    from clipsearch.retrieval.manifest import read_current
 
     with cli_errors():
         opts = _options(
@@ -243,7 +243,7 @@ def delete_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Delete documents (tombstones; `index compact` reclaims the space)."""
-    from indexer.maintenance import delete
+    from clipsearch.indexer.maintenance import delete
 
     doc_ids = [x.strip() for raw in ids for x in raw.split(",") if x.strip()]
     with cli_errors():
@@ -266,7 +266,7 @@ def compact_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Rewrite shards without deleted rows and remove files no kept version references."""
-    from indexer.maintenance import compact
+    from clipsearch.indexer.maintenance import compact
 
     with cli_errors(), _progress_bar(not as_json) as progress:
         result = compact(index_dir, keep_versions=keep_versions, progress=progress)
@@ -287,7 +287,7 @@ def verify_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Check every file against the manifest; exit code 1 when anything is wrong."""
-    from retrieval.store import verify_index
+    from clipsearch.retrieval.store import verify_index
 
     with cli_errors():
         report = verify_index(index_dir, verify_hashes=not quick)
@@ -313,7 +313,7 @@ def info_cmd(
     as_json: bool = _JSON,
 ) -> None:
     """Versions, rows per modality, model, index types, measured recall, errors."""
-    from indexer.maintenance import info
+    from clipsearch.indexer.maintenance import info
 
     with cli_errors():
         data = info(index_dir)

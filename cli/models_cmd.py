@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli.common import cli_errors, console, print_json
+from clipsearch.cli.common import cli_errors, console, print_json
 
 models_app = typer.Typer(
     help="List, inspect and pre-download encoder models.", no_args_is_help=True
@@ -24,7 +24,7 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Presets, bundled models and every open_clip architecture/tag; marks what works offline."""
-    from retrieval.encoders.catalog import list_models
+    from clipsearch.retrieval.encoders.catalog import list_models
 
     with cli_errors():
         rows = list_models()
@@ -56,7 +56,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Load a model and show its fingerprint, dimension, size, device and precision."""
-    from retrieval.encoders.catalog import describe_model
+    from clipsearch.retrieval.encoders.catalog import describe_model
 
     with cli_errors():
         info = describe_model(model, pretrained, device=device, precision=precision)
@@ -89,7 +89,7 @@ def fetch_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Download a model's weights into the local cache (run while online)."""
-    from retrieval.encoders.catalog import fetch_model
+    from clipsearch.retrieval.encoders.catalog import fetch_model
 
     with cli_errors():
         result = fetch_model(model, pretrained, cache_dir=cache_dir)

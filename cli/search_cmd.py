@@ -1,8 +1,8 @@
 """``clipsearch search``, ``clipsearch classify`` and ``clipsearch eval``.
 
 Thin wrappers: each parses its options, calls one library function
-(:meth:`SearchEngine.search`, :func:`retrieval.queries.classify`,
-:func:`retrieval.eval.evaluate_index`) and renders a rich table or JSON.
+(:meth:`SearchEngine.search`, :func:`clipsearch.retrieval.queries.classify`,
+:func:`clipsearch.retrieval.eval.evaluate_index`) and renders a rich table or JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from cli.common import cli_errors, console, print_json
-from retrieval.errors import QueryError
+from clipsearch.cli.common import cli_errors, console, print_json
+from clipsearch.retrieval.errors import QueryError
 
 _DEVICE = typer.Option(
     "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
@@ -40,7 +40,7 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Search an index with a text or an image query."""
-    from retrieval.engine import SearchEngine
+    from clipsearch.retrieval.engine import SearchEngine
 
     with cli_errors():
         if (text is None) == (image is None):
@@ -82,8 +82,8 @@ def classify_cmd(
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Zero-shot classify an image into one of the given labels."""
-    from retrieval.encoders import load_encoder
-    from retrieval.queries import classify
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.queries import classify
 
     with cli_errors():
         encoder = load_encoder(model, pretrained)
@@ -107,8 +107,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """R@1/5/10 and ranks both directions on labelled pairs, and index recall@k."""
-    from retrieval.engine import SearchEngine
-    from retrieval.eval import evaluate_index
+    from clipsearch.retrieval.engine import SearchEngine
+    from clipsearch.retrieval.eval import evaluate_index
 
     with cli_errors(), SearchEngine.open(index, device=device) as engine:
         report = evaluate_index(engine, pairs, k=k)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import cli_errors, console
+from clipsearch.cli.common import cli_errors, console
 
 
 def serve(
@@ -41,8 +41,8 @@ def serve(
     timeout: float = typer.Option(10.0, help="Per-request deadline in seconds (then 504)."),
 ) -> None:
     """Serve INDEX over HTTP: JSON API, OpenAPI docs at /docs, and a search page at /."""
-    from retrieval.service.config import ServiceConfig
-    from retrieval.service.server import serve as run_server
+    from clipsearch.retrieval.service.config import ServiceConfig
+    from clipsearch.retrieval.service.server import serve as run_server
 
     with cli_errors():
         config = ServiceConfig(

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import cli_errors, console, err_console, print_json
+from clipsearch.cli.common import cli_errors, console, err_console, print_json
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from indexer.training import TrainProgress
+    from clipsearch.indexer.training import TrainProgress
 
 
 def _split(values: list[str]) -> tuple[str, ...]:
@@ -106,8 +106,8 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train or fine-tune a CLIP model (symmetric InfoNCE); re-running resumes from the last checkpoint."""
-    from indexer.training import TrainConfig, train
-    from indexer.training import template_set as named_templates
+    from clipsearch.indexer.training import TrainConfig, train
+    from clipsearch.indexer.training import template_set as named_templates
 
     with cli_errors():
         templates = tuple(template) + (named_templates(template_set) if template_set else ())

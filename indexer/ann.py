@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ConfigError
-from retrieval.manifest import IndexSpec
-from retrieval.store import apply_search_params
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.manifest import IndexSpec
+from clipsearch.retrieval.store import apply_search_params
 
 log = logging.getLogger(__name__)
 

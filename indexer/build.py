@@ -4,7 +4,7 @@ Both run the same resumable ingest under the index lock:
 
 1. scan the sources (deterministic item order, a fingerprint of the inputs);
 2. embed the items in order; rows fill a shard buffer per modality; a full buffer (or
-   the end of a modality) is written as a shard (:func:`indexer.writer.write_shard`) and
+   the end of a modality) is written as a shard (:func:`clipsearch.indexer.writer.write_shard`) and
    recorded in a journal under ``.staging/<key>/``, where the key hashes the inputs,
    the options that shape the result, the encoder and the base version;
 3. write the errors report and tombstones, then commit a manifest and swap ``CURRENT``.
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.ann import IndexOptions
-from indexer.commit import commit, next_version
-from indexer.crash import crash_point
-from indexer.fsutil import atomic_write, atomic_write_bytes, remove_temp_files
-from indexer.lock import IndexLock
-from indexer.pipeline import Embedded, embed_items
-from indexer.sources import (
+from clipsearch.indexer.ann import IndexOptions
+from clipsearch.indexer.commit import commit, next_version
+from clipsearch.indexer.crash import crash_point
+from clipsearch.indexer.fsutil import atomic_write, atomic_write_bytes, remove_temp_files
+from clipsearch.indexer.lock import IndexLock
+from clipsearch.indexer.pipeline import Embedded, embed_items
+from clipsearch.indexer.sources import (
     Item,
     Problem,
     SourceOptions,
@@ -43,10 +43,10 @@ from indexer.sources import (
     covering_folders,
     scan_sources,
 )
-from indexer.writer import file_record, write_shard
-from retrieval.encoders.base import Encoder
-from retrieval.errors import ConfigError, FingerprintMismatchError
-from retrieval.manifest import (
+from clipsearch.indexer.writer import file_record, write_shard
+from clipsearch.retrieval.encoders.base import Encoder
+from clipsearch.retrieval.errors import ConfigError, FingerprintMismatchError
+from clipsearch.retrieval.manifest import (
     ERRORS_DIR,
     MANIFEST_DIR,
     SHARD_DIR,
@@ -59,7 +59,7 @@ from retrieval.manifest import (
     shard_name,
     version_name,
 )
-from retrieval.store import check_file, read_metadata, read_tombstones
+from clipsearch.retrieval.store import check_file, read_metadata, read_tombstones
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -185,8 +185,8 @@ def add(
     item whose document is indexed with different content replaces the old row (the
     old row is tombstoned). ``encoder`` defaults to the index's own.
     """
-    from retrieval.encoders import encoder_from_fingerprint
-    from retrieval.manifest import read_current
+    from clipsearch.retrieval.encoders import encoder_from_fingerprint
+    from clipsearch.retrieval.manifest import read_current
 
     root = Path(root)
     base = read_current(root)

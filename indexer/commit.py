@@ -1,6 +1,6 @@
 """Committing a version: write the manifest, then swap ``CURRENT``.
 
-Callers write every new data file first (through :mod:`indexer.fsutil`); ``commit`` then
+Callers write every new data file first (through :mod:`clipsearch.indexer.fsutil`); ``commit`` then
 writes ``manifests/vNNNNNN.json`` the same crash-safe way and finally replaces
 ``CURRENT``. Until that last rename, readers keep seeing the previous version; after it,
 the new one. A crash in between leaves an unreferenced manifest that the next commit
@@ -14,8 +14,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from indexer.fsutil import atomic_write_bytes
-from retrieval.manifest import (
+from clipsearch.indexer.fsutil import atomic_write_bytes
+from clipsearch.retrieval.manifest import (
     CURRENT_FILE,
     Manifest,
     list_versions,
@@ -50,6 +50,6 @@ def commit(root: Path, manifest: Manifest) -> Manifest:
 
 
 def _crash_point(stage: str) -> None:
-    from indexer.crash import crash_point
+    from clipsearch.indexer.crash import crash_point
 
     crash_point(stage)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from retrieval.errors import IndexLockedError
+from clipsearch.retrieval.errors import IndexLockedError
 
 log = logging.getLogger(__name__)
 

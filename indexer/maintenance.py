@@ -21,15 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from indexer.ann import IndexOptions
-from indexer.build import STAGING_DIR, Progress, ProgressFn, _tombstone_table, _write_tombstones
-from indexer.commit import commit, next_version
-from indexer.crash import crash_point
-from indexer.fsutil import remove_temp_files
-from indexer.lock import IndexLock
-from indexer.writer import write_shard
-from retrieval.errors import ConfigError
-from retrieval.manifest import (
+from clipsearch.indexer.ann import IndexOptions
+from clipsearch.indexer.build import (
+    STAGING_DIR,
+    Progress,
+    ProgressFn,
+    _tombstone_table,
+    _write_tombstones,
+)
+from clipsearch.indexer.commit import commit, next_version
+from clipsearch.indexer.crash import crash_point
+from clipsearch.indexer.fsutil import remove_temp_files
+from clipsearch.indexer.lock import IndexLock
+from clipsearch.indexer.writer import write_shard
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.manifest import (
     ERRORS_DIR,
     MANIFEST_DIR,
     SHARD_DIR,
@@ -42,7 +48,7 @@ from retrieval.manifest import (
     read_manifest,
     shard_name,
 )
-from retrieval.store import read_metadata, read_tombstones, read_vectors
+from clipsearch.retrieval.store import read_metadata, read_tombstones, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ def delete(
 ) -> DeleteSummary:
     """Tombstone every live row whose doc_id is in ``ids`` or that matches ``where``.
 
-    ``where`` is a filter expression (``retrieval.filters``) over the metadata columns,
+    ``where`` is a filter expression (``clipsearch.retrieval.filters``) over the metadata columns,
     e.g. ``"category = 'mugs' and price > 100"``. Commits a new version when anything
     matched; otherwise returns the current version unchanged.
     """
@@ -126,7 +132,7 @@ def _where_masks(tables: list[Any], where: str | dict[str, Any]) -> list[np.ndar
     """Evaluate ``where`` on every shard's metadata, padding columns a shard lacks with nulls."""
     import pyarrow as pa
 
-    from retrieval.filters import compile_filter
+    from clipsearch.retrieval.filters import compile_filter
 
     fields: dict[str, pa.Field] = {}
     for t in tables:

@@ -1,6 +1,6 @@
 """The embed pipeline: read -> hash -> decode -> prepare (worker threads) -> encode (batches).
 
-Image items are read, hashed, decoded (``retrieval.images.load_image``) and prepared
+Image items are read, hashed, decoded (``clipsearch.retrieval.images.load_image``) and prepared
 (``encoder.prepare_image``) in a thread pool; Pillow and numpy release the GIL, so the
 workers decode the next batches while the calling thread runs the encoder on the
 current one. Results come back in item order, so the shards a build writes do not
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.sources import Item, Problem
-from retrieval.encoders.base import Encoder, decode_side
-from retrieval.errors import ImageDecodeError
-from retrieval.images import load_image
+from clipsearch.indexer.sources import Item, Problem
+from clipsearch.retrieval.encoders.base import Encoder, decode_side
+from clipsearch.retrieval.errors import ImageDecodeError
+from clipsearch.retrieval.images import load_image
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retrieval.errors import ConfigError, SourceError
-from retrieval.manifest import FIXED_COLUMNS
+from clipsearch.retrieval.errors import ConfigError, SourceError
+from clipsearch.retrieval.manifest import FIXED_COLUMNS
 
 if TYPE_CHECKING:
     import pyarrow as pa

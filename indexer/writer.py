@@ -1,8 +1,8 @@
 """Writing one shard: fp16 vectors, aligned Parquet metadata, and its FAISS index.
 
-Each file goes through the temp-name/fsync/rename protocol of :mod:`indexer.fsutil`, so a
+Each file goes through the temp-name/fsync/rename protocol of :mod:`clipsearch.indexer.fsutil`, so a
 shard file under its final name is always complete. A shard becomes part of the index
-only when a manifest that lists it is committed (:mod:`indexer.commit`).
+only when a manifest that lists it is committed (:mod:`clipsearch.indexer.commit`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexer.ann import IndexOptions, build_ann
-from indexer.fsutil import atomic_write
-from retrieval.errors import ConfigError
-from retrieval.manifest import FIXED_COLUMNS, SHARD_DIR, FileRecord, ShardRecord
-from retrieval.store import sha256_file
+from clipsearch.indexer.ann import IndexOptions, build_ann
+from clipsearch.indexer.fsutil import atomic_write
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.manifest import FIXED_COLUMNS, SHARD_DIR, FileRecord, ShardRecord
+from clipsearch.retrieval.store import sha256_file
 
 if TYPE_CHECKING:
     import pyarrow as pa

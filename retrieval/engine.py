@@ -5,13 +5,13 @@ searchers, the metadata schema). Every query reads ``self._state`` once and work
 object only, so :meth:`SearchEngine.reload` can swap in a newer version at any time
 without disturbing queries in flight. No query mutates shared objects: FAISS search
 parameters are passed per call, masks are fresh arrays. The exception is a GPU shard
-(:mod:`retrieval.placement`), whose index takes no per-call parameters: nprobe is set on
+(:mod:`clipsearch.retrieval.placement`), whose index takes no per-call parameters: nprobe is set on
 it and the search run under that GPU's lock.
 
 The query path (DESIGN.md): encode -> compile the filter to per-shard masks (tombstones
 always removed) -> search every shard of the target modality in parallel with its plan
-(:mod:`retrieval.planner`) -> merge the per-shard top lists with a heap -> rerank
-(:mod:`retrieval.rerank`) -> page -> :class:`SearchResults`.
+(:mod:`clipsearch.retrieval.planner`) -> merge the per-shard top lists with a heap -> rerank
+(:mod:`clipsearch.retrieval.rerank`) -> page -> :class:`SearchResults`.
 """
 
 from __future__ import annotations
@@ -27,30 +27,29 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import pyarrow as pa
 
-from retrieval.encoders import Encoder, encoder_from_fingerprint
-from retrieval.errors import FingerprintMismatchError, QueryError
-from retrieval.filters import CompiledFilter, compile_filter, to_text
-from retrieval.kernels import configure_faiss, single_threaded_worker
-from retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
-from retrieval.placement import ShardPlacer
-from retrieval.planner import AllowedRows, GatherBudget, PlannerConfig, ShardSearcher
-from retrieval.queries import classify, encode_queries
-from retrieval.rerank import Candidates, default_pipeline, paginate, run_pipeline
-from retrieval.results import Hit, SearchResults
-from retrieval.store import Snapshot, open_snapshot
+from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
+from clipsearch.retrieval.errors import FingerprintMismatchError, QueryError
+from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
+from clipsearch.retrieval.kernels import configure_faiss, single_threaded_worker
+from clipsearch.retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
+from clipsearch.retrieval.options import MAX_POOL, SearchOptions, SearchOverrides, resolve_options
+from clipsearch.retrieval.placement import ShardPlacer
+from clipsearch.retrieval.planner import AllowedRows, GatherBudget, PlannerConfig, ShardSearcher
+from clipsearch.retrieval.queries import classify, encode_queries
+from clipsearch.retrieval.rerank import Candidates, default_pipeline, paginate, run_pipeline
+from clipsearch.retrieval.results import Hit, SearchResults
+from clipsearch.retrieval.store import Snapshot, open_snapshot
 
 log = logging.getLogger(__name__)
 
 # Rerank stages see at least this many candidates, so pages of a grouped, diversified
 # or sorted ranking stay consistent for offset + k up to this size.
 RERANK_WINDOW = 100
-# The candidate pool never grows past this (bounds work for min_score / grouping).
-MAX_POOL = 10_000
 # Filter masks kept per version (a product site repeats a handful of filters).
 MASK_CACHE_SIZE = 32
 
@@ -132,7 +131,7 @@ class SearchEngine:
             encoder: the encoder for text/image queries; must match the index's
                 fingerprint. None re-creates it from the manifest.
             device: "auto", "cpu", "cuda", "cuda:N": the encoder's device (when the
-                encoder is created here) and where shards live (:mod:`retrieval.placement`):
+                encoder is created here) and where shards live (:mod:`clipsearch.retrieval.placement`):
                 "auto" moves Flat / IVF-Flat / IVF-PQ shards to every GPU a GPU build of
                 faiss sees, "cuda" / "cuda:N" require one, "cpu" never touches a GPU.
                 See :attr:`placement`.
@@ -201,51 +200,45 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ queries
 
-    def search(self, query: Any, **options: Any) -> SearchResults:
-        """Search with one query. See :meth:`search_batch` for the options."""
-        return self.search_batch([query], **options)[0]
+    def search(
+        self,
+        query: Any,
+        options: SearchOptions | None = None,
+        **overrides: Unpack[SearchOverrides],
+    ) -> SearchResults:
+        """Search with one query; see :meth:`search_batch`."""
+        return self.search_batch([query], options, **overrides)[0]
 
     def search_batch(
         self,
         queries: Sequence[Any],
-        *,
-        k: int = 10,
-        offset: int = 0,
-        where: str | dict[str, Any] | None = None,
-        modality: str | None = None,
-        group_by_doc: bool | str = False,
-        mmr: float | None = None,
-        sort: str | None = None,
-        min_score: float | None = None,
-        boosts: dict[str, float] | None = None,
+        options: SearchOptions | None = None,
+        **overrides: Unpack[SearchOverrides],
     ) -> list[SearchResults]:
         """Search with several queries at once (one encoder pass, one batched scan).
 
         Args:
             queries: texts (str), images (Path, bytes, PIL), numpy vectors, ComposedQuery.
-            k: results per page (1..1000). offset: results to skip (stable pagination).
-            where: filter expression or its JSON form (see :mod:`retrieval.filters`).
-            modality: rows to search, "image" or "text"; default image rows when the
-                index has any (text->image, image->image), else text rows.
-            group_by_doc: one result per doc_id; True/"max" scores a document by its
-                best row, "mean" by the mean of its rows in the candidate pool.
-            mmr: MMR lambda in [0, 1] (1 = relevance only) for diverse results.
-            sort: "field", "field:asc" or "field:desc"; applied after min_score to the
-                candidate pool (at least RERANK_WINDOW rows).
-            min_score: drop results with a lower (boosted) score.
-            boosts: {numeric field: weight}: score += weight * value.
+            options: a :class:`~clipsearch.retrieval.options.SearchOptions` (k, offset,
+                where, modality, group_by_doc, mmr, sort, min_score, boosts); None = the
+                defaults (top 10 by relevance).
+            overrides: any SearchOptions field by keyword, applied on top of ``options``
+                (``engine.search("red mug", k=5, where="price < 30")``).
+        Raises:
+            QueryError for bad options, FilterError for a filter that does not fit the
+            index's schema.
         """
         t0 = time.perf_counter()
+        opts = resolve_options(options, overrides)
+        k, offset = opts.k, opts.offset
+        where, modality, mmr = opts.where, opts.modality, opts.mmr
+        group_by_doc, min_score, sort = opts.group_by_doc, opts.min_score, opts.sort
         state = self._state
-        if not 1 <= k <= 1000:
-            raise QueryError(f"k must be between 1 and 1000, got {k}")
-        if offset < 0 or offset + k > MAX_POOL:
-            raise QueryError(f"offset must be >= 0 and offset + k <= {MAX_POOL}, got {offset}")
         if not queries:
             return []
         target = self._target(state, modality)
         stages = default_pipeline(
-            boosts=boosts,
+            boosts=dict(opts.boosts),
             group_by_doc=group_by_doc,
             min_score=min_score,
             mmr=mmr,
@@ -472,7 +465,7 @@ def _needs_more(
     ranked: list[Candidates],
     merged: list[list[tuple[float, int, int]]],
     wanted: int,
-    group_by_doc: bool | str,
+    group_by_doc: str | None,
     min_score: float | None,
     sort: str | None,
 ) -> bool:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.encoders.base import load_image_for
-from retrieval.errors import SourceError
-from retrieval.kernels import exact_search
+from clipsearch.retrieval.encoders.base import load_image_for
+from clipsearch.retrieval.errors import SourceError
+from clipsearch.retrieval.kernels import exact_search
 
 if TYPE_CHECKING:
-    from retrieval.encoders import Encoder
-    from retrieval.engine import SearchEngine
+    from clipsearch.retrieval.encoders import Encoder
+    from clipsearch.retrieval.engine import SearchEngine
 
 KS = (1, 5, 10)
 

@@ -16,7 +16,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
-from retrieval.errors import ImageDecodeError
+from clipsearch.retrieval.errors import ImageDecodeError
 
 # Pillow warns from MAX_IMAGE_PIXELS and refuses from twice that. We refuse from the
 # warning band already: a 90-megapixel product photo is far more likely an attack or a
@@ -46,7 +46,7 @@ def load_image(
     ``min_side``: the image is only needed with both sides at least this long (in
     pixels), so a JPEG may be decoded at a reduced scale; None decodes at full size.
     Index and query paths pass the same value for one encoder (see
-    ``retrieval.encoders.base.decode_side``), so one file always gives one embedding.
+    ``clipsearch.retrieval.encoders.base.decode_side``), so one file always gives one embedding.
     """
     if isinstance(source, Image.Image):
         return to_rgb(source)

@@ -3,7 +3,7 @@
 An index directory holds many immutable manifests (``manifests/v000007.json``) and a
 ``CURRENT`` file naming the live one. A manifest lists every shard with its files, byte
 sizes and sha256s, so a reader can pin a version and check it before trusting it. The
-dataclasses here are shared by the reader (``retrieval.store``) and the writer
+dataclasses here are shared by the reader (``clipsearch.retrieval.store``) and the writer
 (``indexer``); both go through :func:`read_manifest` / :meth:`Manifest.to_dict`.
 
 Layout (all paths in a manifest are relative to the index root)::
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrieval.encoders.base import EncoderFingerprint
-from retrieval.errors import ConfigError, IndexFormatError, IndexNotFoundError
+from clipsearch.retrieval.encoders.base import EncoderFingerprint
+from clipsearch.retrieval.errors import ConfigError, IndexFormatError, IndexNotFoundError
 
 # Bump when a reader of the previous version could misread the new layout.
 FORMAT_VERSION = 1

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from retrieval.errors import ConfigError
+from clipsearch.retrieval.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

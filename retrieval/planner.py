@@ -55,9 +55,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from retrieval.kernels import GatheredRows, exact_search, flat_codes, rescore, subset_search
-from retrieval.manifest import ShardRecord
-from retrieval.placement import CPU, Placed
+from clipsearch.retrieval.kernels import (
+    GatheredRows,
+    exact_search,
+    flat_codes,
+    rescore,
+    subset_search,
+)
+from clipsearch.retrieval.manifest import ShardRecord
+from clipsearch.retrieval.placement import CPU, Placed
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +284,7 @@ class ShardSearcher:
     params: dict[str, int]
     # nlist of an IVF index (0 otherwise).
     nlist: int
-    # "cpu" or "cuda:N" (see retrieval.placement).
+    # "cpu" or "cuda:N" (see clipsearch.retrieval.placement).
     placement: str = "cpu"
     # Whether the index takes SearchParameters with an IDSelector (False on GPU).
     supports_selector: bool = True

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders.base import Encoder, l2_normalize, load_image_for
-from retrieval.errors import QueryError
+from clipsearch.retrieval.encoders.base import Encoder, l2_normalize, load_image_for
+from clipsearch.retrieval.errors import QueryError
 
 # Prompt templates of the CLIP zero-shot recipe (a subset of the ImageNet ensemble);
 # averaging several phrasings makes label embeddings less sensitive to wording.

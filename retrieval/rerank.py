@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.errors import QueryError
+from clipsearch.retrieval.errors import QueryError
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,7 +223,7 @@ def _sort_indices(keys: pa.Table, direction: str) -> pa.Array:
 def default_pipeline(
     *,
     boosts: dict[str, float] | None = None,
-    group_by_doc: bool | str = False,
+    group_by_doc: bool | str | None = False,
     min_score: float | None = None,
     mmr: float | None = None,
     mmr_limit: int = 10,

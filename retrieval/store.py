@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.errors import IndexFormatError
-from retrieval.manifest import (
+from clipsearch.retrieval.errors import IndexFormatError
+from clipsearch.retrieval.manifest import (
     FIXED_COLUMNS,
     FileRecord,
     Manifest,

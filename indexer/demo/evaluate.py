@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, attribute_caption
-from indexer.demo.generate import MANIFEST_NAME, generate_catalog
-from indexer.fsutil import atomic_write_text
-from retrieval.encoders.base import Encoder, load_image_for
-from retrieval.errors import SourceError
+from clipsearch.indexer.demo.catalog import COLOURS, KINDS, PATTERNS, attribute_caption
+from clipsearch.indexer.demo.generate import MANIFEST_NAME, generate_catalog
+from clipsearch.indexer.fsutil import atomic_write_text
+from clipsearch.retrieval.encoders.base import Encoder, load_image_for
+from clipsearch.retrieval.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def evaluate_demo_model(
     The report records the model's fingerprint, the catalog seed and size, the metrics,
     and whether the quality bar is met.
     """
-    from retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders import load_encoder
 
     encoder = load_encoder(model, pretrained, device=device, precision="fp32")
     with tempfile.TemporaryDirectory(prefix="clipsearch-eval-") as tmp:

@@ -22,10 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, Product, make_product
-from indexer.demo.render import encode_jpeg, render_photo
-from indexer.fsutil import atomic_write_bytes, atomic_write_path, atomic_write_text, fsync_dir
-from retrieval.errors import ConfigError
+from clipsearch.indexer.demo.catalog import COLOURS, KINDS, PATTERNS, Product, make_product
+from clipsearch.indexer.demo.render import encode_jpeg, render_photo
+from clipsearch.indexer.fsutil import (
+    atomic_write_bytes,
+    atomic_write_path,
+    atomic_write_text,
+    fsync_dir,
+)
+from clipsearch.retrieval.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

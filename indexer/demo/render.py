@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from indexer.demo.catalog import COLOURS, Product
+from clipsearch.indexer.demo.catalog import COLOURS, Product
 
 # Rendering side in pixels. Small on purpose: thousands of photos render in seconds and
 # the demo model sees 64x64 anyway.

@@ -1,10 +1,10 @@
 """The end-to-end demo: generate a shop, index it, ask it shopping-assistant questions.
 
 Two functions carry the search: :func:`build_demo_index` (catalog -> a real clipsearch
-index, built by :func:`indexer.build.build` from ``products.parquet``: one image row per
+index, built by :func:`clipsearch.indexer.build.build` from ``products.parquet``: one image row per
 photo and one text row per title, all rows of a product sharing its ``sku`` as doc_id)
 and :func:`search_demo_index` (query -> hits, through
-:class:`retrieval.engine.SearchEngine` with its filter language, one hit per product).
+:class:`clipsearch.retrieval.engine.SearchEngine` with its filter language, one hit per product).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer.demo.evaluate import all_captions
-from indexer.demo.generate import MANIFEST_NAME, CatalogSummary, generate_catalog
-from indexer.fsutil import atomic_write_text
-from retrieval.encoders.base import Encoder
-from retrieval.errors import QueryError
+from clipsearch.indexer.demo.evaluate import all_captions
+from clipsearch.indexer.demo.generate import MANIFEST_NAME, CatalogSummary, generate_catalog
+from clipsearch.indexer.fsutil import atomic_write_text
+from clipsearch.retrieval.encoders.base import Encoder
+from clipsearch.retrieval.errors import QueryError
 
 if TYPE_CHECKING:
-    from retrieval.engine import SearchEngine
+    from clipsearch.retrieval.engine import SearchEngine
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def build_demo_index(
     catalog_dir: Path, index_dir: Path, encoder: Encoder, *, progress: Progress | None = None
 ) -> SearchEngine:
     """Index the catalog's photos and titles into ``index_dir``; open an engine on it."""
-    from indexer.build import BuildOptions, build
-    from indexer.sources import SourceOptions
-    from retrieval.engine import SearchEngine
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.sources import SourceOptions
+    from clipsearch.retrieval.engine import SearchEngine
 
     # doc_id = sku: a product's front and back photos and its title form one document.
     sources = SourceOptions(
@@ -156,7 +156,7 @@ def run_demo(
     """Generate a catalog in ``out_dir/catalog``, index it in ``out_dir/index``, and answer
     the demo questions. Also writes ``out_dir/demo_report.json``.
     """
-    from retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders import load_encoder
 
     timings: dict[str, float] = {}
     t = time.monotonic()

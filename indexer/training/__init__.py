@@ -1,9 +1,9 @@
 """Contrastive training and fine-tuning of open_clip models on (image, caption) manifests.
 
-``train(TrainConfig(...))`` runs or resumes a run; see :mod:`indexer.training.loop`.
+``train(TrainConfig(...))`` runs or resumes a run; see :mod:`clipsearch.indexer.training.loop`.
 """
 
-from indexer.training.config import TrainConfig, template_set
-from indexer.training.loop import TrainProgress, TrainResult, train
+from clipsearch.indexer.training.config import TrainConfig, template_set
+from clipsearch.indexer.training.loop import TrainProgress, TrainResult, train
 
 __all__ = ["TrainConfig", "TrainProgress", "TrainResult", "template_set", "train"]

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.fsutil import fsync_dir, fsync_file
-from retrieval.errors import ConfigError
+from clipsearch.indexer.fsutil import fsync_dir, fsync_file
+from clipsearch.retrieval.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

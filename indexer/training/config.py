@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import ConfigError
+from clipsearch.retrieval.errors import ConfigError
 
 # Named caption-template sets for ``--template-set``; "shop" fits the demo catalog.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {}
@@ -17,7 +17,7 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {}
 def template_set(name: str) -> tuple[str, ...]:
     """The caption templates registered under ``name`` (``shop``: the demo catalog's)."""
     if not TEMPLATE_SETS:
-        from indexer.demo.catalog import CAPTION_TEMPLATES
+        from clipsearch.indexer.demo.catalog import CAPTION_TEMPLATES
 
         TEMPLATE_SETS["shop"] = CAPTION_TEMPLATES
     if name not in TEMPLATE_SETS:

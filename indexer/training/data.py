@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.training.config import TrainConfig
-from retrieval.errors import ImageDecodeError, SourceError
-from retrieval.images import load_image
+from clipsearch.indexer.training.config import TrainConfig
+from clipsearch.retrieval.errors import ImageDecodeError, SourceError
+from clipsearch.retrieval.images import load_image
 
 if TYPE_CHECKING:
     import torch

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer.fsutil import atomic_write_path, atomic_write_text
-from indexer.training.config import TrainConfig
+from clipsearch.indexer.fsutil import atomic_write_path, atomic_write_text
+from clipsearch.indexer.training.config import TrainConfig
 
 if TYPE_CHECKING:
     import torch

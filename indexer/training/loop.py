@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.training.checkpoint import (
+from clipsearch.indexer.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from indexer.training.config import TrainConfig
-from indexer.training.data import (
+from clipsearch.indexer.training.config import TrainConfig
+from clipsearch.indexer.training.data import (
     BatchPlan,
     CaptionSampler,
     Example,
@@ -35,9 +35,9 @@ from indexer.training.data import (
     split_examples,
     step_rng,
 )
-from indexer.training.export import export_model
-from indexer.training.metrics import retrieval_metrics
-from retrieval.errors import ConfigError
+from clipsearch.indexer.training.export import export_model
+from clipsearch.indexer.training.metrics import retrieval_metrics
+from clipsearch.retrieval.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -310,8 +310,8 @@ def _create_model(cfg: TrainConfig) -> tuple[Any, Any, int, tuple[float, ...], t
     """The open_clip model (from scratch or from ``cfg.pretrained``), tokenizer and preprocessing."""
     import open_clip
 
-    from retrieval.encoders.weights import resolve_weights
-    from retrieval.models import register
+    from clipsearch.retrieval.encoders.weights import resolve_weights
+    from clipsearch.retrieval.models import register
 
     register()
     resolved = resolve_weights(cfg.model, cfg.pretrained)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from retrieval.encoders.base import (
+from clipsearch.retrieval.encoders.base import (
     BaseEncoder,
     Encoder,
     EncoderFingerprint,
@@ -21,11 +21,11 @@ from retrieval.encoders.base import (
     l2_normalize,
     load_image_for,
 )
-from retrieval.encoders.fake import FakeEncoder
-from retrieval.errors import ConfigError, FingerprintMismatchError
+from clipsearch.retrieval.encoders.fake import FakeEncoder
+from clipsearch.retrieval.errors import ConfigError, FingerprintMismatchError
 
 if TYPE_CHECKING:
-    from retrieval.encoders.openclip import OpenClipEncoder
+    from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
 
 __all__ = [
     "PRESETS",
@@ -116,7 +116,7 @@ def load_encoder(
                 f"the fake encoder takes an integer seed as pretrained, got {pretrained!r}"
             ) from e
         return FakeEncoder(int(m.group(1) or 64), seed=seed, batch_size=batch_size or 64)
-    from retrieval.encoders.openclip import OpenClipEncoder
+    from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
 
     arch, weights = resolve_model_name(model, pretrained)
     return OpenClipEncoder(
@@ -172,7 +172,7 @@ def encoder_from_fingerprint(
 def __getattr__(name: str) -> object:
     # OpenClipEncoder imports torch and open_clip; load it only when asked for.
     if name == "OpenClipEncoder":
-        from retrieval.encoders.openclip import OpenClipEncoder
+        from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
 
         return OpenClipEncoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from retrieval.errors import ConfigError
-from retrieval.images import DRAFT_FACTOR, ImageInput, load_image, to_rgb
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.images import DRAFT_FACTOR, ImageInput, load_image, to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -186,7 +186,7 @@ def decode_side(encoder: Encoder | None) -> int | None:
 
 
 def load_image_for(encoder: Encoder | None, source: ImageInput) -> Image.Image:
-    """:func:`retrieval.images.load_image` at the decode side of ``encoder``."""
+    """:func:`clipsearch.retrieval.images.load_image` at the decode side of ``encoder``."""
     return load_image(source, min_side=decode_side(encoder))
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.encoders import PRESETS, is_fake, load_encoder, resolve_model_name
-from retrieval.encoders.base import Encoder
-from retrieval.errors import ConfigError
+from clipsearch.retrieval.encoders import PRESETS, is_fake, load_encoder, resolve_model_name
+from clipsearch.retrieval.encoders.base import Encoder
+from clipsearch.retrieval.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def list_models(*, cache_dir: str | None = None) -> list[ModelEntry]:
     """Presets, bundled models, every open_clip (architecture, tag) pair, and cached hub models."""
     import open_clip
 
-    from retrieval.encoders.weights import is_available_offline
-    from retrieval.models import register
+    from clipsearch.retrieval.encoders.weights import is_available_offline
+    from clipsearch.retrieval.models import register
 
     bundled = register()
     rows = [
@@ -99,7 +99,7 @@ def _cached_hub_models(cache_dir: str | None) -> list[str]:
     """``hf-hub:`` ids of cached repos that hold an open_clip config and weights."""
     from huggingface_hub import scan_cache_dir
 
-    from retrieval.encoders.weights import HF_CONFIG_FILE, HF_WEIGHT_FILES, hf_cache_dir
+    from clipsearch.retrieval.encoders.weights import HF_CONFIG_FILE, HF_WEIGHT_FILES, hf_cache_dir
 
     try:
         info = scan_cache_dir(hf_cache_dir(cache_dir))
@@ -145,9 +145,9 @@ def fetch_model(
     """Download a model's weights into the local cache (no-op when already cached).
 
     Returns ``{"model", "arch", "pretrained", "path", "sha256"}``. Raises
-    :class:`~retrieval.errors.ModelNotFoundError` when offline and not cached.
+    :class:`~clipsearch.retrieval.errors.ModelNotFoundError` when offline and not cached.
     """
-    from retrieval.encoders.weights import file_sha256, resolve_weights
+    from clipsearch.retrieval.encoders.weights import file_sha256, resolve_weights
 
     if is_fake(model):
         raise ConfigError("the fake encoder has no weights to fetch")
@@ -190,7 +190,7 @@ def embed_inputs(
     encoder: Encoder, *, texts: Sequence[str] = (), images: Sequence[str | Path] = ()
 ) -> Embeddings:
     """Embed texts and image files with one encoder (images decoded safely)."""
-    from retrieval.encoders.base import load_image_for
+    from clipsearch.retrieval.encoders.base import load_image_for
 
     if not texts and not images:
         raise ConfigError("nothing to embed: give at least one --text or --image")

@@ -23,9 +23,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding, l2_normalize
-from retrieval.errors import ConfigError
-from retrieval.images import to_rgb
+from clipsearch.retrieval.encoders.base import (
+    BaseEncoder,
+    EncoderFingerprint,
+    TextEncoding,
+    l2_normalize,
+)
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.images import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding
-from retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
-from retrieval.errors import ConfigError, ModelNotFoundError
-from retrieval.images import to_rgb
+from clipsearch.retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding
+from clipsearch.retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
+from clipsearch.retrieval.errors import ConfigError, ModelNotFoundError
+from clipsearch.retrieval.images import to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 class OpenClipEncoder(BaseEncoder):
-    """An open_clip model behind the :class:`~retrieval.encoders.base.Encoder` protocol."""
+    """An open_clip model behind the :class:`~clipsearch.retrieval.encoders.base.Encoder` protocol."""
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class OpenClipEncoder(BaseEncoder):
         import open_clip
         import torch
 
-        from retrieval.models import register
+        from clipsearch.retrieval.models import register
 
         register()
         self.device = resolve_device(device)

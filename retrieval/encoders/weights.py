@@ -1,7 +1,7 @@
 """Finding encoder weights: bundled files, local checkpoints, caches, and downloads.
 
 :func:`resolve_weights` maps an (architecture, pretrained) pair onto one weights file
-on disk, or raises :class:`~retrieval.errors.ModelNotFoundError` saying where it looked
+on disk, or raises :class:`~clipsearch.retrieval.errors.ModelNotFoundError` saying where it looked
 and how to fix it. It never hangs offline: before any download it checks the local
 caches, honours ``HF_HUB_OFFLINE``, and probes the host with a short connect timeout.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from retrieval.errors import ConfigError, ModelNotFoundError
+from clipsearch.retrieval.errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def is_available_offline(arch: str, pretrained: str, *, cache_dir: str | None = 
 def _check_arch(arch: str) -> None:
     import open_clip
 
-    from retrieval.models import register
+    from clipsearch.retrieval.models import register
 
     register()
     known = open_clip.list_models()
@@ -139,7 +139,7 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _resolve_bundled(arch: str) -> ResolvedWeights:
-    from retrieval.models import MODELS_DIR, bundled_configs, bundled_weights
+    from clipsearch.retrieval.models import MODELS_DIR, bundled_configs, bundled_weights
 
     if arch not in bundled_configs():
         raise ModelNotFoundError(

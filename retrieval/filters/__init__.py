@@ -36,9 +36,9 @@ The same AST has a JSON form (:func:`to_json` / :func:`from_json`) for the HTTP 
 
 from __future__ import annotations
 
-from retrieval.filters.compile import CompiledFilter, compile_filter
-from retrieval.filters.jsonform import from_json, to_json
-from retrieval.filters.nodes import (
+from clipsearch.retrieval.filters.compile import CompiledFilter, compile_filter
+from clipsearch.retrieval.filters.jsonform import from_json, to_json
+from clipsearch.retrieval.filters.nodes import (
     COMPARE_OPS,
     MAX_DEPTH,
     MAX_FILTER_LENGTH,
@@ -56,7 +56,7 @@ from retrieval.filters.nodes import (
     StringMatch,
     columns_of,
 )
-from retrieval.filters.parser import parse, to_text
+from clipsearch.retrieval.filters.parser import parse, to_text
 
 __all__ = [
     "COMPARE_OPS",

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval.errors import FilterError
-from retrieval.filters.jsonform import from_json
-from retrieval.filters.nodes import (
+from clipsearch.retrieval.errors import FilterError
+from clipsearch.retrieval.filters.jsonform import from_json
+from clipsearch.retrieval.filters.nodes import (
     And,
     Between,
     Compare,
@@ -28,7 +28,7 @@ from retrieval.filters.nodes import (
     StringMatch,
     parse_temporal,
 )
-from retrieval.filters.parser import literal_text, parse
+from clipsearch.retrieval.filters.parser import literal_text, parse
 
 # --------------------------------------------------------------------------- type check + compile
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from retrieval.errors import FilterError
-from retrieval.filters.nodes import (
+from clipsearch.retrieval.errors import FilterError
+from clipsearch.retrieval.filters.nodes import (
     COMPARE_OPS,
     MAX_DEPTH,
     MAX_FILTER_LENGTH,

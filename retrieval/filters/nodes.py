@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from retrieval.errors import FilterError
+from clipsearch.retrieval.errors import FilterError
 
 # Longer filter texts are refused: a product-search filter is a few dozen characters,
 # and the limit bounds parser time and memory for hostile input.

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.errors import FilterError
-from retrieval.filters.nodes import (
+from clipsearch.retrieval.errors import FilterError
+from clipsearch.retrieval.filters.nodes import (
     _KEYWORDS,
     _OP_ALIASES,
     MAX_DEPTH,

@@ -1,6 +1,6 @@
 """Admission control: what a request must satisfy before the service spends work on it.
 
-The bounded queue itself lives in :mod:`retrieval.service.batching`; this module holds
+The bounded queue itself lives in :mod:`clipsearch.retrieval.service.batching`; this module holds
 the per-request checks around it: API key, deadlines, and image limits (encoded bytes,
 decoded pixels, decodability). Images are decoded in a worker thread, never on the
 event loop, because a large JPEG takes tens of milliseconds to decode.
@@ -17,14 +17,14 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
-from retrieval.errors import ImageDecodeError
-from retrieval.images import load_image
-from retrieval.service.errors import ApiError
+from clipsearch.retrieval.errors import ImageDecodeError
+from clipsearch.retrieval.images import load_image
+from clipsearch.retrieval.service.errors import ApiError
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from retrieval.service.config import ServiceConfig
+    from clipsearch.retrieval.service.config import ServiceConfig
 
 API_KEY_HEADER = "x-api-key"
 

@@ -1,9 +1,9 @@
-"""The FastAPI app: routes over a :class:`~retrieval.service.state.ServiceState`.
+"""The FastAPI app: routes over a :class:`~clipsearch.retrieval.service.state.ServiceState`.
 
 ``create_app(index_path_or_engine, config)`` builds the app; ``clipsearch serve`` runs it
 under uvicorn. Every JSON response carries ``index_version`` and every response the
 ``X-Index-Version`` header; every error has the shape of
-:mod:`retrieval.service.errors`.
+:mod:`clipsearch.retrieval.service.errors`.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import retrieval
-from retrieval.encoders.base import decode_side
-from retrieval.errors import ClipsearchError
-from retrieval.service import queries
-from retrieval.service.admission import deadline_for, decode_image_async, remaining
-from retrieval.service.batching import DeadlineExceededError, QueueFullError
-from retrieval.service.catalog import item_rows, resolve_image
-from retrieval.service.config import ServiceConfig
-from retrieval.service.errors import ApiError, error_body, to_api_error
-from retrieval.service.middleware import ServiceMiddleware
-from retrieval.service.runner import ClassifyJob, SearchJob
-from retrieval.service.schemas import (
+import clipsearch
+from clipsearch.retrieval.encoders.base import decode_side
+from clipsearch.retrieval.errors import ClipsearchError
+from clipsearch.retrieval.service import queries
+from clipsearch.retrieval.service.admission import deadline_for, decode_image_async, remaining
+from clipsearch.retrieval.service.batching import DeadlineExceededError, QueueFullError
+from clipsearch.retrieval.service.catalog import item_rows, resolve_image
+from clipsearch.retrieval.service.config import ServiceConfig
+from clipsearch.retrieval.service.errors import ApiError, error_body, to_api_error
+from clipsearch.retrieval.service.middleware import ServiceMiddleware
+from clipsearch.retrieval.service.runner import ClassifyJob, SearchJob
+from clipsearch.retrieval.service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     FacetsResponse,
@@ -44,7 +44,7 @@ from retrieval.service.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from retrieval.service.state import ServiceState
+from clipsearch.retrieval.service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def create_app(
 
     app = FastAPI(
         title="clipsearch",
-        version=retrieval.__version__,
+        version=clipsearch.__version__,
         description="Cross-modal product search: text and image queries over a CLIP index.",
         lifespan=lifespan,
     )

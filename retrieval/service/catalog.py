@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.manifest import FIXED_COLUMNS
+from clipsearch.retrieval.manifest import FIXED_COLUMNS
 
 if TYPE_CHECKING:
-    from retrieval.store import Snapshot
+    from clipsearch.retrieval.store import Snapshot
 
 # String columns with more distinct values than this are not offered as facets (a
 # free-text title is not a filter menu).

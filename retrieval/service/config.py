@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from retrieval.errors import ConfigError
+from clipsearch.retrieval.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)

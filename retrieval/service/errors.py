@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from retrieval.errors import (
+from clipsearch.retrieval.errors import (
     ClipsearchError,
     ConfigError,
     FilterError,
@@ -20,8 +20,8 @@ from retrieval.errors import (
     IndexNotFoundError,
     QueryError,
 )
-from retrieval.service.batching import DeadlineExceededError, QueueFullError
-from retrieval.service.fetch import FetchError
+from clipsearch.retrieval.service.batching import DeadlineExceededError, QueueFullError
+from clipsearch.retrieval.service.fetch import FetchError
 
 
 class ApiError(Exception):

@@ -13,8 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from retrieval.service.admission import API_KEY_HEADER, api_key_ok
-from retrieval.service.errors import error_body
+from clipsearch.retrieval.service.admission import API_KEY_HEADER, api_key_ok
+from clipsearch.retrieval.service.errors import error_body
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,23 @@ from urllib.parse import quote
 
 import numpy as np
 
-from retrieval.encoders.base import decode_side
-from retrieval.service.admission import decode_base64_image, decode_image_async, remaining
-from retrieval.service.catalog import ItemRow, item_rows, resolve_image
-from retrieval.service.errors import ApiError
-from retrieval.service.fetch import FetchLimits, fetch_url
-from retrieval.service.runner import SearchOptions
-from retrieval.service.schemas import HitOut, SearchRequest, SearchResponse
-from retrieval.service.schemas import ItemRow as ItemRowOut
+from clipsearch.retrieval.encoders.base import decode_side
+from clipsearch.retrieval.service.admission import (
+    decode_base64_image,
+    decode_image_async,
+    remaining,
+)
+from clipsearch.retrieval.service.catalog import ItemRow, item_rows, resolve_image
+from clipsearch.retrieval.service.errors import ApiError
+from clipsearch.retrieval.service.fetch import FetchLimits, fetch_url
+from clipsearch.retrieval.service.runner import SearchOptions
+from clipsearch.retrieval.service.schemas import HitOut, SearchRequest, SearchResponse
+from clipsearch.retrieval.service.schemas import ItemRow as ItemRowOut
 
 if TYPE_CHECKING:
-    from retrieval.service.config import ServiceConfig
-    from retrieval.service.schemas import ClassifyRequest, QueryTerm
-    from retrieval.service.state import ServiceState
+    from clipsearch.retrieval.service.config import ServiceConfig
+    from clipsearch.retrieval.service.schemas import ClassifyRequest, QueryTerm
+    from clipsearch.retrieval.service.state import ServiceState
 
 MODALITIES = ("image", "text")
 
@@ -165,7 +169,7 @@ def _excluding(options: SearchOptions, doc_id: str) -> SearchOptions:
     """``options`` with a filter dropping ``doc_id`` (a doc is not "like" itself)."""
     from dataclasses import replace
 
-    from retrieval.filters import from_json, parse, to_json
+    from clipsearch.retrieval.filters import from_json, parse, to_json
 
     not_self = {"op": "!=", "column": "doc_id", "value": doc_id}
     if options.where is None:
@@ -236,7 +240,7 @@ async def _doc_vector(doc_id: str, state: ServiceState) -> np.ndarray:
 
 
 async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float) -> Any:
-    from retrieval.queries import ComposedQuery
+    from clipsearch.retrieval.queries import ComposedQuery
 
     if len(terms) > state.config.max_terms:
         raise ApiError(

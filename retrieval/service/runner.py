@@ -113,7 +113,7 @@ def _encode_all(engine: Any, jobs: list[SearchJob]) -> tuple[Any, float]:
     ``encode_queries`` batches all texts into one ``encode_texts`` call and all images
     into one ``encode_images`` call, composed queries included, whatever their options.
     """
-    from retrieval.queries import encode_queries
+    from clipsearch.retrieval.queries import encode_queries
 
     t0 = time.perf_counter()
     vectors = encode_queries(engine.encoder, [j.query for j in jobs], engine.manifest.dim)

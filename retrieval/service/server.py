@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from retrieval.errors import ConfigError, IndexNotFoundError
-from retrieval.service.config import ServiceConfig
+from clipsearch.retrieval.errors import ConfigError, IndexNotFoundError
+from clipsearch.retrieval.service.config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def serve(
     """
     import uvicorn
 
-    from retrieval.manifest import current_version
+    from clipsearch.retrieval.manifest import current_version
 
     root = Path(index)
     if current_version(root) is None:
@@ -43,16 +43,16 @@ def serve(
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if workers == 1:
-        from retrieval.service.app import create_app
+        from clipsearch.retrieval.service.app import create_app
 
         uvicorn.run(create_app(root, config), host=host, port=port, log_level=log_level)
         return
-    from retrieval.service.app import CONFIG_ENV, INDEX_ENV
+    from clipsearch.retrieval.service.app import CONFIG_ENV, INDEX_ENV
 
     os.environ[INDEX_ENV] = str(root.resolve())
     os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
     uvicorn.run(
-        "retrieval.service.app:app_from_env",
+        "clipsearch.retrieval.service.app:app_from_env",
         factory=True,
         host=host,
         port=port,

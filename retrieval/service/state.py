@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retrieval.service.batching import MicroBatcher
-from retrieval.service.config import ServiceConfig
-from retrieval.service.errors import ApiError
-from retrieval.service.metrics import Metrics
-from retrieval.service.runner import Job, run_jobs
+from clipsearch.retrieval.service.batching import MicroBatcher
+from clipsearch.retrieval.service.config import ServiceConfig
+from clipsearch.retrieval.service.errors import ApiError
+from clipsearch.retrieval.service.metrics import Metrics
+from clipsearch.retrieval.service.runner import Job, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ServiceState:
             await asyncio.sleep(0.01)
 
     async def _load(self) -> None:
-        from retrieval.engine import SearchEngine
+        from clipsearch.retrieval.engine import SearchEngine
 
         assert self.index_path is not None  # only scheduled when a path was given
         try:
@@ -150,7 +150,7 @@ class ServiceState:
 
     def facets(self) -> tuple[int, dict[str, Any]]:
         """(version, facets) of the current snapshot, computed once per version."""
-        from retrieval.service.catalog import facets
+        from clipsearch.retrieval.service.catalog import facets
 
         snapshot = self.snapshot
         cached = self._facets
@@ -173,7 +173,7 @@ class ServiceState:
         return cached[1]
 
     def _compute_image_roots(self, snapshot: Any) -> tuple[Path, ...]:
-        from retrieval.service.catalog import common_image_root
+        from clipsearch.retrieval.service.catalog import common_image_root
 
         configured = [Path(r) for r in self.config.image_roots]
         recorded = snapshot.manifest.image_roots
@@ -213,7 +213,7 @@ class ServiceState:
             return previous, current
 
     async def _watch(self) -> None:
-        from retrieval.manifest import current_version
+        from clipsearch.retrieval.manifest import current_version
 
         assert self.index_path is not None
         while True:

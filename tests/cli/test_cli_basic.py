@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import retrieval
-from cli.app import app
+import clipsearch
+from clipsearch.cli.app import app
 from tests.conftest import TinyCheckpoints, put_in_hf_cache
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
-    assert result.output.strip() == f"clipsearch {retrieval.__version__}"
+    assert result.output.strip() == f"clipsearch {clipsearch.__version__}"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["embed", "--help"]])
@@ -42,7 +42,7 @@ def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from cli.app import app\n"
+        "from clipsearch.cli.app import app\n"
         f"result = CliRunner().invoke(app, {argv!r})\n"
         "assert result.exit_code == 0, result.output\n"
         "heavy = [m for m in ('torch', 'open_clip', 'faiss', 'fastapi') if m in sys.modules]\n"

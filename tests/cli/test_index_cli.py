@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cli.app import app
-from retrieval.manifest import read_current
+from clipsearch.cli.app import app
+from clipsearch.retrieval.manifest import read_current
 from tests.indexer.helpers import make_images, write_products
 
 runner = CliRunner()

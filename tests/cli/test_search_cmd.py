@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.app import app
-from indexer.ann import IndexOptions
-from indexer.build import BuildOptions, build
-from indexer.sources import SourceOptions
-from retrieval.encoders import FakeEncoder
+from clipsearch.cli.app import app
+from clipsearch.indexer.ann import IndexOptions
+from clipsearch.indexer.build import BuildOptions, build
+from clipsearch.indexer.sources import SourceOptions
+from clipsearch.retrieval.encoders import FakeEncoder
 
 runner = CliRunner()
 COLOURS = {

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.store import open_snapshot
+from clipsearch.retrieval.store import open_snapshot
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -10,10 +10,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.app import app
-from indexer.demo.catalog import COLOURS, KINDS, PATTERNS, attribute_caption, make_product
-from indexer.demo.generate import generate_catalog
-from retrieval.errors import ConfigError
+from clipsearch.cli.app import app
+from clipsearch.indexer.demo.catalog import (
+    COLOURS,
+    KINDS,
+    PATTERNS,
+    attribute_caption,
+    make_product,
+)
+from clipsearch.indexer.demo.generate import generate_catalog
+from clipsearch.retrieval.errors import ConfigError
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.ann import IndexOptions, build_ann, choose_factory, parse_memory
-from retrieval.errors import ConfigError
-from retrieval.store import apply_search_params
+from clipsearch.indexer.ann import IndexOptions, build_ann, choose_factory, parse_memory
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.store import apply_search_params
 
 
 def clustered(

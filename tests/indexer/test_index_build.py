@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.build import BuildOptions, Progress, build
-from indexer.maintenance import info
-from indexer.sources import SourceOptions
-from retrieval.encoders import FakeEncoder
-from retrieval.images import load_image
-from retrieval.manifest import read_current
+from clipsearch.indexer.build import BuildOptions, Progress, build
+from clipsearch.indexer.maintenance import info
+from clipsearch.indexer.sources import SourceOptions
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.images import load_image
+from clipsearch.retrieval.manifest import read_current
 from tests.indexer.helpers import make_images, snapshot_rows, write_products
 
 ENC = FakeEncoder(32, context_length=16)
@@ -143,7 +143,7 @@ def test_build_over_existing_index_replaces_rows_and_never_reuses_row_ids(tmp_pa
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "IVF4,Flat"])
 def test_index_types_are_recorded(tmp_path: Path, kind: str) -> None:
     make_images(tmp_path / "a", 300)
-    from indexer.ann import IndexOptions
+    from clipsearch.indexer.ann import IndexOptions
 
     opts = BuildOptions(index=IndexOptions(index=kind, tune_queries=50))
     build([tmp_path / "a"], tmp_path / "idx", encoder=ENC, options=opts)

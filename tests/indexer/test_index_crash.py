@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.build import BuildOptions, add, build
-from indexer.maintenance import compact, delete
-from retrieval.encoders import FakeEncoder
-from retrieval.manifest import read_current
+from clipsearch.indexer.build import BuildOptions, add, build
+from clipsearch.indexer.maintenance import compact, delete
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.manifest import read_current
 from tests.indexer.helpers import canonical, make_images, snapshot_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,9 +26,9 @@ OPTS = BuildOptions(shard_size=7, batch_size=4, workers=2)
 SCRIPT = textwrap.dedent(
     """
     import sys
-    from indexer.build import BuildOptions, add, build
-    from indexer.maintenance import compact
-    from retrieval.encoders import FakeEncoder
+    from clipsearch.indexer.build import BuildOptions, add, build
+    from clipsearch.indexer.maintenance import compact
+    from clipsearch.retrieval.encoders import FakeEncoder
     op, out, *sources = sys.argv[1:]
     opts = BuildOptions(shard_size=7, batch_size=4, workers=2)
     if op == "build":

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.build import BuildOptions, add, build
-from indexer.maintenance import compact, delete, info
-from indexer.sources import MAX_IMAGE_ROOTS, SourceOptions, covering_folders
-from retrieval.encoders import FakeEncoder
-from retrieval.errors import IndexFormatError
-from retrieval.manifest import CURRENT_FILE, manifest_path, read_current
+from clipsearch.indexer.build import BuildOptions, add, build
+from clipsearch.indexer.maintenance import compact, delete, info
+from clipsearch.indexer.sources import MAX_IMAGE_ROOTS, SourceOptions, covering_folders
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.errors import IndexFormatError
+from clipsearch.retrieval.manifest import CURRENT_FILE, manifest_path, read_current
 from tests.indexer.helpers import make_images
 
 ENC = FakeEncoder(32, context_length=16)
@@ -145,7 +145,7 @@ def test_covering_folders_is_minimal_and_bounded() -> None:
 def test_index_info_shows_the_image_roots(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from clipsearch.cli.app import app
 
     make_images(tmp_path / "p", 1)
     build([tmp_path / "p"], tmp_path / "idx", encoder=ENC)

@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.build import BuildOptions, add, build
-from indexer.lock import LOCK_FILE, IndexLock
-from indexer.maintenance import compact, delete, info
-from indexer.sources import SourceOptions
-from retrieval.encoders import FakeEncoder
-from retrieval.errors import ConfigError, FilterError, FingerprintMismatchError, IndexLockedError
-from retrieval.manifest import list_versions, read_current
-from retrieval.store import open_snapshot, verify_index
+from clipsearch.indexer.build import BuildOptions, add, build
+from clipsearch.indexer.lock import LOCK_FILE, IndexLock
+from clipsearch.indexer.maintenance import compact, delete, info
+from clipsearch.indexer.sources import SourceOptions
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.errors import (
+    ConfigError,
+    FilterError,
+    FingerprintMismatchError,
+    IndexLockedError,
+)
+from clipsearch.retrieval.manifest import list_versions, read_current
+from clipsearch.retrieval.store import open_snapshot, verify_index
 from tests.indexer.helpers import make_images, snapshot_rows, write_products
 
 ENC = FakeEncoder(32)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.sources import SourceOptions, scan_sources
-from retrieval.errors import SourceError
+from clipsearch.indexer.sources import SourceOptions, scan_sources
+from clipsearch.retrieval.errors import SourceError
 from tests.indexer.helpers import make_images, write_products
 
 

@@ -10,13 +10,13 @@ import pyarrow.csv as pcsv
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from indexer.demo.generate import generate_catalog
-from indexer.training import TrainConfig, template_set, train
-from indexer.training.data import BatchPlan, fix_articles, load_examples
-from indexer.training.loop import lr_at
-from indexer.training.metrics import retrieval_metrics
-from retrieval.errors import ConfigError, SourceError
+from clipsearch.cli.app import app
+from clipsearch.indexer.demo.generate import generate_catalog
+from clipsearch.indexer.training import TrainConfig, template_set, train
+from clipsearch.indexer.training.data import BatchPlan, fix_articles, load_examples
+from clipsearch.indexer.training.loop import lr_at
+from clipsearch.indexer.training.metrics import retrieval_metrics
+from clipsearch.retrieval.errors import ConfigError, SourceError
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_resume_with_other_settings_is_refused(
 def test_export_loads_through_the_encoder_with_its_fingerprint(
     catalog: Path, tmp_path: Path, tiny_arch: str
 ) -> None:
-    from retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders import load_encoder
 
     result = train(
         _cfg(catalog, tmp_path, tiny_arch, steps=2), export_path=tmp_path / "x" / "m.safetensors"

@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from indexer.ann import IndexOptions
-from indexer.build import BuildOptions, build
-from indexer.sources import SourceOptions
-from retrieval.encoders import FakeEncoder
-from retrieval.filters import compile_filter
-from retrieval.kernels import exact_search
-from retrieval.store import open_snapshot
+from clipsearch.indexer.ann import IndexOptions
+from clipsearch.indexer.build import BuildOptions, build
+from clipsearch.indexer.sources import SourceOptions
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.filters import compile_filter
+from clipsearch.retrieval.kernels import exact_search
+from clipsearch.retrieval.store import open_snapshot
 
 WORDS = [
     "red",

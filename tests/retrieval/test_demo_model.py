@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from indexer.demo.evaluate import QUALITY_BAR, evaluate_catalog
-from indexer.demo.generate import generate_catalog
-from retrieval.models import MODELS_DIR, bundled_weights
+from clipsearch.cli.app import app
+from clipsearch.indexer.demo.evaluate import QUALITY_BAR, evaluate_catalog
+from clipsearch.indexer.demo.generate import generate_catalog
+from clipsearch.retrieval.models import MODELS_DIR, bundled_weights
 
 # The demo's filters, as Python predicates over a catalog row.
 DEMO_FILTERS: dict[str | None, Callable[[dict[str, Any]], bool]] = {
@@ -32,8 +32,8 @@ def test_bundled_weights_are_shipped_and_small() -> None:
 
 
 def test_bundled_model_loads_offline_with_a_portable_fingerprint() -> None:
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.weights import file_sha256
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders.weights import file_sha256
 
     enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32")
     fp = enc.fingerprint
@@ -49,10 +49,10 @@ def test_draft_decoding_embeds_a_large_photo_like_a_full_decode(tmp_path: Path) 
 
     import numpy as np
 
-    from indexer.demo.catalog import make_product
-    from indexer.demo.render import render_photo
-    from retrieval.encoders import load_encoder, load_image_for
-    from retrieval.images import load_image
+    from clipsearch.indexer.demo.catalog import make_product
+    from clipsearch.indexer.demo.render import render_photo
+    from clipsearch.retrieval.encoders import load_encoder, load_image_for
+    from clipsearch.retrieval.images import load_image
 
     enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32")
     photo = render_photo(make_product(3, 0), "front", 3, 0).resize((1024, 1024))
@@ -66,7 +66,7 @@ def test_draft_decoding_embeds_a_large_photo_like_a_full_decode(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_bundled_model_meets_the_quality_bar_on_unseen_products(tmp_path: Path) -> None:
-    from retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders import load_encoder
 
     generate_catalog(tmp_path, products=400, seed=HELD_OUT_SEED)
     enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32")

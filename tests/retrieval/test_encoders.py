@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.encoders import (
+from clipsearch.retrieval.encoders import (
     PRESETS,
     Encoder,
     EncoderFingerprint,
@@ -18,7 +18,7 @@ from retrieval.encoders import (
     load_encoder,
     resolve_model_name,
 )
-from retrieval.errors import ConfigError
+from clipsearch.retrieval.errors import ConfigError
 
 
 def _solid(colour: str, size: tuple[int, int] = (24, 24)) -> Image.Image:

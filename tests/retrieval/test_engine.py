@@ -15,12 +15,12 @@ from query_fixtures import (
     noisy_queries,
 )
 
-from indexer.maintenance import delete
-from retrieval.encoders import FakeEncoder
-from retrieval.engine import SearchEngine
-from retrieval.errors import FilterError, FingerprintMismatchError, QueryError
-from retrieval.planner import PlannerConfig
-from retrieval.queries import ComposedQuery
+from clipsearch.indexer.maintenance import delete
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.engine import SearchEngine
+from clipsearch.retrieval.errors import FilterError, FingerprintMismatchError, QueryError
+from clipsearch.retrieval.planner import PlannerConfig
+from clipsearch.retrieval.queries import ComposedQuery
 
 FILTERS = [
     None,

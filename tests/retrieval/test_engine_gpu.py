@@ -21,11 +21,11 @@ from query_fixtures import (
     noisy_queries,
 )
 
-from indexer.maintenance import delete
-from retrieval.engine import SearchEngine
-from retrieval.errors import ConfigError
-from retrieval.kernels import flat_codes
-from retrieval.placement import (
+from clipsearch.indexer.maintenance import delete
+from clipsearch.retrieval.engine import SearchEngine
+from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.kernels import flat_codes
+from clipsearch.retrieval.placement import (
     Placed,
     ShardPlacer,
     assign_devices,
@@ -33,8 +33,8 @@ from retrieval.placement import (
     gpu_unsupported,
     shard_devices,
 )
-from retrieval.planner import PlannerConfig, ShardSearcher
-from retrieval.store import open_snapshot
+from clipsearch.retrieval.planner import PlannerConfig, ShardSearcher
+from clipsearch.retrieval.store import open_snapshot
 
 TWIN = PlannerConfig(use_selectors=False)
 # Every filtered query takes the over-fetch path (no exact-subset shortcut).
@@ -109,7 +109,7 @@ def test_placer_keeps_unsupported_shards_on_cpu(caplog: pytest.LogCaptureFixture
         ("s2", "image", faiss.index_factory(8, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)),
         ("s3", "text", faiss.index_factory(8, "IVF4,PQ2", faiss.METRIC_INNER_PRODUCT)),
     ]
-    with caplog.at_level("INFO", logger="retrieval.placement"):
+    with caplog.at_level("INFO", logger="clipsearch.retrieval.placement"):
         placed = placer.place(shards)
     assert [p.placement for p in placed] == ["cuda:0", "cpu", "cuda:1", "cuda:0"]
     assert placed[1].index is shards[1][2] and not placed[1].on_gpu

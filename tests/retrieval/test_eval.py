@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.errors import SourceError
-from retrieval.eval import pair_metrics, ranks_of_partners, read_pairs
+from clipsearch.retrieval.errors import SourceError
+from clipsearch.retrieval.eval import pair_metrics, ranks_of_partners, read_pairs
 
 
 def test_ranks_and_recall_on_a_known_case() -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from query_fixtures import Oracle, noisy_queries
 
-from retrieval.engine import MASK_CACHE_SIZE, SearchEngine
-from retrieval.planner import PlannerConfig
+from clipsearch.retrieval.engine import MASK_CACHE_SIZE, SearchEngine
+from clipsearch.retrieval.planner import PlannerConfig
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_short_ivf_results_retry_with_more_lists_before_scanning_everything(
 
     import faiss
 
-    from retrieval.kernels import exact_search
+    from clipsearch.retrieval.kernels import exact_search
 
     with SearchEngine.open(ivf_index) as engine:
         shard = next(s for s in engine._state.shards if s.kind == "ivf")

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval.errors import FilterError
-from retrieval.filters import (
+from clipsearch.retrieval.errors import FilterError
+from clipsearch.retrieval.filters import (
     MAX_DEPTH,
     And,
     Compare,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.errors import ImageDecodeError
-from retrieval.images import BACKGROUND, load_image, to_rgb
+from clipsearch.retrieval.errors import ImageDecodeError
+from clipsearch.retrieval.images import BACKGROUND, load_image, to_rgb
 
 
 def _encode(im: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:

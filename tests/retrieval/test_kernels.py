@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import kernels
-from retrieval.kernels import (
+from clipsearch.retrieval import kernels
+from clipsearch.retrieval.kernels import (
     GatheredRows,
     as_float32,
     exact_search,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.encoders import EncoderFingerprint, encoder_from_fingerprint, load_encoder
-from retrieval.errors import (
+from clipsearch.retrieval.encoders import EncoderFingerprint, encoder_from_fingerprint, load_encoder
+from clipsearch.retrieval.errors import (
     ConfigError,
     FingerprintMismatchError,
     ModelNotFoundError,
@@ -21,8 +21,8 @@ from retrieval.errors import (
 from tests.conftest import TINY_CONFIG, TinyCheckpoints, put_in_hf_cache, save_tiny_weights
 
 torch = pytest.importorskip("torch")
-from retrieval.encoders import openclip as oc  # noqa: E402
-from retrieval.encoders.openclip import OpenClipEncoder  # noqa: E402
+from clipsearch.retrieval.encoders import openclip as oc  # noqa: E402
+from clipsearch.retrieval.encoders.openclip import OpenClipEncoder  # noqa: E402
 
 
 def _images() -> list[Image.Image]:
@@ -36,7 +36,9 @@ TEXTS = ["a red shirt", "a blue dress", "green shoes on a white background"]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoints: TinyCheckpoints) -> OpenClipEncoder:
-    return OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    return OpenClipEncoder(
+        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), precision="fp32"
+    )
 
 
 def test_outputs_are_unit_float32(tiny: OpenClipEncoder) -> None:
@@ -85,7 +87,7 @@ def test_checkpoint_round_trip_matches_in_memory_model(
         tiny_checkpoints.state_dict,
         tiny_checkpoints.wrapped,
     ):
-        enc = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(path))
+        enc = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(path), precision="fp32")
         np.testing.assert_allclose(enc.encode_prepared(prepared), want_img, atol=1e-5)
         np.testing.assert_allclose(enc.encode_texts(TEXTS), want_txt, atol=1e-5)
 
@@ -110,7 +112,9 @@ def test_fingerprint_records_weights(
 def test_fingerprint_is_stable_across_loads(
     tiny_checkpoints: TinyCheckpoints, tiny: OpenClipEncoder
 ) -> None:
-    again = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    again = OpenClipEncoder(
+        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), precision="fp32"
+    )
     assert again.fingerprint == tiny.fingerprint
     assert again.fingerprint.diff(tiny.fingerprint) == {}
 
@@ -147,7 +151,7 @@ def test_text_truncation_is_reported(
     tiny: OpenClipEncoder, caplog: pytest.LogCaptureFixture
 ) -> None:
     long_text = " ".join(["shirt"] * 40)
-    with caplog.at_level("WARNING", logger="retrieval.encoders.openclip"):
+    with caplog.at_level("WARNING", logger="clipsearch.retrieval.encoders.openclip"):
         out = tiny.encode_texts_detailed(["a red shirt", long_text])
     assert out.truncated.tolist() == [False, True]
     assert out.n_tokens[0] == 5  # <start> a red shirt <end>
@@ -317,7 +321,7 @@ def test_cached_tag_loads_offline_with_tag_preprocessing(
 def test_cached_hub_model_loads_offline(
     tiny_checkpoints: TinyCheckpoints, empty_hf_cache: Path
 ) -> None:
-    from retrieval.encoders.catalog import list_models
+    from clipsearch.retrieval.encoders.catalog import list_models
 
     hub_config = {
         "model_cfg": TINY_CONFIG,
@@ -333,12 +337,14 @@ def test_cached_hub_model_loads_offline(
     put_in_hf_cache(empty_hf_cache, "test-org/hub-tiny", "open_clip_model.safetensors", data)
 
     # The hub repo as the architecture: config, preprocessing and weights all from it.
-    enc = load_encoder("hf-hub:test-org/hub-tiny")
+    enc = load_encoder("hf-hub:test-org/hub-tiny", precision="fp32")
     fp = enc.fingerprint
     assert (fp.arch, fp.pretrained) == ("hf-hub:test-org/hub-tiny", "hf-hub:test-org/hub-tiny")
     assert fp.image_mean == (0.5, 0.5, 0.5) and fp.dim == 32
     assert fp.weights_sha256 == hashlib.sha256(data).hexdigest()
-    reference = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    reference = OpenClipEncoder(
+        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), precision="fp32"
+    )
     np.testing.assert_allclose(enc.encode_texts(TEXTS), reference.encode_texts(TEXTS), atol=1e-5)
 
     # The hub weights loaded into a named architecture keep the repo's preprocessing.
@@ -356,7 +362,7 @@ def test_cached_hub_model_loads_offline(
 def test_bundled_weights_are_recorded_as_bundled(
     tiny_checkpoints: TinyCheckpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import retrieval.models as models
+    import clipsearch.retrieval.models as models
 
     monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
     (tmp_path / "cs-bundled-test.json").write_text(json.dumps(TINY_CONFIG))
@@ -399,7 +405,9 @@ def test_cuda_fp16_matches_cpu_fp32(
 ) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    gpu = OpenClipEncoder(tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors))
+    gpu = OpenClipEncoder(
+        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), precision="fp32"
+    )
     assert (gpu.device, gpu.precision, gpu.batch_size) == ("cuda", "fp16", 256)
     assert gpu.fingerprint == tiny.fingerprint
     for a, b in (

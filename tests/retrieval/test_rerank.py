@@ -6,8 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval.errors import QueryError
-from retrieval.rerank import MMR, Boost, Candidates, GroupByDoc, MinScore, SortBy, paginate
+from clipsearch.retrieval.errors import QueryError
+from clipsearch.retrieval.rerank import (
+    MMR,
+    Boost,
+    Candidates,
+    GroupByDoc,
+    MinScore,
+    SortBy,
+    paginate,
+)
 
 
 def pool() -> Candidates:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.build import BuildOptions, build
-from retrieval.encoders import FakeEncoder
-from retrieval.errors import IndexFormatError, IndexNotFoundError
-from retrieval.manifest import CURRENT_FILE, FIXED_COLUMNS, read_current
-from retrieval.store import open_snapshot, verify_index
+from clipsearch.indexer.build import BuildOptions, build
+from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.errors import IndexFormatError, IndexNotFoundError
+from clipsearch.retrieval.manifest import CURRENT_FILE, FIXED_COLUMNS, read_current
+from clipsearch.retrieval.store import open_snapshot, verify_index
 from tests.indexer.helpers import make_images
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from retrieval.encoders import load_encoder
+from clipsearch.retrieval.encoders import load_encoder
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -82,8 +82,8 @@ def write_catalog(folder: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
 
 
 def build_index(manifest: Path, out: Path) -> None:
-    from indexer.build import BuildOptions, build
-    from indexer.sources import SourceOptions
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.sources import SourceOptions
 
     options = BuildOptions(
         workers=1,
@@ -115,8 +115,8 @@ def make_client(catalog: Catalog) -> Iterator[Any]:
     """make_client(**config) -> a started TestClient over the catalog index."""
     from fastapi.testclient import TestClient
 
-    from retrieval.service.app import create_app
-    from retrieval.service.config import ServiceConfig
+    from clipsearch.retrieval.service.app import create_app
+    from clipsearch.retrieval.service.config import ServiceConfig
 
     clients: list[Any] = []
 
@@ -197,8 +197,8 @@ def write_more_products(folder: Path, colours: dict[str, tuple[int, int, int]]) 
 
 
 def add_products(index: Path, manifest: Path) -> None:
-    from indexer.build import BuildOptions, add
-    from indexer.sources import SourceOptions
+    from clipsearch.indexer.build import BuildOptions, add
+    from clipsearch.indexer.sources import SourceOptions
 
     options = BuildOptions(
         workers=1,

@@ -44,9 +44,9 @@ def test_health_metrics_and_version_header(make_client: Any) -> None:
 def test_health_is_503_until_the_index_has_loaded(catalog: Catalog, monkeypatch: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import SearchEngine
-    from retrieval.service.app import create_app
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.engine import SearchEngine
+    from clipsearch.retrieval.service.app import create_app
 
     gate = threading.Event()
     real_open = SearchEngine.open
@@ -71,7 +71,7 @@ def test_health_is_503_until_the_index_has_loaded(catalog: Catalog, monkeypatch:
 def test_a_broken_index_keeps_health_503_with_the_reason(tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from retrieval.service.app import create_app
+    from clipsearch.retrieval.service.app import create_app
 
     with TestClient(create_app(tmp_path / "nothing-here")) as client:
         time.sleep(0.2)
@@ -346,7 +346,7 @@ def test_image_root_option_adds_to_the_recorded_roots(
 
 
 def test_resolve_image_refuses_escapes(tmp_path: Any) -> None:
-    from retrieval.service.catalog import resolve_image
+    from clipsearch.retrieval.service.catalog import resolve_image
 
     root = tmp_path / "root"
     (root / "img").mkdir(parents=True)
@@ -461,8 +461,8 @@ def test_a_failed_reload_keeps_serving_the_pinned_version(
 
 
 def test_doc_ids_with_slashes_from_an_image_folder(make_client: Any, tmp_path: Any) -> None:
-    from indexer.build import BuildOptions, build
-    from retrieval.encoders import load_encoder
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.retrieval.encoders import load_encoder
 
     folder = tmp_path / "photos"
     for sub, colour in (("shirts", "red"), ("shoes", "blue")):

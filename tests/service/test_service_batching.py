@@ -9,7 +9,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from retrieval.service.batching import DeadlineExceededError, MicroBatcher, QueueFullError
+from clipsearch.retrieval.service.batching import (
+    DeadlineExceededError,
+    MicroBatcher,
+    QueueFullError,
+)
 
 
 def _later(seconds: float) -> float:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from service_fixtures import COLOURS, Catalog, product_image, running_server
 
-from retrieval.encoders import load_encoder
-from retrieval.service.app import create_app
+from clipsearch.retrieval.encoders import load_encoder
+from clipsearch.retrieval.service.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

@@ -12,7 +12,7 @@ import httpx
 from service_fixtures import Catalog
 from typer.testing import CliRunner
 
-from cli.app import app
+from clipsearch.cli.app import app
 
 
 def test_serve_refuses_a_folder_without_an_index(tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_serve_runs_the_api_and_page(catalog: Catalog) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "from cli.app import main; main()", "serve", str(catalog.index),
+    cmd = [sys.executable, "-c", "from clipsearch.cli.app import main; main()", "serve", str(catalog.index),
            "--port", str(port), "--api-key", "test-key-12345"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

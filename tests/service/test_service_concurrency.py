@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from service_fixtures import Catalog, add_products, running_server, write_more_products
 
-from retrieval.encoders import load_encoder
-from retrieval.service.app import create_app
-from retrieval.service.config import ServiceConfig
+from clipsearch.retrieval.encoders import load_encoder
+from clipsearch.retrieval.service.app import create_app
+from clipsearch.retrieval.service.config import ServiceConfig
 
 QUERIES = [
     {"text": f"{colour} {what}", "k": k, **({"filter": flt} if flt else {})}
@@ -51,7 +51,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(catalog: C
     assert [_answer(r.json()) for r in responses] == expected
     assert batches < len(QUERIES)
     # ...and the same answers as the library gives for the query alone, without HTTP.
-    from retrieval.engine import SearchEngine
+    from clipsearch.retrieval.engine import SearchEngine
 
     with SearchEngine.open(catalog.index, encoder=load_encoder("fake")) as engine:
         for q, r in zip(QUERIES, responses, strict=True):

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from retrieval.service.fetch import (
+from clipsearch.retrieval.service.fetch import (
     FetchError,
     FetchLimits,
     IPAddress,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from service_fixtures import COLOURS, assert_error, product_image
 
-from retrieval.encoders import load_encoder
-from retrieval.manifest import CURRENT_FILE, read_current
+from clipsearch.retrieval.encoders import load_encoder
+from clipsearch.retrieval.manifest import CURRENT_FILE, read_current
 
 
 def _photos(folder: Path, names: list[str]) -> dict[str, bytes]:
@@ -29,7 +29,7 @@ def _photos(folder: Path, names: list[str]) -> dict[str, bytes]:
 
 
 def _build(sources: list[Path], out: Path) -> Path:
-    from indexer.build import BuildOptions, build
+    from clipsearch.indexer.build import BuildOptions, build
 
     build(sources, out, encoder=load_encoder("fake"), options=BuildOptions(workers=1))
     return out
@@ -67,8 +67,8 @@ def _tamper_source(index: Path, doc_id: str, source: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from indexer.commit import commit
-    from indexer.writer import file_record
+    from clipsearch.indexer.commit import commit
+    from clipsearch.indexer.writer import file_record
 
     m = read_current(index)
     shard = next(s for s in m.shards if s.modality == "image")
@@ -143,10 +143,12 @@ def test_older_manifest_falls_back_to_the_inferred_root_with_a_warning(
     photos = _photos(tmp_path / "shop" / "images", ["p0.png"])
     index = _build([tmp_path / "shop" / "images"], tmp_path / "index")
     _strip_image_roots(index)
-    with caplog.at_level(logging.WARNING, logger="retrieval.service.state"):
+    with caplog.at_level(logging.WARNING, logger="clipsearch.retrieval.service.state"):
         client = make_client(index=index)
         assert client.get("/items/p0.png/image").content == photos["p0.png"]
-    warned = [r.getMessage() for r in caplog.records if r.name == "retrieval.service.state"]
+    warned = [
+        r.getMessage() for r in caplog.records if r.name == "clipsearch.retrieval.service.state"
+    ]
     assert any("does not record its image roots" in m for m in warned), warned
     # With --image-root, an older index serves from those folders only.
     elsewhere = tmp_path / "elsewhere"

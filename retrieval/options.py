@@ -1,0 +1,225 @@
+"""``SearchOptions``: every knob of one search, validated once, shared by every surface.
+
+The library (:meth:`SearchEngine.search`), the CLI (``clipsearch search``) and the HTTP
+API (``POST /search``) all build one of these and hand it to the engine; none of them
+re-declares or re-validates an option. Construction checks everything that can be
+checked without the index (ranges, spellings, the filter's syntax); what needs the index
+(a filter's column names and types, a sort or boost field) is checked by the engine
+against the index's schema and raises the same error family.
+
+Importing this module is cheap (no numpy, pyarrow, torch or faiss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypedDict
+
+from clipsearch.retrieval.errors import QueryError
+
+# The largest page a query may ask for.
+MAX_K = 1000
+# The candidate pool never grows past this (bounds work for min_score / grouping), so
+# ``offset + k`` may not exceed it either.
+MAX_POOL = 10_000
+# Row kinds a query may target.
+MODALITIES = ("image", "text")
+
+Grouping = Literal["max", "mean"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """How to search, filter, rerank and page. Frozen; derive variants with :meth:`replace`.
+
+    Every field has a default that gives a plain top-10 relevance search.
+    """
+
+    # Results per page, 1..MAX_K.
+    k: int = 10
+    # Results to skip before the page (stable paging); offset + k <= MAX_POOL.
+    offset: int = 0
+    # Metadata filter: an expression ("price < 30 and in_stock") or its JSON AST (dict).
+    where: str | dict[str, Any] | None = None
+    # Rows to search: "image" or "text"; None = image rows when the index has any
+    # (text->image, image->image), else text rows.
+    modality: str | None = None
+    # One result per doc_id: None (off), "max" (a product is as good as its best row) or
+    # "mean" (mean of its rows in the pool). True / False are accepted for "max" / None.
+    group_by_doc: Grouping | None = None
+    # MMR diversity lambda in [0, 1] (1 = relevance only); None = off.
+    mmr: float | None = None
+    # Order the relevant results by a metadata field: "field", "field:asc", "field:desc"
+    # (nulls last), applied after min_score to a pool of at least RERANK_WINDOW rows.
+    sort: str | None = None
+    # Drop results whose (boosted, grouped) score is below this cosine.
+    min_score: float | None = None
+    # Linear score boosts over numeric fields: score += weight * value (null = 0).
+    # Given as a mapping; stored as sorted (field, weight) pairs so options hash.
+    boosts: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _set = object.__setattr__
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise QueryError(f"k must be an integer between 1 and {MAX_K}, got {self.k!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise QueryError(f"offset must be an integer >= 0, got {self.offset!r}")
+        if self.offset + self.k > MAX_POOL:
+            raise QueryError(
+                f"offset + k must be at most {MAX_POOL} (got {self.offset} + {self.k}); "
+                "narrow the query with a filter instead of paging that deep"
+            )
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise QueryError(
+                f"modality must be one of {', '.join(MODALITIES)} (or omitted), got {self.modality!r}"
+            )
+        _set(self, "group_by_doc", _grouping(self.group_by_doc))
+        if self.mmr is not None:
+            mmr = _finite("mmr", self.mmr)
+            if not 0.0 <= mmr <= 1.0:
+                raise QueryError(f"mmr lambda must be within [0, 1], got {mmr}")
+            _set(self, "mmr", mmr)
+        if self.min_score is not None:
+            _set(self, "min_score", _finite("min_score", self.min_score))
+        if self.sort is not None:
+            _set(self, "sort", _sort_spec(self.sort))
+        _set(self, "boosts", _boosts(self.boosts))
+        if self.where is not None:
+            _set(self, "where", _where(self.where))
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def reranks(self) -> bool:
+        """Whether any rerank stage runs (then the pool is at least RERANK_WINDOW rows)."""
+        return bool(
+            self.boosts
+            or self.group_by_doc
+            or self.min_score is not None
+            or self.mmr is not None
+            or self.sort is not None
+        )
+
+    def replace(self, **changes: Any) -> SearchOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def key(self) -> str:
+        """Canonical text of these options: equal options give equal keys (batching)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (boosts as a dict)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["boosts"] = dict(self.boosts)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchOptions:
+        """Inverse of :meth:`to_dict`; unknown keys raise QueryError naming them."""
+        return resolve_options(None, d)
+
+
+class SearchOverrides(TypedDict, total=False):
+    """The keyword form of :class:`SearchOptions` (``engine.search(q, k=5, where=...)``).
+
+    Same names and meanings as the dataclass fields; ``boosts`` may be any mapping and
+    ``group_by_doc`` also takes True / False.
+    """
+
+    k: int
+    offset: int
+    where: str | Mapping[str, Any] | None
+    modality: str | None
+    group_by_doc: bool | Grouping | None
+    mmr: float | None
+    sort: str | None
+    min_score: float | None
+    boosts: Mapping[str, float] | tuple[tuple[str, float], ...] | None
+
+
+def resolve_options(
+    options: SearchOptions | None, overrides: Mapping[str, Any] | None = None
+) -> SearchOptions:
+    """``options`` (default: ``SearchOptions()``) with ``overrides`` applied, validated."""
+    if options is not None and not isinstance(options, SearchOptions):
+        raise QueryError(
+            f"options must be a SearchOptions, got {type(options).__name__}; "
+            "pass single options as keywords instead (k=5, where=...)"
+        )
+    base = options if options is not None else SearchOptions()
+    if not overrides:
+        return base
+    known = {f.name for f in fields(SearchOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise QueryError(
+            f"unknown search option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return replace(base, **overrides)
+
+
+def _grouping(value: object) -> Grouping | None:
+    if value is None or value is False:
+        return None
+    if value is True or value == "max":
+        return "max"
+    if value == "mean":
+        return "mean"
+    raise QueryError(f"group_by_doc must be 'max', 'mean', true or false, got {value!r}")
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise QueryError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise QueryError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _sort_spec(spec: object) -> str:
+    if not isinstance(spec, str):
+        raise QueryError(f"sort must be a string like 'price:asc', got {spec!r}")
+    name, _, direction = spec.partition(":")
+    if not name.strip() or direction not in ("", "asc", "desc"):
+        raise QueryError(f"sort must look like 'field', 'field:asc' or 'field:desc', got {spec!r}")
+    return spec
+
+
+def _boosts(value: object) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    items: Any = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(name, weight) for name, weight in items]
+    except (TypeError, ValueError) as e:
+        raise QueryError(
+            f"boosts must map numeric field names to weights, e.g. {{'rating': 0.01}}; got {value!r}"
+        ) from e
+    out: dict[str, float] = {}
+    for name, weight in pairs:
+        if not isinstance(name, str) or not name:
+            raise QueryError(f"boost field names must be non-empty strings, got {name!r}")
+        if name in out:
+            raise QueryError(f"boost field {name!r} is given twice")
+        out[name] = _finite(f"boost weight for {name!r}", weight)
+    return tuple(sorted(out.items()))
+
+
+def _where(where: object) -> str | dict[str, Any]:
+    # Syntax is checked here (no schema needed); columns and types by the engine.
+    from clipsearch.retrieval.filters import from_json, parse
+
+    if isinstance(where, str):
+        if not where.strip():
+            raise QueryError("the filter is empty; omit it to search every row")
+        parse(where)
+        return where
+    if isinstance(where, Mapping):
+        where = dict(where)
+        from_json(where)
+        return where
+    raise QueryError(f"where must be a filter expression string or its JSON form, got {where!r}")
