@@ -130,9 +130,9 @@ def test_wheel_holds_one_top_level_package_with_model_and_assets(tmp_path: Path)
             ignore=shutil.ignore_patterns("__pycache__"),
         )
     dist = tmp_path / "dist"
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(dist), str(src)],
+        [*pip_wheel, "-w", str(dist), str(src)],
         check=True,
         capture_output=True,
     )
