@@ -36,7 +36,7 @@ from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
 from clipsearch.retrieval.kernels import configure_faiss, single_threaded_worker
-from clipsearch.retrieval.manifest import FIXED_COLUMNS, MODALITIES, Manifest
+from clipsearch.retrieval.manifest import FIXED_COLUMNS, Manifest
 from clipsearch.retrieval.options import MAX_POOL, SearchOptions, SearchOverrides, resolve_options
 from clipsearch.retrieval.placement import ShardPlacer
 from clipsearch.retrieval.planner import AllowedRows, GatherBudget, PlannerConfig, ShardSearcher
@@ -174,6 +174,11 @@ class SearchEngine:
         """Metadata schema (fixed columns, then the user's) that filters are checked against."""
         return self._state.schema
 
+    def target_modality(self, modality: str | None = None) -> str:
+        """The rows a query with this ``modality`` option searches: ``modality`` itself,
+        else "image" when the index has image rows, else "text"."""
+        return _target(self._state, modality)
+
     def reload(self) -> bool:
         """Switch to the newest committed version; True when the version changed.
 
@@ -231,50 +236,39 @@ class SearchEngine:
         t0 = time.perf_counter()
         opts = resolve_options(options, overrides)
         k, offset = opts.k, opts.offset
-        where, modality, mmr = opts.where, opts.modality, opts.mmr
-        group_by_doc, min_score, sort = opts.group_by_doc, opts.min_score, opts.sort
         state = self._state
         if not queries:
             return []
-        target = self._target(state, modality)
-        stages = default_pipeline(
-            boosts=dict(opts.boosts),
-            group_by_doc=group_by_doc,
-            min_score=min_score,
-            mmr=mmr,
-            mmr_limit=offset + k,
-            sort=sort,
-        )
+        target = _target(state, opts.modality)
+        stages = default_pipeline(opts, mmr_limit=offset + k)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
         timings["encode"] = _ms(tick)
         tick = time.perf_counter()
         shards = [s for s in state.shards if s.record.modality == target]
-        masks, caches = self._masks(state, shards, where)
-        total = _allowed_total(shards, masks, caches)
+        allowed = self._allowed(state, shards, opts.where)
+        total = _allowed_total(shards, allowed)
         timings["filter"] = _ms(tick)
-        pool = offset + k if not stages else max(RERANK_WINDOW, offset + k)
+        pool = max(RERANK_WINDOW, offset + k) if opts.reranks else offset + k
         while True:
             tick = time.perf_counter()
-            merged, plans = self._search_shards(shards, masks, caches, xq, pool)
+            merged, plans = self._search_shards(shards, allowed, xq, pool)
             timings["search"] = timings.get("search", 0.0) + _ms(tick)
             tick = time.perf_counter()
             ranked = [
-                run_pipeline(self._candidates(shards, m, xq[qi], mmr is not None), stages)
+                run_pipeline(_candidates(state, shards, m, xq[qi], opts.mmr is not None), stages)
                 for qi, m in enumerate(merged)
             ]
             timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
-            if pool >= min(total, MAX_POOL) or not _needs_more(
-                ranked, merged, offset + k, group_by_doc, min_score, sort
-            ):
+            if pool >= min(total, MAX_POOL) or not _needs_more(ranked, merged, opts):
                 break
             pool = min(MAX_POOL, pool * 4)
         tick = time.perf_counter()
         out = []
         for c in ranked:
-            page, start = paginate(c, offset, k)
-            out.append(self._hits(page, start))
+            page, first_rank = paginate(c, offset, k)
+            out.append(_hits(page, first_rank))
         timings["fetch"] = _ms(tick)
         timings["total"] = _ms(t0)
         version = state.version
@@ -283,7 +277,7 @@ class SearchEngine:
                 hits=hits,
                 timings=dict(timings),
                 index_version=version,
-                total_matches=total if where is not None else None,
+                total_matches=total if opts.where is not None else None,
                 plans=plans,
             )
             for hits in out
@@ -299,25 +293,17 @@ class SearchEngine:
         """Live rows of a modality (default: all) that pass ``where``."""
         state = self._state
         shards = [s for s in state.shards if modality is None or s.record.modality == modality]
-        masks, caches = self._masks(state, shards, where)
-        return _allowed_total(shards, masks, caches)
+        return _allowed_total(shards, self._allowed(state, shards, where))
 
     # ------------------------------------------------------------------ internals
 
-    def _target(self, state: _State, modality: str | None) -> str:
-        if modality is None:
-            has_images = any(s.record.modality == "image" and s.rows for s in state.shards)
-            return "image" if has_images else "text"
-        if modality not in MODALITIES:
-            raise QueryError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        return modality
-
-    def _masks(
+    def _allowed(
         self, state: _State, shards: list[ShardSearcher], where: str | dict[str, Any] | None
-    ) -> tuple[tuple[np.ndarray | None, ...], tuple[AllowedRows | None, ...]]:
-        """Per shard, the allowed mask (None: every row) and its cached form, if any."""
+    ) -> tuple[AllowedRows | None, ...]:
+        """Per shard, the rows the query may return (None: every row). A filter's
+        AllowedRows are cached per version (``MASK_CACHE_SIZE``), with the rows' copy."""
         if where is None:
-            return tuple(s.live for s in shards), (None,) * len(shards)
+            return tuple(s.unfiltered for s in shards)
         compiled: CompiledFilter = compile_filter(where, state.schema)
         key = to_text(compiled.node) + "|" + ",".join(s.record.name for s in shards)
         cached = state.masks.get(key)
@@ -328,21 +314,19 @@ class SearchEngine:
                 out.append(AllowedRows(m if s.live is None else m & s.live, state.masks.budget))
             cached = tuple(out)
             state.masks.put(key, cached)
-        return tuple(a.mask for a in cached), cached
+        return cached
 
     def _search_shards(
         self,
         shards: list[ShardSearcher],
-        masks: tuple[np.ndarray | None, ...],
-        caches: tuple[AllowedRows | None, ...],
+        allowed: tuple[AllowedRows | None, ...],
         xq: np.ndarray,
         pool: int,
     ) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
         """Per query, the merged best ``pool`` as (score, shard position, local row)."""
-        config = self.config
 
         def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
-            return shards[i].search(xq, pool, masks[i], config, cache=caches[i])
+            return shards[i].search(xq, pool, allowed[i])
 
         # ANN shards run in the engine's pool, whose threads run faiss with one OpenMP
         # thread each (faiss's 2-thread path for one query is 1.6x slower than 1 thread
@@ -366,55 +350,6 @@ class SearchEngine:
             merged.append([(-neg, si, j) for neg, _, si, j in best])
         return merged, plans
 
-    def _candidates(
-        self,
-        shards: list[ShardSearcher],
-        merged: list[tuple[float, int, int]],
-        query: np.ndarray,
-        vectors: bool,
-    ) -> Candidates:
-        n = len(merged)
-        scores = np.array([m[0] for m in merged], np.float32)
-        tables, row_ids, vecs = [], np.empty(n, np.int64), []
-        positions = np.arange(n)
-        by_shard: dict[int, list[int]] = {}
-        for pos, (_, si, _) in enumerate(merged):
-            by_shard.setdefault(si, []).append(pos)
-        order = []
-        for si, poss in by_shard.items():
-            local = np.array([merged[p][2] for p in poss], np.int64)
-            tables.append(shards[si].metadata.take(pa.array(local)))
-            row_ids[poss] = shards[si].record.row_id_start + local
-            if vectors:
-                vecs.append(np.asarray(shards[si].vectors[local], np.float32))
-            order.extend(poss)
-        dim = query.shape[0]
-        if tables:
-            meta = pa.concat_tables(tables)
-            inverse = np.empty(n, np.int64)
-            inverse[np.array(order, np.int64)] = positions
-            meta = meta.take(pa.array(inverse))
-            v = np.concatenate(vecs)[inverse] if vectors else np.zeros((n, 0), np.float32)
-        else:
-            meta = self._state.schema.empty_table()
-            v = np.zeros((0, dim if vectors else 0), np.float32)
-        return Candidates(scores=scores, row_ids=row_ids, metadata=meta, vectors=v, query=query)
-
-    def _hits(self, page: Candidates, start: int) -> tuple[Hit, ...]:
-        rows = page.metadata.to_pylist()
-        return tuple(
-            Hit(
-                rank=start + i,
-                score=float(page.scores[i]),
-                doc_id=str(row["doc_id"]),
-                row_id=int(page.row_ids[i]),
-                modality=str(row["modality"]),
-                source=str(row["source"]),
-                metadata={k: v for k, v in row.items() if k not in FIXED_COLUMNS},
-            )
-            for i, row in enumerate(rows)
-        )
-
 
 def check_fingerprint(manifest: Manifest, encoder: Encoder) -> None:
     """Raise FingerprintMismatchError naming every field where encoder and index differ."""
@@ -432,7 +367,7 @@ def _build_state(snapshot: Snapshot, placer: ShardPlacer, config: PlannerConfig)
     placed = placer.place([(s.record.name, s.record.modality, s.index) for s in snapshot.shards])
     shards = tuple(
         ShardSearcher.create(
-            s.record, s.index, s.vectors, s.metadata, snapshot.tombstones, placed=p
+            s.record, s.index, s.vectors, s.metadata, snapshot.tombstones, config=config, placed=p
         )
         for s, p in zip(snapshot.shards, placed, strict=True)
     )
@@ -449,31 +384,84 @@ def _build_state(snapshot: Snapshot, placer: ShardPlacer, config: PlannerConfig)
     )
 
 
-def _allowed_total(
+def _candidates(
+    state: _State,
     shards: list[ShardSearcher],
-    masks: tuple[np.ndarray | None, ...],
-    caches: tuple[AllowedRows | None, ...],
-) -> int:
+    merged: list[tuple[float, int, int]],
+    query: np.ndarray,
+    vectors: bool,
+) -> Candidates:
+    """The merged rows of one query with their metadata (and vectors, for MMR), all read
+    from ``state``: the version the query started on."""
+    n = len(merged)
+    scores = np.array([m[0] for m in merged], np.float32)
+    tables, row_ids, vecs = [], np.empty(n, np.int64), []
+    positions = np.arange(n)
+    by_shard: dict[int, list[int]] = {}
+    for pos, (_, si, _) in enumerate(merged):
+        by_shard.setdefault(si, []).append(pos)
+    order = []
+    for si, poss in by_shard.items():
+        local = np.array([merged[p][2] for p in poss], np.int64)
+        tables.append(shards[si].metadata.take(pa.array(local)))
+        row_ids[poss] = shards[si].record.row_id_start + local
+        if vectors:
+            vecs.append(np.asarray(shards[si].vectors[local], np.float32))
+        order.extend(poss)
+    dim = query.shape[0]
+    if tables:
+        meta = pa.concat_tables(tables)
+        inverse = np.empty(n, np.int64)
+        inverse[np.array(order, np.int64)] = positions
+        meta = meta.take(pa.array(inverse))
+        v = np.concatenate(vecs)[inverse] if vectors else np.zeros((n, 0), np.float32)
+    else:
+        meta = state.schema.empty_table()
+        v = np.zeros((0, dim if vectors else 0), np.float32)
+    return Candidates(scores=scores, row_ids=row_ids, metadata=meta, vectors=v, query=query)
+
+
+def _allowed_total(shards: list[ShardSearcher], allowed: tuple[AllowedRows | None, ...]) -> int:
     """Rows the query may return over ``shards``."""
-    total = 0
-    for s, m, c in zip(shards, masks, caches, strict=True):
-        total += c.count if c is not None else s.rows if m is None else int(np.count_nonzero(m))
-    return total
+    return sum(s.rows if a is None else a.count for s, a in zip(shards, allowed, strict=True))
+
+
+def _target(state: _State, modality: str | None) -> str:
+    """The rows a query searches: ``modality`` (validated by SearchOptions), else image
+    rows when the index has any, else text rows."""
+    if modality is not None:
+        return modality
+    has_images = any(s.record.modality == "image" and s.rows for s in state.shards)
+    return "image" if has_images else "text"
+
+
+def _hits(page: Candidates, first_rank: int) -> tuple[Hit, ...]:
+    """The page's rows as Hits ranked from ``first_rank`` (1-based)."""
+    rows = page.metadata.to_pylist()
+    return tuple(
+        Hit(
+            rank=first_rank + i,
+            score=float(page.scores[i]),
+            doc_id=str(row["doc_id"]),
+            row_id=int(page.row_ids[i]),
+            modality=str(row["modality"]),
+            source=str(row["source"]),
+            metadata={k: v for k, v in row.items() if k not in FIXED_COLUMNS},
+        )
+        for i, row in enumerate(rows)
+    )
 
 
 def _needs_more(
-    ranked: list[Candidates],
-    merged: list[list[tuple[float, int, int]]],
-    wanted: int,
-    group_by_doc: str | None,
-    min_score: float | None,
-    sort: str | None,
+    ranked: list[Candidates], merged: list[list[tuple[float, int, int]]], opts: SearchOptions
 ) -> bool:
     """Whether a bigger candidate pool could change a page.
 
-    Grouping needs ``wanted`` distinct documents; "cutoff then sort" needs every row
+    Grouping needs ``offset + k`` distinct documents; "cutoff then sort" needs every row
     above the cutoff. Neither can gain once the pool's last row is below the cutoff.
     """
+    wanted, min_score = opts.offset + opts.k, opts.min_score
+    group_by_doc, sort = opts.group_by_doc, opts.sort
     for c, m in zip(ranked, merged, strict=True):
         if not m or (min_score is not None and m[-1][0] < min_score):
             continue

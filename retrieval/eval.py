@@ -121,7 +121,7 @@ def index_recall(
 ) -> float:
     """Mean recall@k of the engine's top-k against exact search over the same live rows."""
     state = engine._state
-    target = engine._target(state, modality)
+    target = engine.target_modality(modality)
     shards = [s for s in state.shards if s.record.modality == target]
     if not shards:
         return 1.0

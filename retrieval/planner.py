@@ -153,15 +153,20 @@ class GatherBudget:
 
 
 class AllowedRows:
-    """What one shard keeps of a cached filter (filter AND live), shared by the queries
-    that repeat the filter: the mask, its count, the row ids, and, from the first exact
-    scan on, the rows' vectors copied into one contiguous index while the budget allows.
+    """The rows one shard may return to a query: the mask, its count, the row ids (made
+    on first use) and, with a budget, a contiguous copy of the rows' vectors.
+
+    The engine keeps one per shard for a cached filter (filter AND live, shared by the
+    queries that repeat the filter; from its first exact scan on, the rows' vectors are
+    copied into one contiguous index while the budget allows) and one per tombstoned
+    shard for unfiltered queries (no budget: never copied).
 
     Measured at 1M x 512 (2 shards, 1% of rows): the contiguous copy scans in about half
     the time of gathering the same 5000 scattered rows per query.
     """
 
-    def __init__(self, mask: np.ndarray, budget: GatherBudget) -> None:
+    def __init__(self, mask: np.ndarray, budget: GatherBudget | None = None) -> None:
+        # bool [rows]: True for a row the query may return.
         self.mask = mask
         self.count = int(np.count_nonzero(mask))
         self._budget = budget
@@ -180,7 +185,7 @@ class AllowedRows:
         """Whether :meth:`gathered` would (probably) return a copy of ``source``'s rows."""
         if self._gathered is not None:
             return self._source is source
-        if self._refused or self.count > max_rows:
+        if self._budget is None or self._refused or self.count > max_rows:
             return False
         if source.dtype not in (np.float16, np.float32):
             return False
@@ -192,10 +197,13 @@ class AllowedRows:
         rows are too many, the budget is spent, or a different source was copied."""
         if self.count > max_rows or source.dtype not in (np.float16, np.float32):
             return None
+        budget = self._budget
+        if budget is None:
+            return None
         with self._lock:  # concurrent first queries wait for one copy, not make two
             if self._gathered is None and not self._refused:
                 nbytes = self.count * source.shape[1] * source.dtype.itemsize
-                if self._budget.reserve(nbytes):
+                if budget.reserve(nbytes):
                     self._gathered, self._source = GatheredRows(source, self.rows), source
                 else:
                     self._refused = True
@@ -205,7 +213,7 @@ class AllowedRows:
         """Give the copy's bytes back (the filter left the cache). Queries still
         scanning it keep their own reference until they finish."""
         with self._lock:
-            if self._gathered is not None:
+            if self._gathered is not None and self._budget is not None:
                 self._budget.release(self._gathered.nbytes)
             self._gathered, self._source, self._refused = None, None, True
 
@@ -278,6 +286,11 @@ class ShardSearcher:
     metadata: pa.Table
     # bool [rows]: False for tombstoned rows; None when no row is tombstoned.
     live: np.ndarray | None
+    # The rows an unfiltered query may return (``live`` as AllowedRows, so its row ids
+    # are made once per version); None when every row may be returned.
+    unfiltered: AllowedRows | None
+    # The planner thresholds this shard is searched with.
+    config: PlannerConfig
     # "flat", "ivf", "hnsw" or "other" (searched with FAISS defaults + exact fallback).
     kind: str
     # Manifest search parameters (nprobe / efSearch / k_factor).
@@ -304,9 +317,11 @@ class ShardSearcher:
         metadata: pa.Table,
         tombstones: np.ndarray,
         *,
+        config: PlannerConfig | None = None,
         placed: Placed | None = None,
     ) -> ShardSearcher:
-        """A searcher over the CPU ``index``; ``placed`` holds its GPU copy, if any."""
+        """A searcher over the CPU ``index``; ``placed`` holds its GPU copy, if any;
+        ``config`` (default ``PlannerConfig()``) sets the planner's thresholds."""
         import faiss
 
         codes = flat_codes(index)
@@ -339,6 +354,8 @@ class ShardSearcher:
             codes=codes,
             metadata=metadata.combine_chunks(),
             live=live,
+            unfiltered=AllowedRows(live) if live is not None else None,
+            config=config or PlannerConfig(),
             kind=kind,
             params=dict(record.index.search_params),
             nlist=nlist,
@@ -354,52 +371,76 @@ class ShardSearcher:
         return self.record.rows
 
     def search(
-        self,
-        xq: np.ndarray,
-        k: int,
-        allowed: np.ndarray | None,
-        config: PlannerConfig,
-        *,
-        cache: AllowedRows | None = None,
+        self, xq: np.ndarray, k: int, allowed: AllowedRows | None
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """Top-``k`` of every query over the allowed rows of this shard.
 
         Args:
             xq: float32 ``[nq, dim]`` query vectors.
-            allowed: bool ``[rows]`` (filter AND live), or None for every row.
-            cache: the cached form of ``allowed`` (``cache.mask is allowed``) when the
-                filter is one the engine keeps; exact subset scans then reuse its rows.
+            allowed: the rows the query may return (filter AND live; the engine's cached
+                form for a repeated filter, whose exact subset scans reuse its rows and
+                their contiguous copy), or None for every row.
         Returns:
             ``(D, I, plan)``: exact float32 scores ``[nq, k']`` descending and int64 local
             row offsets ``[nq, k']`` with ``k' = min(k, allowed rows)``; the plan name.
         """
-        if allowed is None:
-            n_allowed = self.rows
-        else:
-            n_allowed = cache.count if cache is not None else int(np.count_nonzero(allowed))
+        n_allowed = self.rows if allowed is None else allowed.count
         k = min(k, n_allowed)
         if k <= 0:
             empty = np.zeros((xq.shape[0], 0))
             return empty.astype(np.float32), empty.astype(np.int64), "empty"
-        if not (self.supports_selector and config.use_selectors):
-            return self._search_selectorless(xq, k, allowed, n_allowed, config, cache)
-        if self.codes is not None:
-            if allowed is not None and n_allowed <= self.rows * config.flat_subset_fraction:
-                d, i = self._subset(xq, self.codes, allowed, k, config, cache)
-                return d, i, "exact-subset"
-            d, i = self._exact(xq, k, allowed)
-            return d, i, "exact"
-        if allowed is not None and self._subset_pays(n_allowed, config, cache):
-            d, i = self._subset(xq, self.vectors, allowed, k, config, cache)
+        if allowed is not None and self._scan_allowed_rows(allowed):
+            d, i = self._subset(xq, allowed, k)
             return d, i, "exact-subset"
-        if allowed is not None and self.lists is not None:
-            result = self._ivf_lists(xq, k, allowed, n_allowed, config)
+        mask = None if allowed is None else allowed.mask
+        if not self._uses_selectors:
+            return self._search_selectorless(xq, k, mask, n_allowed)
+        if self.codes is not None:
+            d, i = self._exact(xq, k, mask)
+            return d, i, "exact"
+        if mask is not None and self.lists is not None:
+            result = self._ivf_lists(xq, k, mask, n_allowed)
         else:
-            result = self._ann(xq, k, allowed, n_allowed, config)
+            result = self._ann(xq, k, mask, n_allowed)
         if result is None:
-            d, i = self._exact(xq, k, allowed)
+            d, i = self._exact(xq, k, mask)
             return d, i, "ann->exact"
         return result
+
+    @property
+    def _uses_selectors(self) -> bool:
+        """Whether filters go to the index as IDSelectors (CPU), else the GPU routing."""
+        return self.supports_selector and self.config.use_selectors
+
+    def _scan_allowed_rows(self, allowed: AllowedRows) -> bool:
+        """The one rule for "few allowed rows -> exact scan of just those rows", for both
+        routings (with and without selectors).
+
+        Flat shards: a small share of the shard (``flat_subset_fraction``). HNSW and
+        other ANN shards: at most ``exact_max_rows``. IVF shards: always at or below
+        ``ivf_exact_max_rows``, never above ``exact_max_rows``; in between, with
+        selectors, a cost model compares the scan with the filtered IVF search; without
+        selectors (GPU) the index is over-fetched instead (its cost is not modelled).
+        """
+        config, n_allowed = self.config, allowed.count
+        if self.codes is not None:
+            return n_allowed <= self.rows * config.flat_subset_fraction
+        if self.kind != "ivf":
+            return n_allowed <= config.exact_max_rows
+        if n_allowed <= config.ivf_exact_max_rows:
+            return True
+        if n_allowed > config.exact_max_rows or not self._uses_selectors:
+            return False
+        knob = self._knob(self.rows / max(1, n_allowed), 0)
+        probed = knob[1] if knob is not None else self.nlist
+        visited = min(self.rows, probed * self.rows / max(1, self.nlist))
+        if self.lists is not None:  # centroids scored, ids checked, allowed rows gathered
+            selectivity = n_allowed / max(1, self.rows)
+            search = self.nlist + visited * (config.ivf_list_visit_cost + selectivity)
+        else:
+            search = visited * config.ivf_scan_visit_cost
+        gathered = allowed.can_gather(self.vectors, config.exact_max_rows)
+        return n_allowed * (config.gathered_row_cost if gathered else 1.0) <= search
 
     def _exact(
         self, xq: np.ndarray, k: int, allowed: np.ndarray | None
@@ -426,42 +467,16 @@ class ShardSearcher:
         )
 
     def _subset(
-        self,
-        xq: np.ndarray,
-        source: np.ndarray,
-        allowed: np.ndarray,
-        k: int,
-        config: PlannerConfig,
-        cache: AllowedRows | None,
+        self, xq: np.ndarray, allowed: AllowedRows, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the allowed rows of ``source`` (codes or fp16 vectors)."""
-        if cache is None:
-            return subset_search(xq, source, np.flatnonzero(allowed), k)
-        gathered = cache.gathered(source, config.exact_max_rows)
+        """Exact top-k over the allowed rows of the shard's exact vectors (a flat
+        shard's float32 codes, else the fp16 vectors), from their contiguous copy when
+        ``allowed`` has or can make one."""
+        source = self.codes if self.codes is not None else self.vectors
+        gathered = allowed.gathered(source, self.config.exact_max_rows)
         if gathered is not None:
             return gathered.search(xq, k)
-        return subset_search(xq, source, cache.rows, k)
-
-    def _subset_pays(
-        self, n_allowed: int, config: PlannerConfig, cache: AllowedRows | None
-    ) -> bool:
-        """Whether scanning ``n_allowed`` rows exactly beats the filtered ANN search."""
-        if self.kind != "ivf":
-            return n_allowed <= config.exact_max_rows
-        if n_allowed <= config.ivf_exact_max_rows:
-            return True
-        if n_allowed > config.exact_max_rows:
-            return False
-        knob = self._knob(self.rows / max(1, n_allowed), 0, config)
-        probed = knob[1] if knob is not None else self.nlist
-        visited = min(self.rows, probed * self.rows / max(1, self.nlist))
-        if self.lists is not None:  # centroids scored, ids checked, allowed rows gathered
-            selectivity = n_allowed / max(1, self.rows)
-            search = self.nlist + visited * (config.ivf_list_visit_cost + selectivity)
-        else:
-            search = visited * config.ivf_scan_visit_cost
-        gathered = cache is not None and cache.can_gather(self.vectors, config.exact_max_rows)
-        return n_allowed * (config.gathered_row_cost if gathered else 1.0) <= search
+        return subset_search(xq, source, allowed.rows, k)
 
     def _ivf_lists(
         self,
@@ -469,22 +484,21 @@ class ShardSearcher:
         k: int,
         allowed: np.ndarray,
         n_allowed: int,
-        config: PlannerConfig,
     ) -> tuple[np.ndarray, np.ndarray, str] | None:
         """Filtered IVF through :class:`IvfLists`; None when some query stays short."""
         lists = self.lists
         assert lists is not None  # only called for shards that have them
         boost = self.rows / max(1, n_allowed)
-        knob = self._knob(boost, k, config)
+        knob = self._knob(boost, k)
         probes = lists.probe(xq, knob[1] if knob else self.nlist)  # one call per batch
         ds, ids = [], []
         for qi in range(xq.shape[0]):
             rows = lists.allowed_rows(probes[qi], allowed)
             query_knob = knob
             for raise_by in ESCALATION[1:]:  # a short query alone probes more lists
-                if len(rows) >= k or not self._can_raise(query_knob, config):
+                if len(rows) >= k or not self._can_raise(query_knob):
                     break
-                query_knob = self._knob(boost * raise_by, k, config)
+                query_knob = self._knob(boost * raise_by, k)
                 nprobe = query_knob[1] if query_knob else self.nlist
                 rows = lists.allowed_rows(lists.probe(xq[qi : qi + 1], nprobe)[0], allowed)
             if len(rows) < k:
@@ -500,7 +514,6 @@ class ShardSearcher:
         k: int,
         allowed: np.ndarray | None,
         n_allowed: int,
-        config: PlannerConfig,
     ) -> tuple[np.ndarray, np.ndarray, str] | None:
         """ANN search + exact rescoring; None when some query stays short (see ESCALATION)."""
         selectivity = n_allowed / max(1, self.rows)
@@ -513,9 +526,7 @@ class ShardSearcher:
             bitmap = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bitmap))
         for raise_by in ESCALATION:
-            search_params, keep, knob = self._search_params(
-                selector, selectivity, fetch, config, raise_by
-            )
+            search_params, keep, knob = self._search_params(selector, selectivity, fetch, raise_by)
             try:
                 _, ids = self.index.search(xq, fetch, params=search_params)
             except RuntimeError as e:  # an index type that rejects selectors / parameters
@@ -525,7 +536,7 @@ class ShardSearcher:
             valid = ids >= 0
             if (valid.sum(axis=1) >= k).all():
                 break
-            if not self._can_raise(knob, config):
+            if not self._can_raise(knob):
                 return None
         else:
             return None
@@ -538,14 +549,13 @@ class ShardSearcher:
         selector: Any,
         selectivity: float,
         fetch: int,
-        config: PlannerConfig,
         raise_by: float = 1.0,
     ) -> tuple[Any, Any, tuple[str, int] | None]:
         """(SearchParameters, an object to keep alive while they are used, the knob)."""
         import faiss
 
         boost = 1.0 / max(selectivity, 1e-9) if selector is not None else 1.0
-        knob = self._knob(boost * raise_by, fetch, config)
+        knob = self._knob(boost * raise_by, fetch)
         if knob is not None and knob[0] == "nprobe":
             inner: Any = faiss.SearchParametersIVF()
             inner.nprobe = knob[1]
@@ -565,48 +575,32 @@ class ShardSearcher:
             return outer, inner, knob  # the caller keeps `inner` alive while `outer` is used
         return inner, None, knob
 
-    def _can_raise(self, knob: tuple[str, int] | None, config: PlannerConfig) -> bool:
+    def _can_raise(self, knob: tuple[str, int] | None) -> bool:
         """Whether a search that came back short can be retried with a larger knob."""
         if knob is None:
             return False
-        cap = self.nlist if knob[0] == "nprobe" else config.max_ef_search
+        cap = self.nlist if knob[0] == "nprobe" else self.config.max_ef_search
         return knob[1] < cap
 
-    def _knob(self, boost: float, fetch: int, config: PlannerConfig) -> tuple[str, int] | None:
+    def _knob(self, boost: float, fetch: int) -> tuple[str, int] | None:
         """The search parameter for ``fetch`` results, raised by ``boost`` (1 / selectivity)."""
         if self.kind == "ivf":
             nprobe = self.params.get("nprobe", 1)
             return "nprobe", int(min(self.nlist, max(nprobe, math.ceil(nprobe * boost))))
         if self.kind == "hnsw":
             ef = max(self.params.get("efSearch", 16), fetch)
-            ef = min(config.max_ef_search, max(ef, math.ceil(ef * boost)))
+            ef = min(self.config.max_ef_search, max(ef, math.ceil(ef * boost)))
             return "efSearch", int(max(ef, fetch))
         return None
 
     # -------------------------------------------------- selector-less (GPU) routing
 
     def _search_selectorless(
-        self,
-        xq: np.ndarray,
-        k: int,
-        allowed: np.ndarray | None,
-        n_allowed: int,
-        config: PlannerConfig,
-        cache: AllowedRows | None,
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None, n_allowed: int
     ) -> tuple[np.ndarray, np.ndarray, str]:
-        """The GPU routing of :meth:`search` (module docstring): no selector, ever."""
-        if allowed is not None:
-            if self.codes is not None:
-                few = n_allowed <= self.rows * config.flat_subset_fraction
-            elif self.kind == "ivf":
-                few = n_allowed <= config.ivf_exact_max_rows
-            else:
-                few = n_allowed <= config.exact_max_rows
-            if few:
-                source = self.codes if self.codes is not None else self.vectors
-                d, i = self._subset(xq, source, allowed, k, config, cache)
-                return d, i, "exact-subset"
-        result = self._index_search(xq, k, allowed, n_allowed, config)
+        """The GPU routing of :meth:`search` (module docstring): no selector, ever.
+        Few allowed rows were already scanned exactly (:meth:`_scan_allowed_rows`)."""
+        result = self._index_search(xq, k, allowed, n_allowed)
         if result is not None:
             return result
         d, i = self._exact(xq, k, allowed)
@@ -618,13 +612,13 @@ class ShardSearcher:
         k: int,
         allowed: np.ndarray | None,
         n_allowed: int,
-        config: PlannerConfig,
     ) -> tuple[np.ndarray, np.ndarray, str] | None:
         """Search the index without selector, post-filter, rescore exactly.
 
         None when the fetch would exceed ``config.max_index_k``, the index fails, or
         some query keeps fewer than ``k`` allowed rows (the caller scans exactly).
         """
+        config = self.config
         selectivity = n_allowed / max(1, self.rows)
         per_k = max(1, self.params.get("k_factor", 1), 2 if self.fp16 else 1)
         want = k * per_k
@@ -634,7 +628,7 @@ class ShardSearcher:
         if fetch > config.max_index_k:
             return None
         boost = 1.0 / max(selectivity, 1e-9) if allowed is not None else 1.0
-        knob = self._knob(boost, fetch, config)
+        knob = self._knob(boost, fetch)
         if knob is not None and knob[0] == "nprobe":  # GPU IVF caps nprobe like k
             knob = ("nprobe", min(knob[1], config.max_index_k))
         xq = np.ascontiguousarray(xq, dtype=np.float32)

@@ -13,18 +13,26 @@ this order:
 Pagination (``offset``/``k``) slices the final order. Every stage is deterministic and
 breaks ties by ``row_id``, so the same query over the same version always pages the
 same way. A stage is any callable ``Candidates -> Candidates``.
+
+Option values (weights, lambda, grouping, sort spelling) are validated once, by
+:class:`~clipsearch.retrieval.options.SearchOptions`; the stages only check what needs
+the candidates' data (a field that is missing, not numeric or not sortable).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsearch.retrieval.errors import QueryError
+
+if TYPE_CHECKING:
+    from clipsearch.retrieval.options import Grouping, SearchOptions
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,14 +87,12 @@ def _numeric_column(c: Candidates, name: str, stage: str) -> np.ndarray:
 class Boost:
     """Linear boosts: ``score += sum(weight * value)`` over numeric fields (null = 0)."""
 
-    # field -> weight; e.g. {"rating": 0.01} adds 0.05 for a five-star product.
-    weights: dict[str, float]
+    # field -> finite weight; e.g. {"rating": 0.01} adds 0.05 for a five-star product.
+    weights: Mapping[str, float]
 
     def __call__(self, c: Candidates) -> Candidates:
         scores = c.scores.astype(np.float32).copy()
         for name, weight in self.weights.items():
-            if not np.isfinite(weight):
-                raise QueryError(f"boost weight for {name!r} must be finite, got {weight}")
             scores += np.float32(weight) * _numeric_column(c, name, "boost")
         return replace(c, scores=scores).by_score()
 
@@ -96,11 +102,7 @@ class GroupByDoc:
     """One candidate per ``doc_id``: its best row, scored by the max or mean of its rows."""
 
     # "max" (a product is as good as its best photo) or "mean".
-    how: str = "max"
-
-    def __post_init__(self) -> None:
-        if self.how not in ("max", "mean"):
-            raise QueryError(f"group_by_doc must be 'max' or 'mean', got {self.how!r}")
+    how: Grouping = "max"
 
     def __call__(self, c: Candidates) -> Candidates:
         if len(c) == 0:
@@ -146,10 +148,6 @@ class MMR:
     # Rows to select; the rest follow in relevance order.
     limit: int
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lambda_ <= 1.0:
-            raise QueryError(f"mmr lambda must be within [0, 1], got {self.lambda_}")
-
     def __call__(self, c: Candidates) -> Candidates:
         n = len(c)
         if n == 0:
@@ -181,12 +179,9 @@ class SortBy:
 
     @classmethod
     def parse(cls, spec: str) -> SortBy:
-        """``"price"``, ``"price:asc"`` or ``"added:desc"``."""
+        """``"price"``, ``"price:asc"`` or ``"added:desc"`` (a spec SearchOptions has
+        already validated)."""
         name, _, direction = spec.partition(":")
-        if not name or direction not in ("", "asc", "desc"):
-            raise QueryError(
-                f"sort must look like 'field', 'field:asc' or 'field:desc', got {spec!r}"
-            )
         return cls(name, direction == "desc")
 
     def __call__(self, c: Candidates) -> Candidates:
@@ -220,27 +215,22 @@ def _sort_indices(keys: pa.Table, direction: str) -> pa.Array:
         )
 
 
-def default_pipeline(
-    *,
-    boosts: dict[str, float] | None = None,
-    group_by_doc: bool | str | None = False,
-    min_score: float | None = None,
-    mmr: float | None = None,
-    mmr_limit: int = 10,
-    sort: str | SortBy | None = None,
-) -> list[Reranker]:
-    """The stages for the engine's keyword options, in the documented order."""
+def default_pipeline(options: SearchOptions, *, mmr_limit: int) -> list[Reranker]:
+    """The stages ``options`` asks for, in the documented order (empty: plain relevance).
+
+    ``mmr_limit``: rows MMR selects greedily (the engine passes ``offset + k``).
+    """
     stages: list[Reranker] = []
-    if boosts:
-        stages.append(Boost(dict(boosts)))
-    if group_by_doc:
-        stages.append(GroupByDoc("max" if group_by_doc is True else str(group_by_doc)))
-    if min_score is not None:
-        stages.append(MinScore(float(min_score)))
-    if mmr is not None:
-        stages.append(MMR(float(mmr), mmr_limit))
-    if sort is not None:
-        stages.append(sort if isinstance(sort, SortBy) else SortBy.parse(sort))
+    if options.boosts:
+        stages.append(Boost(dict(options.boosts)))
+    if options.group_by_doc:
+        stages.append(GroupByDoc(options.group_by_doc))
+    if options.min_score is not None:
+        stages.append(MinScore(options.min_score))
+    if options.mmr is not None:
+        stages.append(MMR(options.mmr, mmr_limit))
+    if options.sort is not None:
+        stages.append(SortBy.parse(options.sort))
     return stages
 
 
@@ -251,6 +241,7 @@ def run_pipeline(c: Candidates, stages: Sequence[Reranker]) -> Candidates:
 
 
 def paginate(c: Candidates, offset: int, limit: int) -> tuple[Candidates, int]:
-    """``(page, rank of its first row)``: rows ``offset .. offset + limit - 1``."""
+    """``(page, 1-based rank of its first row)``: rows ``offset .. offset + limit - 1``,
+    so the first page starts at rank 1 and the page at offset 10 at rank 11."""
     end = min(len(c), offset + limit)
-    return c.take(np.arange(min(offset, end), end)), offset
+    return c.take(np.arange(min(offset, end), end)), offset + 1

@@ -23,7 +23,8 @@ _FAISS_EMPTY = -3.0e38
 class Hit:
     """One result row."""
 
-    # 0-based position in the full ranked list (offset included), so page 2 starts at k.
+    # 1-based position in the full ranked list (offset included): the first hit of the
+    # first page is 1, and page 2 of k=10 (offset 10) starts at 11.
     rank: int
     # Relevance: cosine similarity of query and row (after boosts, when boosts were given;
     # the group's max or mean with group_by_doc).
@@ -42,6 +43,8 @@ class Hit:
     def __post_init__(self) -> None:
         if self.row_id < 0:
             raise ValueError(f"Hit with invalid row_id {self.row_id} (a FAISS sentinel leaked)")
+        if self.rank < 1:
+            raise ValueError(f"Hit {self.row_id} has rank {self.rank}; ranks start at 1")
         if not math.isfinite(self.score) or self.score <= _FAISS_EMPTY:
             raise ValueError(f"Hit {self.row_id} has non-finite score {self.score}")
 

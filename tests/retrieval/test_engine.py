@@ -45,7 +45,7 @@ def test_topk_matches_the_oracle(index: Path, where: str | None) -> None:
         assert mean_recall(results, expected) >= 0.9
     for r in results:
         assert len(r) == 10 and all(np.isfinite(h.score) and h.row_id >= 0 for h in r)
-        assert [h.rank for h in r] == list(range(10))
+        assert [h.rank for h in r] == list(range(1, 11))
 
 
 @pytest.mark.parametrize("where", FILTERS[1:])
@@ -164,7 +164,7 @@ def test_grouping_pagination_and_reranking(index: Path) -> None:
             for o in (0, 5)
         ]
         assert pages[0].doc_ids + pages[1].doc_ids == grouped.doc_ids
-        assert [h.rank for h in pages[1]] == list(range(5, 10))
+        assert [h.rank for h in pages[1]] == list(range(6, 11))
         plain = engine.search("red shirt", k=20, modality="text")
         paged = [
             engine.search("red shirt", k=5, offset=o, modality="text").row_ids
@@ -206,7 +206,7 @@ def test_results_are_typed_and_serialisable(index: Path) -> None:
     with SearchEngine.open(index) as engine:
         r = engine.search("red", k=3, where="in_stock")
     rows = r.to_dicts()
-    assert [d["rank"] for d in rows] == [0, 1, 2] and all(d["metadata"]["in_stock"] for d in rows)
+    assert [d["rank"] for d in rows] == [1, 2, 3] and all(d["metadata"]["in_stock"] for d in rows)
     table = r.to_arrow()
     assert table.num_rows == 3 and table.column("row_id").to_pylist() == r.row_ids
     assert set(r.timings) >= {"encode", "filter", "search", "rerank", "total"}

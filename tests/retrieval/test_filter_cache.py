@@ -10,7 +10,7 @@ import pytest
 from query_fixtures import Oracle, noisy_queries
 
 from clipsearch.retrieval.engine import MASK_CACHE_SIZE, SearchEngine
-from clipsearch.retrieval.planner import PlannerConfig
+from clipsearch.retrieval.planner import AllowedRows, PlannerConfig
 
 
 @pytest.fixture
@@ -132,7 +132,8 @@ def test_short_ivf_results_retry_with_more_lists_before_scanning_everything(
         shard = next(s for s in engine._state.shards if s.kind == "ivf")
         ivf = faiss.extract_index_ivf(shard.index)
         assert ivf.nlist > 2
-        one_list = dataclasses.replace(shard, params={**shard.params, "nprobe": 1})
+        config = PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0)
+        one_list = dataclasses.replace(shard, params={**shard.params, "nprobe": 1}, config=config)
         sizes = sorted((ivf.invlists.list_size(i) for i in range(ivf.nlist)), reverse=True)
         k = sizes[0] + sizes[1] + 1  # one or two lists (filter boost ~1.2) are short
         xq = noisy_queries(Oracle.load(ivf_index, shard.record.modality), 2, seed=8)
@@ -141,8 +142,8 @@ def test_short_ivf_results_retry_with_more_lists_before_scanning_everything(
         allowed[::7] = False
         assert k <= allowed.sum()
         for mask, plan in ((None, "ann"), (allowed, "ivf-lists")):
-            config = PlannerConfig(exact_max_rows=0, ivf_exact_max_rows=0)
-            _, i, got_plan = one_list.search(xq, k, mask, config)
+            rows = None if mask is None else AllowedRows(mask)
+            _, i, got_plan = one_list.search(xq, k, rows)
             assert got_plan == plan and i.shape == (2, k)
             if ivf.nlist <= 8:  # one retry probes every list: exact over the shard
                 assert np.array_equal(i, exact_search(xq, vectors, k, mask=mask)[1])
