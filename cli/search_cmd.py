@@ -15,61 +15,213 @@ import typer
 from rich.table import Table
 
 from clipsearch.cli.common import cli_errors, console, print_json
+from clipsearch.cli.render import default_fields, parse_fields, results_json, results_table
 from clipsearch.retrieval.errors import QueryError
+from clipsearch.retrieval.options import SearchOptions
 
 _DEVICE = typer.Option(
     "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
 )
 
 
+# typer keeps single newlines of a help text, so each paragraph is one line here.
+_SEARCH_HELP = "\n\n".join(
+    [
+        "Search an index with a text, an image or a composed query.",
+        "One --text or one --image is a plain query. Several terms, a --minus-* term or a "
+        "weight make a composed query: the weighted sum of the terms' embeddings, "
+        're-normalised (this photo + "red" - "striped"):',
+        "  clipsearch search INDEX --image photo.jpg --text red --minus-text striped",
+        "Weights: the i-th --text-weight applies to the i-th --text (likewise --image-weight "
+        "and --image); terms without one weigh 1. Every --minus-text / --minus-image weighs "
+        "-W, W = --minus-weight (1 by default); a negative --text-weight also subtracts.",
+        "The table shows one line per hit: rank (1-based), score, doc_id, a title-like column "
+        "(the first of title, name, caption, text, description, label that the index has; "
+        "text rows show their own text) and price when the index has one. --fields chooses "
+        "other columns. --json prints every hit in full; with --fields, each hit's metadata "
+        "keeps only those fields.",
+    ]
+)
+
+
 def search_cmd(
     index: Path = typer.Argument(..., help="Index directory."),
-    text: str | None = typer.Option(None, "--text", "-t", help="Text query."),
-    image: Path | None = typer.Option(None, "--image", "-i", help="Image query (file)."),
+    text: list[str] | None = typer.Option(
+        None, "--text", "-t", metavar="TEXT", help="Text query term (repeatable)."
+    ),
+    image: list[Path] | None = typer.Option(
+        None, "--image", "-i", metavar="PATH", help="Image query term, a file (repeatable)."
+    ),
+    minus_text: list[str] | None = typer.Option(
+        None, "--minus-text", metavar="TEXT", help="Text to steer away from (repeatable)."
+    ),
+    minus_image: list[Path] | None = typer.Option(
+        None, "--minus-image", metavar="PATH", help="Image to steer away from (repeatable)."
+    ),
+    text_weight: list[float] | None = typer.Option(
+        None,
+        "--text-weight",
+        metavar="W",
+        help="Weight of the matching --text, in order (default 1).",
+    ),
+    image_weight: list[float] | None = typer.Option(
+        None,
+        "--image-weight",
+        metavar="W",
+        help="Weight of the matching --image, in order (default 1).",
+    ),
+    minus_weight: float = typer.Option(
+        1.0, "--minus-weight", metavar="W", help="Each --minus-text / --minus-image weighs -W."
+    ),
     where: str | None = typer.Option(
         None, "--where", "-w", help='Filter, e.g. "price < 30 and in_stock".'
     ),
     k: int = typer.Option(10, "-k", help="Results per page."),
     offset: int = typer.Option(0, "--offset", help="Results to skip (pagination)."),
     modality: str | None = typer.Option(None, "--modality", help="Rows to search: image or text."),
-    group_by_doc: bool = typer.Option(False, "--group-by-doc", help="One result per doc_id."),
+    group_by_doc: bool = typer.Option(
+        False, "--group-by-doc", help="One result per doc_id (its best row; see --group-mode)."
+    ),
+    group_mode: str | None = typer.Option(
+        None,
+        "--group-mode",
+        metavar="max|mean",
+        help="How --group-by-doc scores a doc: max (best row) or mean (of its rows in the "
+        "pool). Implies --group-by-doc.",
+    ),
     mmr: float | None = typer.Option(None, "--mmr", help="MMR diversity lambda in [0, 1]."),
     sort: str | None = typer.Option(None, "--sort", help="Sort by a field: FIELD or FIELD:desc."),
     min_score: float | None = typer.Option(None, "--min-score", help="Drop results scoring lower."),
+    boost: list[str] | None = typer.Option(
+        None,
+        "--boost",
+        metavar="FIELD=WEIGHT",
+        help="Add WEIGHT * FIELD (numeric, null = 0) to every score (repeatable), "
+        "e.g. --boost rating=0.01.",
+    ),
+    fields: str | None = typer.Option(
+        None,
+        "--fields",
+        metavar="A,B,...",
+        help="Columns to show after rank, score and doc_id: metadata columns or "
+        "row_id, modality, source. With --json: the metadata kept per hit.",
+    ),
     device: str = _DEVICE,
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
-    """Search an index with a text or an image query."""
     from clipsearch.retrieval.engine import SearchEngine
+    from clipsearch.retrieval.manifest import FIXED_COLUMNS
 
     with cli_errors():
-        if (text is None) == (image is None):
-            raise QueryError("give exactly one of --text or --image")
-        query: Any = text if text is not None else image
+        query = _query(
+            text or [],
+            image or [],
+            minus_texts=minus_text or [],
+            minus_images=minus_image or [],
+            text_weights=text_weight or [],
+            image_weights=image_weight or [],
+            minus_weight=minus_weight,
+        )
+        options = SearchOptions(
+            k=k,
+            offset=offset,
+            where=where,
+            modality=modality,
+            group_by_doc=_grouping(group_by_doc, group_mode),
+            mmr=mmr,
+            sort=sort,
+            min_score=min_score,
+            boosts=tuple(_parse_boost(b) for b in boost or []),
+        )
         with SearchEngine.open(index, device=device) as engine:
-            results = engine.search(
-                query,
-                k=k,
-                offset=offset,
-                where=where,
-                modality=modality,
-                group_by_doc=group_by_doc,
-                mmr=mmr,
-                sort=sort,
-                min_score=min_score,
-            )
+            columns = [c for c in engine.schema.names if c not in FIXED_COLUMNS]
+            shown = _fields(fields, columns)
+            results = engine.search(query, options)
     if as_json:
-        print_json(results.to_dict())
+        print_json(results_json(results, shown if fields is not None else None))
         return
-    table = Table(title=f"{len(results)} results (index version {results.index_version})")
-    for col in ("#", "score", "doc_id", "modality", "source", "metadata"):
-        table.add_column(col, overflow="fold")
-    for h in results:
-        meta = ", ".join(f"{k}={v}" for k, v in h.metadata.items())
-        table.add_row(str(h.rank + 1), f"{h.score:.3f}", h.doc_id, h.modality, h.source, meta)
-    console.print(table)
+    text_column = None if fields is not None else shown[0]
+    console.print(results_table(results, shown, text_column=text_column))
     if results.total_matches is not None:
         console.print(f"{results.total_matches} rows match the filter")
+
+
+search_cmd.__doc__ = _SEARCH_HELP
+
+
+def _query(
+    texts: list[str],
+    images: list[Path],
+    *,
+    minus_texts: list[str],
+    minus_images: list[Path],
+    text_weights: list[float],
+    image_weights: list[float],
+    minus_weight: float,
+) -> Any:
+    """A plain str / Path for one unweighted term, else a ComposedQuery of every term.
+
+    Terms go images first, then texts, then negatives (images, then texts): the order a
+    reader of "this photo + red - striped" expects.
+    """
+    if not texts and not images:
+        raise QueryError(
+            "give a query: --text and/or --image (--minus-text / --minus-image only "
+            "subtract from one)"
+        )
+    plain = not (text_weights or image_weights or minus_texts or minus_images)
+    if plain and len(texts) + len(images) == 1:
+        return texts[0] if texts else images[0]
+    from clipsearch.retrieval.queries import ComposedQuery
+
+    terms: list[tuple[float, Any]] = [
+        *zip(_weights(image_weights, len(images), "--image"), images, strict=True),
+        *zip(_weights(text_weights, len(texts), "--text"), texts, strict=True),
+        *((-minus_weight, p) for p in minus_images),
+        *((-minus_weight, t) for t in minus_texts),
+    ]
+    return ComposedQuery(terms=tuple(terms))
+
+
+def _weights(weights: list[float], n_terms: int, option: str) -> list[float]:
+    """The i-th weight for the i-th term; terms without one weigh 1."""
+    if len(weights) > n_terms:
+        raise typer.BadParameter(
+            f"{len(weights)} weights for {n_terms} {option} term(s); the i-th "
+            f"{option}-weight applies to the i-th {option}",
+            param_hint=f"'{option}-weight'",
+        )
+    return [*weights, *[1.0] * (n_terms - len(weights))]
+
+
+def _parse_boost(spec: str) -> tuple[str, float]:
+    """``"rating=0.01"`` -> ``("rating", 0.01)``; SearchOptions validates the pair."""
+    name, sep, weight = spec.partition("=")
+    try:
+        if not sep or not name.strip():
+            raise ValueError
+        return name.strip(), float(weight)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{spec!r} is not FIELD=WEIGHT (a numeric field and a number), e.g. rating=0.01",
+            param_hint="'--boost'",
+        ) from None
+
+
+def _grouping(group_by_doc: bool, group_mode: str | None) -> Any:
+    # SearchOptions validates the mode's spelling; --group-mode alone implies grouping.
+    if group_mode is not None:
+        return group_mode
+    return "max" if group_by_doc else None
+
+
+def _fields(spec: str | None, columns: list[str]) -> list[str]:
+    if spec is None:
+        return default_fields(columns)
+    try:
+        return parse_fields(spec, columns)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--fields'") from e
 
 
 def classify_cmd(
