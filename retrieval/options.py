@@ -31,6 +31,20 @@ MODALITIES = ("image", "text")
 Grouping = Literal["max", "mean"]
 
 
+class InvalidOptionError(QueryError):
+    """A search option has a bad value, or is not an option at all.
+
+    ``option`` names it ("k", "offset", "boosts", ...), so a surface can map it onto its
+    own error codes (the HTTP API answers k_out_of_range for "k"); the message names it
+    too, with the allowed values.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        # The SearchOptions field (or the unknown name) the error is about.
+        self.option = option
+
+
 @dataclass(frozen=True, kw_only=True)
 class SearchOptions:
     """How to search, filter, rerank and page. Frozen; derive variants with :meth:`replace`.
@@ -64,26 +78,32 @@ class SearchOptions:
     def __post_init__(self) -> None:
         _set = object.__setattr__
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
-            raise QueryError(f"k must be an integer between 1 and {MAX_K}, got {self.k!r}")
+            raise InvalidOptionError(
+                "k", f"k must be an integer between 1 and {MAX_K}, got {self.k!r}"
+            )
         if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
-            raise QueryError(f"offset must be an integer >= 0, got {self.offset!r}")
+            raise InvalidOptionError(
+                "offset", f"offset must be an integer >= 0, got {self.offset!r}"
+            )
         if self.offset + self.k > MAX_POOL:
-            raise QueryError(
+            raise InvalidOptionError(
+                "offset",
                 f"offset + k must be at most {MAX_POOL} (got {self.offset} + {self.k}); "
-                "narrow the query with a filter instead of paging that deep"
+                "narrow the query with a filter instead of paging that deep",
             )
         if self.modality is not None and self.modality not in MODALITIES:
-            raise QueryError(
-                f"modality must be one of {', '.join(MODALITIES)} (or omitted), got {self.modality!r}"
+            raise InvalidOptionError(
+                "modality",
+                f"modality must be one of {', '.join(MODALITIES)} (or omitted), got {self.modality!r}",
             )
         _set(self, "group_by_doc", _grouping(self.group_by_doc))
         if self.mmr is not None:
-            mmr = _finite("mmr", self.mmr)
+            mmr = _finite("mmr", "mmr", self.mmr)
             if not 0.0 <= mmr <= 1.0:
-                raise QueryError(f"mmr lambda must be within [0, 1], got {mmr}")
+                raise InvalidOptionError("mmr", f"mmr lambda must be within [0, 1], got {mmr}")
             _set(self, "mmr", mmr)
         if self.min_score is not None:
-            _set(self, "min_score", _finite("min_score", self.min_score))
+            _set(self, "min_score", _finite("min_score", "min_score", self.min_score))
         if self.sort is not None:
             _set(self, "sort", _sort_spec(self.sort))
         _set(self, "boosts", _boosts(self.boosts))
@@ -146,9 +166,10 @@ def resolve_options(
 ) -> SearchOptions:
     """``options`` (default: ``SearchOptions()``) with ``overrides`` applied, validated."""
     if options is not None and not isinstance(options, SearchOptions):
-        raise QueryError(
+        raise InvalidOptionError(
+            "options",
             f"options must be a SearchOptions, got {type(options).__name__}; "
-            "pass single options as keywords instead (k=5, where=...)"
+            "pass single options as keywords instead (k=5, where=...)",
         )
     base = options if options is not None else SearchOptions()
     if not overrides:
@@ -156,8 +177,9 @@ def resolve_options(
     known = {f.name for f in fields(SearchOptions)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise QueryError(
-            f"unknown search option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        raise InvalidOptionError(
+            unknown[0],
+            f"unknown search option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
         )
     return replace(base, **overrides)
 
@@ -169,23 +191,27 @@ def _grouping(value: object) -> Grouping | None:
         return "max"
     if value == "mean":
         return "mean"
-    raise QueryError(f"group_by_doc must be 'max', 'mean', true or false, got {value!r}")
+    raise InvalidOptionError(
+        "group_by_doc", f"group_by_doc must be 'max', 'mean', true or false, got {value!r}"
+    )
 
 
-def _finite(name: str, value: object) -> float:
+def _finite(option: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise QueryError(f"{name} must be a number, got {value!r}")
+        raise InvalidOptionError(option, f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise QueryError(f"{name} must be finite, got {value}")
+        raise InvalidOptionError(option, f"{name} must be finite, got {value}")
     return float(value)
 
 
 def _sort_spec(spec: object) -> str:
     if not isinstance(spec, str):
-        raise QueryError(f"sort must be a string like 'price:asc', got {spec!r}")
+        raise InvalidOptionError("sort", f"sort must be a string like 'price:asc', got {spec!r}")
     name, _, direction = spec.partition(":")
     if not name.strip() or direction not in ("", "asc", "desc"):
-        raise QueryError(f"sort must look like 'field', 'field:asc' or 'field:desc', got {spec!r}")
+        raise InvalidOptionError(
+            "sort", f"sort must look like 'field', 'field:asc' or 'field:desc', got {spec!r}"
+        )
     return spec
 
 
@@ -196,16 +222,19 @@ def _boosts(value: object) -> tuple[tuple[str, float], ...]:
     try:
         pairs = [(name, weight) for name, weight in items]
     except (TypeError, ValueError) as e:
-        raise QueryError(
-            f"boosts must map numeric field names to weights, e.g. {{'rating': 0.01}}; got {value!r}"
+        raise InvalidOptionError(
+            "boosts",
+            f"boosts must map numeric field names to weights, e.g. {{'rating': 0.01}}; got {value!r}",
         ) from e
     out: dict[str, float] = {}
     for name, weight in pairs:
         if not isinstance(name, str) or not name:
-            raise QueryError(f"boost field names must be non-empty strings, got {name!r}")
+            raise InvalidOptionError(
+                "boosts", f"boost field names must be non-empty strings, got {name!r}"
+            )
         if name in out:
-            raise QueryError(f"boost field {name!r} is given twice")
-        out[name] = _finite(f"boost weight for {name!r}", weight)
+            raise InvalidOptionError("boosts", f"boost field {name!r} is given twice")
+        out[name] = _finite("boosts", f"boost weight for {name!r}", weight)
     return tuple(sorted(out.items()))
 
 
@@ -215,11 +244,15 @@ def _where(where: object) -> str | dict[str, Any]:
 
     if isinstance(where, str):
         if not where.strip():
-            raise QueryError("the filter is empty; omit it to search every row")
+            raise InvalidOptionError(
+                "where", "where: the filter is empty; omit it to search every row"
+            )
         parse(where)
         return where
     if isinstance(where, Mapping):
         where = dict(where)
         from_json(where)
         return where
-    raise QueryError(f"where must be a filter expression string or its JSON form, got {where!r}")
+    raise InvalidOptionError(
+        "where", f"where must be a filter expression string or its JSON form, got {where!r}"
+    )

@@ -145,8 +145,10 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         pil = await decode_image_async(
             raw, config, field="image", deadline=deadline, min_side=min_side
         )
-        body = SearchRequest(k=k, offset=offset, filter=filter or None, group_by_doc=group_by_doc)
-        options = queries.options_for(body, config, modality=queries.check_modality(modality))
+        body = SearchRequest(
+            k=k, offset=offset, filter=filter, modality=modality, group_by_doc=group_by_doc
+        )
+        options = queries.search_options(body, config)
         query = queries.Query(value=pil, options=options)
         return await _run_search(state, query, start, deadline)
 

@@ -1,7 +1,10 @@
 """Turning API requests into engine queries, and engine results into API responses.
 
-Validation that needs the service's limits (k range, labels, terms) happens here, with
-errors that name the field and the allowed range. Images are decoded in worker threads.
+Search options are validated by :class:`~clipsearch.retrieval.options.SearchOptions`
+(the request model hands its values over); this module maps its errors onto the API's
+codes and adds only the service's own limits (``max_k``, ``max_page_depth``, labels,
+terms), with errors that name the field and the allowed range. Images are decoded in
+worker threads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from urllib.parse import quote
 import numpy as np
 
 from clipsearch.retrieval.encoders.base import decode_side
+from clipsearch.retrieval.options import MAX_K, MAX_POOL, InvalidOptionError, SearchOptions
 from clipsearch.retrieval.service.admission import (
     decode_base64_image,
     decode_image_async,
@@ -23,16 +27,18 @@ from clipsearch.retrieval.service.admission import (
 from clipsearch.retrieval.service.catalog import ItemRow, item_rows, resolve_image
 from clipsearch.retrieval.service.errors import ApiError
 from clipsearch.retrieval.service.fetch import FetchLimits, fetch_url
-from clipsearch.retrieval.service.runner import SearchOptions
-from clipsearch.retrieval.service.schemas import HitOut, SearchRequest, SearchResponse
+from clipsearch.retrieval.service.schemas import (
+    OPTION_FIELDS,
+    HitOut,
+    SearchRequest,
+    SearchResponse,
+)
 from clipsearch.retrieval.service.schemas import ItemRow as ItemRowOut
 
 if TYPE_CHECKING:
     from clipsearch.retrieval.service.config import ServiceConfig
     from clipsearch.retrieval.service.schemas import ClassifyRequest, QueryTerm
     from clipsearch.retrieval.service.state import ServiceState
-
-MODALITIES = ("image", "text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,57 +51,53 @@ class Query:
     exclude_doc: str | None = None
 
 
-def check_modality(modality: str | None) -> str | None:
-    if modality is None or modality == "":
-        return None
-    if modality not in MODALITIES:
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"modality must be one of {list(MODALITIES)}, got {modality!r}",
-            details={"field": "modality"},
-        )
-    return modality
-
-
-def options_for(
+def search_options(
     body: SearchRequest, config: ServiceConfig, *, modality: str | None = None
 ) -> SearchOptions:
-    """Validated engine options of a search request (k/offset ranges, mmr lambda...)."""
-    if not 1 <= body.k <= config.max_k:
-        raise ApiError(
-            422,
-            "k_out_of_range",
-            f"k must be between 1 and {config.max_k}, got {body.k}",
-            details={"field": "k", "min": 1, "max": config.max_k},
-        )
-    if body.offset < 0 or body.offset + body.k > config.max_page_depth:
-        raise ApiError(
-            422,
-            "offset_out_of_range",
-            f"offset must be >= 0 and offset + k <= {config.max_page_depth}, got offset "
-            f"{body.offset} with k {body.k}",
-            details={"field": "offset", "max_depth": config.max_page_depth},
-        )
-    if body.mmr is not None and not 0.0 <= body.mmr <= 1.0:
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"mmr (lambda) must be in [0, 1], got {body.mmr}",
-            details={"field": "mmr"},
-        )
-    where = body.filter
-    if isinstance(where, str) and not where.strip():
-        where = None
-    return SearchOptions(
-        k=body.k,
-        offset=body.offset,
-        where=where,
-        modality=modality or body.modality,
-        group_by_doc=body.group_by_doc,
-        mmr=body.mmr,
-        sort=body.sort or None,
-        min_score=body.min_score,
+    """The validated SearchOptions of a search request, within the service's limits.
+
+    ``modality`` replaces an omitted one. SearchOptions checks every value; a bad one
+    becomes 422 ``k_out_of_range`` / ``offset_out_of_range`` (k, offset) or
+    ``invalid_request`` (any other option, ``details.field`` naming it); a malformed
+    filter raises FilterError (400 ``bad_filter``). Then the operator's limits apply.
+    """
+    try:
+        options = body.to_options(modality=modality)
+    except InvalidOptionError as e:
+        raise _option_error(e, body.k, body.offset, config) from e
+    if options.k > config.max_k:
+        raise _k_out_of_range(options.k, config)
+    if options.offset + options.k > config.max_page_depth:
+        raise _offset_out_of_range(options.offset, options.k, config)
+    return options
+
+
+def _option_error(e: InvalidOptionError, k: int, offset: int, config: ServiceConfig) -> ApiError:
+    if e.option == "k":
+        return _k_out_of_range(k, config)
+    if e.option == "offset":
+        return _offset_out_of_range(offset, k, config)
+    field = OPTION_FIELDS.get(e.option, e.option)
+    return ApiError(422, "invalid_request", str(e), details={"field": field})
+
+
+def _k_out_of_range(k: int, config: ServiceConfig) -> ApiError:
+    top = min(config.max_k, MAX_K)
+    return ApiError(
+        422,
+        "k_out_of_range",
+        f"k must be between 1 and {top}, got {k}",
+        details={"field": "k", "min": 1, "max": top},
+    )
+
+
+def _offset_out_of_range(offset: int, k: int, config: ServiceConfig) -> ApiError:
+    depth = min(config.max_page_depth, MAX_POOL)
+    return ApiError(
+        422,
+        "offset_out_of_range",
+        f"offset must be >= 0 and offset + k <= {depth}, got offset {offset} with k {k}",
+        details={"field": "offset", "max_depth": depth},
     )
 
 
@@ -150,32 +152,30 @@ async def build_query(body: SearchRequest, state: ServiceState, deadline: float)
         text = (body.text or "").strip()
         if not text:
             raise ApiError(400, "empty_query", "text: the query text is blank")
-        return Query(value=text, options=options_for(body, config))
+        return Query(value=text, options=search_options(body, config))
     if kind == "terms":
         return Query(
             value=await _composed(body.terms or [], state, deadline),
-            options=options_for(body, config, modality=body.modality or "image"),
+            options=search_options(body, config, modality="image"),
         )
     if kind == "like_doc":
         doc_id = body.like_doc or ""
         vector = await _doc_vector(doc_id, state)
-        options = options_for(body, config, modality=body.modality or "image")
+        options = search_options(body, config, modality="image")
         return Query(value=vector, options=_excluding(options, doc_id), exclude_doc=doc_id)
     image = await image_from(body, state, deadline, field=kind)
-    return Query(value=image, options=options_for(body, config))
+    return Query(value=image, options=search_options(body, config))
 
 
 def _excluding(options: SearchOptions, doc_id: str) -> SearchOptions:
     """``options`` with a filter dropping ``doc_id`` (a doc is not "like" itself)."""
-    from dataclasses import replace
-
     from clipsearch.retrieval.filters import from_json, parse, to_json
 
     not_self = {"op": "!=", "column": "doc_id", "value": doc_id}
     if options.where is None:
-        return replace(options, where=not_self)
+        return options.replace(where=not_self)
     user = parse(options.where) if isinstance(options.where, str) else from_json(options.where)
-    return replace(options, where={"op": "and", "args": [to_json(user), not_self]})
+    return options.replace(where={"op": "and", "args": [to_json(user), not_self]})
 
 
 async def image_from(

@@ -1,56 +1,26 @@
 """What the batch worker thread runs: one batch of queued jobs -> engine calls.
 
 Every query of the batch is encoded in one pass (all texts in one encoder call, all
-images in another, whatever their options), then the vectors of queries with identical
-search options (k, filter, modality, reranking) go to one ``engine.search_batch`` call
-each, which scans every shard once for the whole group. Vector queries search the same
-rows as the text/image queries they came from (the engine's default target does not
-depend on the query type). If encoding the batch fails (one bad query among good ones),
+images in another, whatever their options), then the vectors of queries with equal
+:class:`~clipsearch.retrieval.options.SearchOptions` (same ``key()``) go to one
+``engine.search_batch`` call each, which scans every shard once for the whole group.
+Vector queries search the same rows as the text/image queries they came from (the
+engine's default target does not depend on the query type). If encoding the batch fails (one bad query among good ones),
 its queries are answered one by one so each request gets its own answer or error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipsearch.retrieval.options import SearchOptions
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchOptions:
-    """Engine keyword arguments shared by every query of one batch group."""
-
-    k: int
-    offset: int = 0
-    where: str | dict[str, Any] | None = None
-    modality: str | None = None
-    group_by_doc: bool = False
-    mmr: float | None = None
-    sort: str | None = None
-    min_score: float | None = None
-
-    def group_key(self) -> str:
-        """Equal keys <=> the same engine call can answer both (dict filters included)."""
-        d = self.kwargs()
-        return json.dumps(d, sort_keys=True, default=str)
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "offset": self.offset,
-            "where": self.where,
-            "modality": self.modality,
-            "group_by_doc": self.group_by_doc,
-            "mmr": self.mmr,
-            "sort": self.sort,
-            "min_score": self.min_score,
-        }
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -88,15 +58,15 @@ def run_jobs(engine: Any, jobs: Sequence[Job]) -> list[Any]:
     except Exception as e:
         log.debug("batch encode failed (%s); answering its queries one by one", e)
         for i, job in searches:
-            results[i] = _guard(lambda job=job: engine.search(job.query, **job.options.kwargs()))
+            results[i] = _guard(lambda job=job: engine.search(job.query, job.options))
         return results
     groups: dict[str, list[int]] = {}
     for pos, (_, job) in enumerate(searches):
-        groups.setdefault(job.options.group_key(), []).append(pos)
+        groups.setdefault(job.options.key(), []).append(pos)
     for members in groups.values():
         options = searches[members[0]][1].options
         try:
-            answers = engine.search_batch(list(vectors[members]), **options.kwargs())
+            answers = engine.search_batch(list(vectors[members]), options)
             for pos, answer in zip(members, answers, strict=True):
                 results[searches[pos][0]] = _with_encode_time(answer, encode_ms)
         except Exception as e:

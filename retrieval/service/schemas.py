@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Modality = Literal["image", "text"]
+from clipsearch.retrieval.options import SearchOptions
 
 
 class QueryTerm(BaseModel):
@@ -28,7 +29,14 @@ class QueryTerm(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    """A search: one query (text, image, a doc to find more like, or composed terms)."""
+    """A search: one query (text, image, a doc to find more like, or composed terms) and
+    its options.
+
+    The options are those of :class:`~clipsearch.retrieval.options.SearchOptions` (the
+    filter is called ``filter`` here, ``where`` there); this model only declares their
+    JSON types, and :meth:`to_options` hands the values to SearchOptions, which
+    validates them: no range or spelling is checked here.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,23 +54,55 @@ class SearchRequest(BaseModel):
     filter: str | dict[str, Any] | None = Field(
         default=None,
         description='Metadata filter: an expression string ("price < 30 and in_stock") '
-        "or its JSON AST.",
+        "or its JSON AST. Blank = none.",
     )
     k: int = Field(default=10, description="Results per page (1..max_k).")
     offset: int = Field(default=0, description="Results to skip (paging).")
-    modality: Modality | None = Field(
-        default=None, description="Rows to search; default image (product photos)."
+    modality: str | None = Field(
+        default=None,
+        description="Rows to search: 'image' or 'text'; default image rows when the index "
+        "has any (image rows for like_doc and terms).",
     )
-    group_by_doc: bool = Field(default=False, description="One result per doc_id (its best row).")
+    group_by_doc: bool | str = Field(
+        default=False,
+        description="One result per doc_id: true or 'max' (scored by its best row), 'mean' "
+        "(mean of its rows), false = off.",
+    )
     mmr: float | None = Field(
         default=None, description="MMR diversity: lambda in [0, 1] (1 = pure relevance)."
     )
     sort: str | None = Field(
         default=None,
         description="Sort the relevant results by a metadata column: 'price', 'price:asc' or "
-        "'price:desc'.",
+        "'price:desc' (nulls last). Blank = relevance.",
     )
     min_score: float | None = Field(default=None, description="Drop results scoring below this.")
+    boosts: dict[str, float] | None = Field(
+        default=None,
+        description="Linear score boosts over numeric metadata columns: score += weight * "
+        'value (null = 0), e.g. {"rating": 0.01}.',
+    )
+
+    def to_options(self, *, modality: str | None = None) -> SearchOptions:
+        """The request's SearchOptions (``modality`` replaces an omitted one).
+
+        Raises:
+            InvalidOptionError naming the option, FilterError for a malformed filter.
+        """
+        values = {
+            f.name: getattr(self, OPTION_FIELDS.get(f.name, f.name))
+            for f in dataclasses.fields(SearchOptions)
+        }
+        # Form-style blanks mean "not given" over HTTP.
+        for name in ("where", "sort", "modality"):
+            if isinstance(values[name], str) and not values[name].strip():
+                values[name] = None
+        values["modality"] = values["modality"] or modality
+        return SearchOptions(**values)
+
+
+# SearchOptions field -> SearchRequest field, where the HTTP name differs.
+OPTION_FIELDS = {"where": "filter"}
 
 
 class ClassifyRequest(BaseModel):
