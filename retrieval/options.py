@@ -127,6 +127,10 @@ class SearchOptions:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    def __hash__(self) -> int:
+        # A dict filter is unhashable; the canonical key hashes equal options alike.
+        return hash(self.key())
+
     def key(self) -> str:
         """Canonical text of these options: equal options give equal keys (batching)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
