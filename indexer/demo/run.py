@@ -128,7 +128,7 @@ def search_demo_index(
         raise QueryError(f"k must be >= 1, got {k}")
     res = engine.search(query, k=k, where=where, modality=modality, group_by_doc=True)
     hits = [
-        {"rank": h.rank + 1, "score": round(h.score, 4), "sku": h.doc_id, "source": h.source}
+        {"rank": h.rank, "score": round(h.score, 4), "sku": h.doc_id, "source": h.source}
         | h.metadata
         for h in res.hits
     ]
