@@ -6,8 +6,9 @@ may be returned (filter matches minus tombstones):
 * ``exact``: flat shards are scanned with BLAS over FAISS's own float32 vectors (a
   zero-copy view), which is as fast as numpy from one query on. A filter masks scores.
 * ``exact-subset``: few allowed rows (``<= exact_max_rows`` for HNSW; for IVF when a
-  cost model says so; a small share of a flat shard): gather those rows' vectors and
-  scan them exactly (recall 1.0). A filter the engine has cached scans a contiguous
+  cost model says so; a small share of a flat shard; one rule for both routings,
+  :meth:`ShardSearcher._scan_allowed_rows`): gather those rows' vectors and scan them
+  exactly (recall 1.0). A filter the engine has cached scans a contiguous
   copy of its rows instead (see :class:`AllowedRows`). At 1% of 1M rows: ~0.3 ms per
   500k-row shard from the copy, where HNSW + bitmap often comes back short.
 * ``ivf-lists``: filtered CPU IVF. The coarse quantizer picks nprobe lists, nprobe
@@ -36,7 +37,8 @@ GPU routing on CPU indexes:
   Candidates are rescored exactly (flat shards: from the float32 vectors kept on CPU, so
   a float16 GPU copy ranks exactly like the CPU path; it is asked for 2k candidates).
 * ``exact-subset`` / ``exact``: a filter (tombstones count as one) that keeps few rows
-  scans them exactly on CPU, as above.
+  scans them exactly on CPU, by the same rule as above (for IVF without its cost model:
+  at most ``ivf_exact_max_rows``).
 * ``index-overfetch``: a filter keeping more rows fetches ``k / selectivity`` times a
   margin from the index, drops disallowed rows and rescores; when some query keeps fewer
   than ``min(k, allowed rows)``, or the fetch would exceed ``max_index_k`` (FAISS GPU's
