@@ -117,6 +117,7 @@ class ClassifyRequest(BaseModel):
 
 
 class HitOut(BaseModel):
+    # 1-based position in the whole ranking (offset included): page 2 of k=10 starts at 11.
     rank: int
     score: float
     doc_id: str
