@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from clipsearch.retrieval.errors import ConfigError
 from clipsearch.retrieval.manifest import IndexSpec
+from clipsearch.retrieval.progress import Progress, ProgressCallback, ignore
 from clipsearch.retrieval.store import apply_search_params
 
 log = logging.getLogger(__name__)
@@ -131,12 +133,17 @@ def _pq_m(dim: int) -> int:
     raise ConfigError(f"cannot product-quantize dim {dim}; use --index flat, ivf or hnsw")
 
 
-def build_ann(vectors: np.ndarray, options: IndexOptions) -> tuple[Any, IndexSpec]:
+def build_ann(
+    vectors: np.ndarray, options: IndexOptions, progress: ProgressCallback | None = None
+) -> tuple[Any, IndexSpec]:
     """Build, train, fill and tune the FAISS index of one shard.
 
     Args:
         vectors: float32 ``[n, dim]``, L2-normalised (the stored fp16 values, upcast, so
             that FAISS and exact rescoring see the same numbers).
+        progress: gets stages "train index" (vectors in the training sample; only for
+            indexes that need training), "fill index" (vectors added; the graph build of
+            HNSW) and "tune index" (search settings tried; only for approximate indexes).
     Returns:
         (CPU faiss index with ids 0..n-1, the spec to record in the manifest).
     """
@@ -152,14 +159,19 @@ def build_ann(vectors: np.ndarray, options: IndexOptions) -> tuple[Any, IndexSpe
             f"FAISS cannot build index {factory!r} for dim {dim}: {e}; "
             "use auto, flat, ivf, ivfpq, hnsw or a valid factory string"
         ) from e
-    trained_on = _train(index, xb, options) if not index.is_trained else None
+    report = progress or ignore
+    trained_on = _train(index, xb, options, report) if not index.is_trained else None
     if n:
+        report(Progress("fill index", 0, n, "vectors", detail={"index": factory}))
         index.add(xb)
-    spec = _tune(index, xb, factory, options, trained_on)
+        report(Progress("fill index", n, n, "vectors", detail={"index": factory}))
+    spec = _tune(index, xb, factory, options, trained_on, report)
     return index, spec
 
 
-def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> np.ndarray | None:
+def _train(
+    index: Any, xb: np.ndarray, options: IndexOptions, report: ProgressCallback
+) -> np.ndarray | None:
     """Train on a seeded sample; returns the sampled row ids (None: trained on all rows)."""
     import faiss
 
@@ -179,11 +191,15 @@ def _train(index: Any, xb: np.ndarray, options: IndexOptions) -> np.ndarray | No
     if ivf is not None:
         ivf.cp.seed = options.seed + 1234
         ivf.cp.niter = 16
+    # FAISS trains in one call: the stage opens at 0 and closes when training returns.
+    detail = {"lists": nlist} if ivf is not None else {}
+    report(Progress("train index", 0, len(sample), "vectors", detail=detail))
     if _use_gpu(options) and ivf is not None:
         _train_gpu(index, ivf, sample)
-        return rows
-    log.info("training %s on %d vectors", type(index).__name__, len(sample))
-    index.train(sample)
+    else:
+        log.info("training %s on %d vectors", type(index).__name__, len(sample))
+        index.train(sample)
+    report(Progress("train index", len(sample), len(sample), "vectors", detail=detail))
     return rows
 
 
@@ -232,8 +248,15 @@ def _is_hnsw(index: Any) -> bool:
 
 
 def _tune(
-    index: Any, xb: np.ndarray, factory: str, options: IndexOptions, trained_on: np.ndarray | None
+    index: Any,
+    xb: np.ndarray,
+    factory: str,
+    options: IndexOptions,
+    trained_on: np.ndarray | None,
+    report: ProgressCallback,
 ) -> IndexSpec:
+    """Measure recall@10 of search settings (see the module docstring); ``report`` gets a
+    "tune index" event per setting tried (total unknown until tuning stops)."""
     import faiss
 
     n = len(xb)
@@ -252,22 +275,35 @@ def _tune(
     if n <= _RECALL_AT + 1 or nq == 0:
         params = {knob: top, "k_factor": k_factor}
         return IndexSpec(requested=options.index, factory=factory, search_params=params)
+    report(Progress("tune index", 0, None, "settings", detail={"queries": nq}))
     qids = _tuning_queries(n, nq, trained_on, options.seed)
     truth = _exact_neighbours(xb, qids, _RECALL_AT)
+    tried = 0
+
+    def measure(p: dict[str, int]) -> float:
+        nonlocal tried
+        r = _recall(index, xb, qids, truth, p)
+        tried += 1
+        report(Progress("tune index", tried, None, "settings", detail={**p, "recall@10": r}))
+        return r
+
     values = [v for v in ladder if v < top] + [top]
     if is_pq:
         nlist = faiss.extract_index_ivf(index).nlist
-        recall, params = _tune_pq(index, xb, qids, truth, values, nlist, options.target_recall)
+        recall, params = _tune_pq(
+            measure, values, len(xb) / nlist, xb.shape[1], options.target_recall
+        )
     else:
         recall, params = -1.0, {}
         for value in values:
             p = {knob: value, "k_factor": k_factor}
-            r = _recall(index, xb, qids, truth, p)
+            r = measure(p)
             log.info("tuning %s: %s=%d recall@10=%.3f", factory, knob, value, r)
             if r > recall:
                 recall, params = r, p
             if r >= options.target_recall:
                 break
+    report(Progress("tune index", tried, tried, "settings", detail={**params, "recall@10": recall}))
     if recall < options.target_recall:
         log.warning(
             "%s reaches only recall@10=%.3f < target %.3f at %s; consider --index flat",
@@ -286,12 +322,10 @@ def _tune(
 
 
 def _tune_pq(
-    index: Any,
-    xb: np.ndarray,
-    qids: np.ndarray,
-    truth: np.ndarray,
+    measure: Callable[[dict[str, int]], float],
     nprobes: list[int],
-    nlist: int,
+    per_list: float,
+    dim: int,
     target: float,
 ) -> tuple[float, dict[str, int]]:
     """The cheapest (nprobe, k_factor) of IVF-PQ + exact re-ranking that reaches ``target``.
@@ -303,9 +337,8 @@ def _tune_pq(
     (deeper walks then only try fewer probes), when recall has not improved for two
     steps, or when it has fallen well below the walk's best. Of the settings that reach
     the target the one with the lowest modelled search cost wins, else the best recall.
+    ``measure`` returns the recall@10 of a setting; ``per_list`` is the mean list length.
     """
-    dim = xb.shape[1]
-    per_list = len(xb) / nlist
     best: tuple[float, dict[str, int]] = (-1.0, {})
     reached: list[tuple[float, float, dict[str, int]]] = []
     limit = nprobes[-1]
@@ -313,7 +346,7 @@ def _tune_pq(
         walk_best, stale = -1.0, 0
         for value in [v for v in nprobes if v <= limit]:
             params = {"nprobe": value, "k_factor": kf}
-            recall = _recall(index, xb, qids, truth, params)
+            recall = measure(params)
             log.info("tuning IVF-PQ: nprobe=%d k_factor=%d recall@10=%.3f", value, kf, recall)
             if recall > best[0]:
                 best = (recall, params)

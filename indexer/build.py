@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,7 @@ from clipsearch.retrieval.manifest import (
     shard_name,
     version_name,
 )
+from clipsearch.retrieval.progress import Progress, ProgressCallback
 from clipsearch.retrieval.store import check_file, read_metadata, read_tombstones
 
 if TYPE_CHECKING:
@@ -93,21 +94,6 @@ class BuildOptions:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress report: ``done`` of ``total`` items processed in ``stage``."""
-
-    stage: str
-    done: int
-    total: int
-    # Items skipped because of a problem / because they are already indexed unchanged.
-    skipped: int = 0
-    unchanged: int = 0
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass(frozen=True)
@@ -161,12 +147,17 @@ def build(
     *,
     encoder: Encoder,
     options: BuildOptions | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
 ) -> IngestSummary:
     """Index ``sources`` into ``out`` as a new version holding only these sources.
 
     If ``out`` already holds an index, the new version replaces its rows (the old
     version stays readable until the commit; ``index compact`` removes its files).
+
+    ``progress`` gets, in order: "scan" (items found), "embed" (items, ``skipped`` the
+    failed and unchanged ones), per shard written "train index" / "fill index" /
+    "tune index" (see :func:`clipsearch.indexer.ann.build_ann`) and "write shard" (files),
+    interleaved with "embed", and last "commit" (versions).
     """
     return _run("build", Path(out), sources, encoder, options or BuildOptions(), progress)
 
@@ -177,13 +168,14 @@ def add(
     *,
     encoder: Encoder | None = None,
     options: BuildOptions | None = None,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
 ) -> IngestSummary:
     """Append ``sources`` to the index at ``root`` as new shards.
 
     Items whose (doc_id, modality, content hash) is already indexed are skipped; an
     item whose document is indexed with different content replaces the old row (the
-    old row is tombstoned). ``encoder`` defaults to the index's own.
+    old row is tombstoned). ``encoder`` defaults to the index's own. ``progress`` gets
+    the stages of :func:`build`; "embed" also has ``detail["unchanged"]``.
     """
     from clipsearch.retrieval.encoders import encoder_from_fingerprint
     from clipsearch.retrieval.manifest import read_current
@@ -208,12 +200,15 @@ def _run(
     sources: list[str | Path],
     encoder: Encoder,
     options: BuildOptions,
-    progress: ProgressFn | None,
+    progress: ProgressCallback | None,
 ) -> IngestSummary:
     t0 = time.perf_counter()
+    if progress:
+        progress(Progress("scan", 0, None, "items"))
     scan = scan_sources(list(sources), options.sources)
     if progress:
-        progress(Progress("scan", scan.n_input, scan.n_input, len(scan.problems)))
+        n_dropped = scan.n_input - len(scan.items)
+        progress(Progress("scan", scan.n_input, scan.n_input, "items", skipped=n_dropped))
     with IndexLock(root, operation):
         for sub in ("", SHARD_DIR, MANIFEST_DIR, TOMBSTONE_DIR, ERRORS_DIR):
             remove_temp_files(root / sub)
@@ -267,7 +262,7 @@ class _Ingest:
         encoder: Encoder,
         options: BuildOptions,
         base: Manifest | None,
-        progress: ProgressFn | None,
+        progress: ProgressCallback | None,
     ) -> None:
         self.operation = operation
         self.root = root
@@ -370,6 +365,14 @@ class _Ingest:
         )
         done_unchanged = sum(len(c.unchanged) for c in self.chunks)
         n_total = len(items)
+
+        def report(done: int) -> None:
+            if self.progress:
+                detail = {"unchanged": done_unchanged} if self.operation == "add" else {}
+                skipped = done_skipped + done_unchanged
+                self.progress(Progress("embed", done, n_total, "items", skipped, detail))
+
+        report(start)
         batch: int = self.options.batch_size or int(getattr(self.encoder, "batch_size", 64) or 64)
         stream: Iterator[Embedded] = embed_items(
             items,
@@ -395,10 +398,8 @@ class _Ingest:
             if len(buf) >= self.options.shard_size:
                 self._flush(buf, problems, unchanged, cursor=e.position + 1)
                 buf, problems, unchanged = [], [], []
-            if self.progress and (e.position % 32 == 0 or e.position == n_total - 1):
-                self.progress(
-                    Progress("embed", e.position + 1, n_total, done_skipped, done_unchanged)
-                )
+            if e.position % 32 == 0 or e.position == n_total - 1:
+                report(e.position + 1)
         if buf or problems or unchanged:
             self._flush(buf, problems, unchanged, cursor=n_total)
         return self._commit()
@@ -417,8 +418,6 @@ class _Ingest:
             rows_prev = sum(c.record.rows for c in self.chunks if c.record is not None)
             base_row = self.base.next_row_id if self.base else 0
             base_shard = self.base.next_shard if self.base else 0
-            if self.progress:
-                self.progress(Progress("index", len(buf), len(buf)))
             record = write_shard(
                 self.root,
                 name=shard_name(base_shard + n_prev),
@@ -427,6 +426,7 @@ class _Ingest:
                 vectors=np.stack([e.vector for e in buf if e.vector is not None]),
                 metadata=self._metadata(buf),
                 index_options=self.options.index,
+                progress=self.progress,
             )
         new_keys = [(e.item.doc_id, e.item.modality, e.content_hash) for e in buf]
         self.chunks.append(_Chunk(record, cursor, list(problems), list(unchanged), new_keys))
@@ -504,8 +504,10 @@ class _Ingest:
             image_roots=image_roots,
         )
         if self.progress:
-            self.progress(Progress("commit", 1, 1))
+            self.progress(Progress("commit", 0, 1, "versions"))
         commit(self.root, manifest)
+        if self.progress:
+            self.progress(Progress("commit", 1, 1, "versions", detail={"version": version}))
         shutil.rmtree(self.staging, ignore_errors=True)
         skipped_problems = [p for p in problems if p.action == "skipped"]
         by_stage: dict[str, int] = {}

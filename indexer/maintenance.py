@@ -22,13 +22,7 @@ from typing import Any
 import numpy as np
 
 from clipsearch.indexer.ann import IndexOptions
-from clipsearch.indexer.build import (
-    STAGING_DIR,
-    Progress,
-    ProgressFn,
-    _tombstone_table,
-    _write_tombstones,
-)
+from clipsearch.indexer.build import STAGING_DIR, _tombstone_table, _write_tombstones
 from clipsearch.indexer.commit import commit, next_version
 from clipsearch.indexer.crash import crash_point
 from clipsearch.indexer.fsutil import remove_temp_files
@@ -48,6 +42,7 @@ from clipsearch.retrieval.manifest import (
     read_manifest,
     shard_name,
 )
+from clipsearch.retrieval.progress import Progress, ProgressCallback, ignore
 from clipsearch.retrieval.store import read_metadata, read_tombstones, read_vectors
 
 log = logging.getLogger(__name__)
@@ -77,20 +72,27 @@ def delete(
     *,
     ids: Sequence[str] | None = None,
     where: str | dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> DeleteSummary:
     """Tombstone every live row whose doc_id is in ``ids`` or that matches ``where``.
 
     ``where`` is a filter expression (``clipsearch.retrieval.filters``) over the metadata columns,
     e.g. ``"category = 'mugs' and price > 100"``. Commits a new version when anything
-    matched; otherwise returns the current version unchanged.
+    matched; otherwise returns the current version unchanged. ``progress`` gets "read
+    metadata" (shards) and, when something matched, "commit" (versions).
     """
     if not ids and where is None:
         raise ConfigError("delete needs ids (--ids) or a filter expression (--where)")
     root = Path(root)
+    report = progress or ignore
     with IndexLock(root, "delete"):
         base = read_current(root)
         dead = set(read_tombstones(root, base).tolist())
-        tables = [read_metadata(root / s.metadata.path) for s in base.shards]
+        tables = []
+        for i, s in enumerate(base.shards):
+            report(Progress("read metadata", i, len(base.shards), "shards"))
+            tables.append(read_metadata(root / s.metadata.path))
+        report(Progress("read metadata", len(tables), len(tables), "shards"))
         wanted = set(ids or ())
         hits: list[tuple[int, str]] = []
         found: set[str] = set()
@@ -120,7 +122,9 @@ def delete(
             tombstones=tomb,
             n_tombstones=n,
         )
+        report(Progress("commit", 0, 1, "versions"))
         commit(root, manifest)
+        report(Progress("commit", 1, 1, "versions", detail={"version": version}))
         return DeleteSummary(version, len(hits), len(found), not_found)
 
 
@@ -170,7 +174,7 @@ class CompactSummary:
 
 
 def compact(
-    root: str | Path, *, keep_versions: int = 1, progress: ProgressFn | None = None
+    root: str | Path, *, keep_versions: int = 1, progress: ProgressCallback | None = None
 ) -> CompactSummary:
     """Rewrite shards without their tombstoned rows, commit, and garbage-collect.
 
@@ -179,10 +183,15 @@ def compact(
             counts). 1 frees the most space; readers that pinned an older version keep
             working on POSIX (open and memory-mapped files outlive their unlink), but a
             new ``open_snapshot`` of an older version is no longer possible.
+        progress: gets "rewrite shards" (shards with deleted rows), with the index and
+            "write shard" stages of each rewritten shard nested in it (see
+            :func:`clipsearch.indexer.writer.write_shard`), then "commit" (versions) and
+            "remove files" (unreferenced files).
     """
     if keep_versions < 1:
         raise ConfigError(f"keep_versions must be >= 1, got {keep_versions}")
     root = Path(root)
+    report = progress or ignore
     with IndexLock(root, "compact"):
         for sub in ("", SHARD_DIR, MANIFEST_DIR, TOMBSTONE_DIR, ERRORS_DIR):
             remove_temp_files(root / sub)
@@ -191,7 +200,7 @@ def compact(
         version = base.version
         rewritten, removed = 0, 0
         if len(dead):
-            shards, rewritten, removed = _rewrite_shards(root, base, dead, progress)
+            shards, rewritten, removed = _rewrite_shards(root, base, dead, report)
             version = next_version(root)
             manifest = replace(
                 base,
@@ -204,8 +213,10 @@ def compact(
                 next_row_id=_next_row(base, shards),
                 next_shard=base.next_shard + rewritten,
             )
+            report(Progress("commit", 0, 1, "versions"))
             commit(root, manifest)
-        files, freed, gone = _collect_garbage(root, keep_versions)
+            report(Progress("commit", 1, 1, "versions", detail={"version": version}))
+        files, freed, gone = _collect_garbage(root, keep_versions, report)
     return CompactSummary(version, rewritten, removed, files, freed, gone)
 
 
@@ -214,22 +225,25 @@ def _next_row(base: Manifest, shards: tuple[ShardRecord, ...]) -> int:
 
 
 def _rewrite_shards(
-    root: Path, base: Manifest, dead: np.ndarray, progress: ProgressFn | None
+    root: Path, base: Manifest, dead: np.ndarray, report: ProgressCallback
 ) -> tuple[tuple[ShardRecord, ...], int, int]:
     out: list[ShardRecord] = []
     next_row, next_shard = base.next_row_id, base.next_shard
     rewritten = removed = 0
-    for i, s in enumerate(base.shards):
-        lo, hi = np.searchsorted(dead, [s.row_id_start, s.row_id_end])
+    ranges = [np.searchsorted(dead, [s.row_id_start, s.row_id_end]) for s in base.shards]
+    n_touched = sum(int(hi > lo) for lo, hi in ranges)
+    n_done = 0
+    report(Progress("rewrite shards", 0, n_touched, "shards"))
+    for s, (lo, hi) in zip(base.shards, ranges, strict=True):
         if hi == lo:
             out.append(s)
             continue
         keep = np.ones(s.rows, dtype=bool)
         keep[dead[lo:hi] - s.row_id_start] = False
         removed += int((~keep).sum())
-        if progress:
-            progress(Progress("compact", i + 1, len(base.shards)))
+        n_done += 1
         if not keep.any():
+            report(Progress("rewrite shards", n_done, n_touched, "shards"))
             continue  # every row deleted: the shard disappears
         vectors = np.asarray(read_vectors(root / s.vectors.path))[keep]
         metadata = read_metadata(root / s.metadata.path).filter(keep)
@@ -242,8 +256,10 @@ def _rewrite_shards(
             vectors=vectors,
             metadata=metadata,
             index_options=options,
+            progress=report,
         )
         crash_point("compact:shard")
+        report(Progress("rewrite shards", n_done, n_touched, "shards"))
         out.append(record)
         next_row += record.rows
         next_shard += 1
@@ -251,7 +267,9 @@ def _rewrite_shards(
     return tuple(out), rewritten, removed
 
 
-def _collect_garbage(root: Path, keep_versions: int) -> tuple[int, int, tuple[int, ...]]:
+def _collect_garbage(
+    root: Path, keep_versions: int, report: ProgressCallback
+) -> tuple[int, int, tuple[int, ...]]:
     """Delete files no kept manifest references; returns (files, bytes, versions removed)."""
     current = read_current(root)
     versions = [v for v in list_versions(root) if v <= current.version]
@@ -260,17 +278,20 @@ def _collect_garbage(root: Path, keep_versions: int) -> tuple[int, int, tuple[in
     referenced = {manifest_path(v) for v in kept}
     for v in kept:
         referenced.update(f.path for f in read_manifest(root, v).files())
+    garbage = [
+        p
+        for sub in (SHARD_DIR, TOMBSTONE_DIR, ERRORS_DIR, MANIFEST_DIR)
+        if (root / sub).is_dir()
+        for p in sorted((root / sub).iterdir())
+        if p.is_file() and p.relative_to(root).as_posix() not in referenced
+    ]
     n_files = n_bytes = 0
-    for sub in (SHARD_DIR, TOMBSTONE_DIR, ERRORS_DIR, MANIFEST_DIR):
-        d = root / sub
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            rel = p.relative_to(root).as_posix()
-            if p.is_file() and rel not in referenced:
-                n_bytes += p.stat().st_size
-                p.unlink()
-                n_files += 1
+    report(Progress("remove files", 0, len(garbage), "files"))
+    for p in garbage:
+        n_bytes += p.stat().st_size
+        p.unlink()
+        n_files += 1
+        report(Progress("remove files", n_files, len(garbage), "files"))
     if (root / STAGING_DIR).is_dir():
         shutil.rmtree(root / STAGING_DIR)
     log.info("compact GC: removed %d files (%d bytes), versions %s", n_files, n_bytes, gone)

@@ -8,8 +8,9 @@ only when a manifest that lists it is committed (:mod:`clipsearch.indexer.commit
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from clipsearch.indexer.ann import IndexOptions, build_ann
 from clipsearch.indexer.fsutil import atomic_write
 from clipsearch.retrieval.errors import ConfigError
 from clipsearch.retrieval.manifest import FIXED_COLUMNS, SHARD_DIR, FileRecord, ShardRecord
+from clipsearch.retrieval.progress import Progress, ProgressCallback
 from clipsearch.retrieval.store import sha256_file
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ def write_shard(
     vectors: np.ndarray,
     metadata: pa.Table,
     index_options: IndexOptions,
+    progress: ProgressCallback | None = None,
 ) -> ShardRecord:
     """Write the three files of shard ``name`` and return its manifest record.
 
@@ -42,6 +45,8 @@ def write_shard(
             (half the disk and page cache of float32; cosine scores move by < 1e-3).
         metadata: ``rows`` rows with the fixed columns except ``row_id`` (doc_id,
             modality, source, content_hash), then user columns; ``row_id`` is prepended.
+        progress: gets the index stages of :func:`clipsearch.indexer.ann.build_ann`, then
+            "write shard" (files written, of 3).
     """
     import faiss
     import pyarrow as pa
@@ -58,17 +63,26 @@ def write_shard(
     if missing:
         raise ConfigError(f"shard {name}: metadata lacks fixed columns {missing}")
 
-    index, spec = build_ann(half.astype(np.float32), index_options)
+    index, spec = build_ann(half.astype(np.float32), index_options, progress)
     shard_dir = root / SHARD_DIR
     paths = {
         "vectors": shard_dir / f"{name}.f16.npy",
         "metadata": shard_dir / f"{name}.parquet",
         "faiss": shard_dir / f"{name}.faiss",
     }
-    atomic_write(paths["vectors"], lambda f: np.save(f, half, allow_pickle=False))
-    atomic_write(paths["metadata"], lambda f: pq.write_table(table, f, compression="zstd"))
     serialized = faiss.serialize_index(index)
-    atomic_write(paths["faiss"], lambda f: f.write(serialized.tobytes()))
+    writers: dict[str, Callable[[BinaryIO], object]] = {
+        "vectors": lambda f: np.save(f, half, allow_pickle=False),
+        "metadata": lambda f: pq.write_table(table, f, compression="zstd"),
+        "faiss": lambda f: f.write(serialized.tobytes()),
+    }
+    detail = {"shard": name, "rows": rows}
+    for i, (kind, write) in enumerate(writers.items()):
+        if progress:
+            progress(Progress("write shard", i, len(writers), "files", detail=detail))
+        atomic_write(paths[kind], write)
+    if progress:
+        progress(Progress("write shard", len(writers), len(writers), "files", detail=detail))
     log.info("wrote shard %s: %d %s rows, index %s", name, rows, modality, spec.factory)
     records = {k: file_record(root, p) for k, p in paths.items()}
     return ShardRecord(

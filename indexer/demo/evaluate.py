@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from clipsearch.indexer.demo.generate import MANIFEST_NAME, generate_catalog
 from clipsearch.indexer.fsutil import atomic_write_text
 from clipsearch.retrieval.encoders.base import Encoder, load_image_for
 from clipsearch.retrieval.errors import SourceError
+from clipsearch.retrieval.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 QUALITY_BAR = {"text_to_image_precision@1": 0.90, "image_to_text_top1": 0.85}
 # Images encoded per call; bounds memory on big catalogs.
 ENCODE_CHUNK = 256
-
-Progress = Callable[[str, int, int], None]
 
 
 def all_captions() -> list[tuple[str, str, str, str]]:
@@ -48,7 +46,7 @@ def all_captions() -> list[tuple[str, str, str, str]]:
 
 
 def evaluate_catalog(
-    encoder: Encoder, catalog_dir: Path, *, progress: Progress | None = None
+    encoder: Encoder, catalog_dir: Path, *, progress: ProgressCallback | None = None
 ) -> dict[str, Any]:
     """Measure ``encoder`` on the catalog in ``catalog_dir`` (see the module docstring)."""
     import pyarrow.parquet as pq
@@ -96,15 +94,18 @@ def evaluate_catalog(
 
 
 def encode_photos(
-    encoder: Encoder, paths: list[Path], progress: Progress | None = None
+    encoder: Encoder, paths: list[Path], progress: ProgressCallback | None = None
 ) -> np.ndarray:
-    """float32 [n, dim] vectors of the photos at ``paths``, encoded in chunks."""
+    """float32 [n, dim] vectors of the photos at ``paths``, encoded in chunks;
+    ``progress`` gets "encode photos" (photos)."""
     out = [np.zeros((0, encoder.dim), dtype=np.float32)]
+    if progress is not None:
+        progress(Progress("encode photos", 0, len(paths), "photos"))
     for s in range(0, len(paths), ENCODE_CHUNK):
         chunk = paths[s : s + ENCODE_CHUNK]
         out.append(encoder.encode_images([load_image_for(encoder, p) for p in chunk]))
         if progress is not None:
-            progress("encoding photos", s + len(chunk), len(paths))
+            progress(Progress("encode photos", s + len(chunk), len(paths), "photos"))
     return np.concatenate(out)
 
 
@@ -117,27 +118,21 @@ def evaluate_demo_model(
     out_file: Path | None = None,
     catalog_dir: Path | None = None,
     device: str = "cpu",
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Generate a held-out catalog (seed ``seed``), evaluate the model, optionally write JSON.
 
     ``catalog_dir`` keeps the generated catalog; by default it lives in a temporary folder.
     The report records the model's fingerprint, the catalog seed and size, the metrics,
-    and whether the quality bar is met.
+    and whether the quality bar is met. ``progress`` gets "generate catalog" (products)
+    and "encode photos" (photos).
     """
     from clipsearch.retrieval.encoders import load_encoder
 
     encoder = load_encoder(model, pretrained, device=device, precision="fp32")
     with tempfile.TemporaryDirectory(prefix="clipsearch-eval-") as tmp:
         where = catalog_dir or Path(tmp)
-        if progress is not None:
-            progress("generating catalog", 0, products)
-        generate_catalog(
-            where,
-            products=products,
-            seed=seed,
-            progress=(lambda d, n: progress("generating catalog", d, n)) if progress else None,
-        )
+        generate_catalog(where, products=products, seed=seed, progress=progress)
         report = evaluate_catalog(encoder, where, progress=progress)
     report = {
         "model": model,

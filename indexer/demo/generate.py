@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +30,13 @@ from clipsearch.indexer.fsutil import (
     fsync_dir,
 )
 from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.progress import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "products.parquet"
 # Upper bound on --products: 200k photos is ~1 GB of JPEGs, beyond any demo's needs.
 MAX_PRODUCTS = 200_000
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,12 +66,12 @@ def generate_catalog(
     *,
     products: int = 3000,
     seed: int = 0,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> CatalogSummary:
     """Generate ``products`` products with seed ``seed`` into ``out_dir``.
 
     An existing catalog in ``out_dir`` is replaced (its ``images/`` folder and manifest);
-    other files there are left alone. ``progress(done, total)`` is called per product.
+    other files there are left alone. ``progress`` gets "generate catalog" (products).
 
     Raises:
         ConfigError: ``products`` is out of range, or ``out_dir`` is a file.
@@ -91,6 +89,8 @@ def generate_catalog(
     staging.mkdir()
     rows: list[dict[str, object]] = []
     try:
+        if progress is not None:
+            progress(Progress("generate catalog", 0, products, "products"))
         for i in range(products):
             product = make_product(seed, i)
             for view in product.views:
@@ -99,7 +99,7 @@ def generate_catalog(
                 atomic_write_bytes(staging / name, data, sync_dir=False)
                 rows.append(_row(product, view, f"images/{name}"))
             if progress is not None:
-                progress(i + 1, products)
+                progress(Progress("generate catalog", i + 1, products, "products"))
         fsync_dir(staging)
         final = out / "images"
         if final.exists():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from clipsearch.indexer.demo.generate import MANIFEST_NAME, CatalogSummary, gene
 from clipsearch.indexer.fsutil import atomic_write_text
 from clipsearch.retrieval.encoders.base import Encoder
 from clipsearch.retrieval.errors import QueryError
+from clipsearch.retrieval.progress import Progress, ProgressCallback, ignore, prefixed
 
 if TYPE_CHECKING:
     from clipsearch.retrieval.engine import SearchEngine
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 DEMO_SEED = 7
 DEMO_PRODUCTS = 3000
 INDEX_DIR = "index"
-
-Progress = Callable[[str, int, int], None]
+# Questions run_demo asks (seven searches and one zero-shot classification).
+_N_QUESTIONS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,9 +87,15 @@ class DemoReport:
 
 
 def build_demo_index(
-    catalog_dir: Path, index_dir: Path, encoder: Encoder, *, progress: Progress | None = None
+    catalog_dir: Path,
+    index_dir: Path,
+    encoder: Encoder,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> SearchEngine:
-    """Index the catalog's photos and titles into ``index_dir``; open an engine on it."""
+    """Index the catalog's photos and titles into ``index_dir``; open an engine on it.
+    ``progress`` gets the stages of :func:`clipsearch.indexer.build.build`, prefixed
+    "index: " ("index: embed")."""
     from clipsearch.indexer.build import BuildOptions, build
     from clipsearch.indexer.sources import SourceOptions
     from clipsearch.retrieval.engine import SearchEngine
@@ -104,9 +110,7 @@ def build_demo_index(
         index_dir,
         encoder=encoder,
         options=options,
-        progress=(lambda p: progress(f"indexing ({p.stage})", p.done, p.total))
-        if progress
-        else None,
+        progress=prefixed(progress, "index: "),
     )
     return SearchEngine.open(index_dir, encoder=encoder)
 
@@ -151,30 +155,31 @@ def run_demo(
     seed: int = DEMO_SEED,
     model: str = "clipsearch-demo",
     pretrained: str | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> DemoReport:
     """Generate a catalog in ``out_dir/catalog``, index it in ``out_dir/index``, and answer
-    the demo questions. Also writes ``out_dir/demo_report.json``.
+    the demo questions. Also writes ``out_dir/demo_report.json``. ``progress`` gets
+    "generate catalog" (products), the "index: ..." stages of :func:`build_demo_index`
+    and "queries" (questions asked).
     """
     from clipsearch.retrieval.encoders import load_encoder
 
     timings: dict[str, float] = {}
     t = time.monotonic()
-    catalog = generate_catalog(
-        out_dir / "catalog",
-        products=products,
-        seed=seed,
-        progress=(lambda d, n: progress("generating catalog", d, n)) if progress else None,
-    )
+    catalog = generate_catalog(out_dir / "catalog", products=products, seed=seed, progress=progress)
     timings["generate"] = time.monotonic() - t
+    report = progress or ignore
     t = time.monotonic()
+    report(Progress("load model", 0, 1, "models"))
     encoder = load_encoder(model, pretrained, device="cpu")
+    report(Progress("load model", 1, 1, "models", detail={"model": model}))
     timings["load_model"] = time.monotonic() - t
     t = time.monotonic()
     engine = build_demo_index(catalog.out_dir, out_dir / INDEX_DIR, encoder, progress=progress)
     timings["index"] = time.monotonic() - t
     t = time.monotonic()
     queries: list[DemoQuery] = []
+    report(Progress("queries", 0, _N_QUESTIONS, "questions"))
 
     def ask(
         title: str, query: str | Path, where: str | None = None, modality: str = "image"
@@ -191,6 +196,7 @@ def run_demo(
                 title=title, kind=kind, query=shown, filter=where, hits=hits, matches=matches, ms=ms
             )
         )
+        report(Progress("queries", len(queries), _N_QUESTIONS, "questions"))
 
     with engine:
         ask("Plain text search", "red striped t-shirt")
@@ -215,8 +221,9 @@ def run_demo(
                 ms=1000 * (time.monotonic() - t0),
             )
         )
+        report(Progress("queries", len(queries), _N_QUESTIONS, "questions"))
     timings["queries"] = time.monotonic() - t
-    report = DemoReport(
+    demo = DemoReport(
         catalog=catalog,
         index=out_dir / INDEX_DIR,
         model=encoder.fingerprint.to_dict(),
@@ -224,9 +231,9 @@ def run_demo(
         queries=queries,
     )
     atomic_write_text(
-        out_dir / "demo_report.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+        out_dir / "demo_report.json", json.dumps(demo.to_dict(), indent=2, default=str) + "\n"
     )
-    return report
+    return demo
 
 
 def _probe_photo(catalog: CatalogSummary) -> Path:

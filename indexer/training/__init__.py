@@ -4,6 +4,6 @@
 """
 
 from clipsearch.indexer.training.config import TrainConfig, template_set
-from clipsearch.indexer.training.loop import TrainProgress, TrainResult, train
+from clipsearch.indexer.training.loop import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainProgress", "TrainResult", "template_set", "train"]
+__all__ = ["TrainConfig", "TrainResult", "template_set", "train"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ import numpy as np
 from clipsearch.indexer.training.config import TrainConfig
 from clipsearch.retrieval.errors import ImageDecodeError, SourceError
 from clipsearch.retrieval.images import load_image
+from clipsearch.retrieval.progress import Progress, ProgressCallback
 
 if TYPE_CHECKING:
     import torch
@@ -167,8 +168,9 @@ class ImageBank:
         paths: Sequence[Path],
         size: int,
         *,
-        progress: Callable[[int, int], None] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
+        """``progress`` gets "load images" (images decoded, of ``len(paths)``)."""
         import torch
 
         data = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
@@ -179,7 +181,7 @@ class ImageBank:
             except (ImageDecodeError, FileNotFoundError) as e:
                 errors.append(f"{path}: {e}")
             if progress is not None and (i % 256 == 0 or i + 1 == len(paths)):
-                progress(i + 1, len(paths))
+                progress(Progress("load images", i + 1, len(paths), "images"))
         if errors:
             shown = "; ".join(errors[:5])
             raise SourceError(

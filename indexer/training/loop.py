@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,26 +38,12 @@ from clipsearch.indexer.training.data import (
 from clipsearch.indexer.training.export import export_model
 from clipsearch.indexer.training.metrics import retrieval_metrics
 from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.progress import Progress, ProgressCallback, ignore, within
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainProgress:
-    """One progress report: ``phase`` is "images", "train", "validate" or "export"."""
-
-    phase: str
-    # Steps (or images, in phase "images") done and in total.
-    done: int
-    total: int
-    loss: float | None = None
-    lr: float | None = None
-    # exp(logit_scale): the inverse temperature of the softmax.
-    logit_scale: float | None = None
-    metrics: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,9 +74,6 @@ class TrainResult:
             "metrics": self.metrics,
             "wall_s": round(self.wall_s, 2),
         }
-
-
-ProgressFn = Callable[[TrainProgress], None]
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -128,7 +111,7 @@ def contrastive_loss(
 def train(
     cfg: TrainConfig,
     *,
-    progress: ProgressFn | None = None,
+    progress: ProgressCallback | None = None,
     stop_at_step: int | None = None,
     export_path: Path | None = None,
     command: str | None = None,
@@ -136,7 +119,10 @@ def train(
     """Train ``cfg.model`` on ``cfg.manifest``; resume from the newest checkpoint if any.
 
     Args:
-        progress: called after every step and at phase changes.
+        progress: gets "load images" (train then validation images), "train" (steps;
+            ``detail``: loss, lr and logit scale, the softmax's inverse temperature),
+            "validate" (validations of this run; ``detail``: step and R@1 both ways;
+            the full metrics are in the result) and "export" (models).
         stop_at_step: checkpoint and return after this many steps in total, as an
             interruption would (used to test that resuming is exact).
         export_path: also write the final weights here (e.g. the bundled model file).
@@ -159,7 +145,7 @@ def train(
 
 def _train(
     cfg: TrainConfig,
-    progress: ProgressFn | None,
+    progress: ProgressCallback | None,
     stop_at_step: int | None,
     export_path: Path | None,
     command: str | None,
@@ -167,7 +153,7 @@ def _train(
     import torch
 
     t0 = time.monotonic()
-    report = progress or (lambda p: None)
+    report = progress or ignore
     torch.set_num_threads(cfg.threads)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -185,9 +171,12 @@ def _train(
     bank = ImageBank(
         [e.image for e in train_set],
         size,
-        progress=lambda d, n: report(TrainProgress(phase="images", done=d, total=total_images)),
+        progress=within(report, offset=0, total=total_images),
     )
-    val_bank = ImageBank([e.image for e in val_set], size) if val_set else None
+    val_bank = None
+    if val_set:
+        val_progress = within(report, offset=len(train_set), total=total_images)
+        val_bank = ImageBank([e.image for e in val_set], size, progress=val_progress)
     plan = BatchPlan(train_set, cfg)
     sampler = CaptionSampler(cfg.templates)
     labels, heads = _label_heads(cfg, train_set, model)
@@ -206,6 +195,11 @@ def _train(
     norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
     groups = [e.group for e in train_set]
     end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+    n_validations = sum(
+        1 for d in range(start + 1, end + 1) if d % cfg.val_every == 0 or d == cfg.steps
+    )
+    validations = 0
+    report(Progress("train", start, cfg.steps, "steps"))
     model.train()
     for step in range(start, end):
         lr = lr_at(cfg, step)
@@ -242,21 +236,19 @@ def _train(
         done = step + 1
         if done % 25 == 0:
             log.info("step %d/%d: loss %.4f, lr %.2e", done, cfg.steps, losses[-1], lr)
-        report(
-            TrainProgress(
-                phase="train",
-                done=done,
-                total=cfg.steps,
-                loss=losses[-1],
-                lr=lr,
-                logit_scale=float(model.logit_scale.exp().item()),
-            )
-        )
+        scale = float(model.logit_scale.exp().item())
+        detail = {"loss": losses[-1], "lr": lr, "logit scale": scale}
+        report(Progress("train", done, cfg.steps, "steps", detail=detail))
         if val_bank is not None and (done % cfg.val_every == 0 or done == cfg.steps):
             metrics = validate(model, tokenizer, val_bank, val_set, sampler, norm, device)
             model.train()
             log.info("step %d: %s", done, _fmt(metrics))
-            report(TrainProgress(phase="validate", done=done, total=cfg.steps, metrics=metrics))
+            validations += 1
+            report(
+                Progress(
+                    "validate", validations, n_validations, "runs", detail=_headline(done, metrics)
+                )
+            )
         if done % cfg.checkpoint_every == 0 or done == end:
             save_checkpoint(
                 cfg.out_dir,
@@ -279,7 +271,7 @@ def _train(
             metrics=metrics,
             wall_s=time.monotonic() - t0,
         )
-    report(TrainProgress(phase="export", done=cfg.steps, total=cfg.steps))
+    report(Progress("export", 0, 1, "models"))
     model_path, card_path = export_model(
         model,
         cfg,
@@ -294,6 +286,7 @@ def _train(
             "wall_s_this_invocation": round(time.monotonic() - t0, 1),
         },
     )
+    report(Progress("export", 1, 1, "models", detail={"path": str(model_path)}))
     return TrainResult(
         out_dir=cfg.out_dir,
         model_path=model_path,
@@ -453,6 +446,14 @@ def validate(
             tokens = tokenizer(distinct[s : s + batch_size]).to(device)
             txt_out.append(model.encode_text(tokens, normalize=True).float().cpu().numpy())
     return retrieval_metrics(np.concatenate(img_out), np.concatenate(txt_out), captions)
+
+
+def _headline(step: int, metrics: dict[str, float]) -> dict[str, float | int | str]:
+    """What a person watching a run wants of a validation: R@1 both ways, in short."""
+    short = {"image_to_text_R@1": "i2t R@1", "text_to_image_R@1": "t2i R@1"}
+    headline: dict[str, float | int | str] = {"step": step}
+    headline.update((name, metrics[key]) for key, name in short.items() if key in metrics)
+    return headline
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipsearch.indexer.build import BuildOptions, Progress, build
+from clipsearch.indexer.build import BuildOptions, build
 from clipsearch.indexer.maintenance import info
 from clipsearch.indexer.sources import SourceOptions
 from clipsearch.retrieval.encoders import FakeEncoder
 from clipsearch.retrieval.images import load_image
 from clipsearch.retrieval.manifest import read_current
+from clipsearch.retrieval.progress import Progress
 from tests.indexer.helpers import make_images, snapshot_rows, write_products
 
 ENC = FakeEncoder(32, context_length=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from clipsearch.indexer.training.data import BatchPlan, fix_articles, load_examp
 from clipsearch.indexer.training.loop import lr_at
 from clipsearch.indexer.training.metrics import retrieval_metrics
 from clipsearch.retrieval.errors import ConfigError, SourceError
+from clipsearch.retrieval.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,21 @@ def test_resume_repeats_the_uninterrupted_run_exactly(
     cfg = _cfg(catalog, tmp_path / "split", tiny_arch, label_columns=("kind",))
     part = train(cfg, stop_at_step=3)
     assert part.steps == 3 and part.model_path is None
-    resumed = train(cfg)
+    seen: list[object] = []
+    resumed = train(cfg, progress=seen.append)
     assert resumed.resumed_from == 3
+    # the resumed run reports through the one Progress type, in stage order
+    events = [e for e in seen if isinstance(e, Progress)]
+    assert len(events) == len(seen)
+    assert [s for s, _ in itertools.groupby(e.stage for e in events)] == [
+        "load images", "train", "validate", "train", "validate", "export"
+    ]  # fmt: skip
+    assert all(e.total is not None and 0 <= e.done <= e.total for e in events)
+    steps = [e for e in events if e.stage == "train"]
+    assert [e.done for e in steps] == list(range(3, 9)) and steps[-1].total == 8
+    assert steps[-1].detail["loss"] == resumed.losses[-1] and "lr" in steps[-1].detail
+    images = [e for e in events if e.stage == "load images"][-1]
+    assert images.done == images.total == len(load_examples(cfg))  # validation photos too
     assert resumed.losses == whole.losses  # bit-for-bit, not approximately
     assert resumed.metrics == whole.metrics
     from safetensors.torch import load_file
