@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import Progress
 
-from clipsearch.cli.common import cli_errors, console, err_console, print_json, staged_progress
+from clipsearch.cli.common import cli_errors, console, print_json, progress_bars
 
 if TYPE_CHECKING:
     from clipsearch.indexer.demo.run import DemoReport
@@ -24,11 +23,8 @@ def demo_data_cmd(
     """Generate the demo shop catalog: rendered product photos plus products.parquet."""
     from clipsearch.indexer.demo.generate import generate_catalog
 
-    with cli_errors(), Progress(console=err_console, disable=as_json) as bar:
-        task = bar.add_task("rendering products", total=products)
-        summary = generate_catalog(
-            out, products=products, seed=seed, progress=lambda d, n: bar.update(task, completed=d)
-        )
+    with cli_errors(), progress_bars(quiet=as_json, transient=False) as progress:
+        summary = generate_catalog(out, products=products, seed=seed, progress=progress)
     if as_json:
         print_json(summary.to_dict())
         return
@@ -57,7 +53,7 @@ def demo_cmd(
     """Generate a demo shop, index it, and run shopping-assistant queries (text, filters, image)."""
     from clipsearch.indexer.demo.run import run_demo
 
-    with cli_errors(), staged_progress(disable=as_json) as on_progress:
+    with cli_errors(), progress_bars(quiet=as_json) as on_progress:
         report = run_demo(
             out,
             products=products,
@@ -139,7 +135,7 @@ def demo_eval_cmd(
     """Measure a model on a freshly generated demo catalog against the demo quality bar."""
     from clipsearch.indexer.demo.evaluate import evaluate_demo_model
 
-    with cli_errors(), staged_progress(disable=as_json) as on_progress:
+    with cli_errors(), progress_bars(quiet=as_json) as on_progress:
         report = evaluate_demo_model(
             model=model,
             pretrained=pretrained,

@@ -6,18 +6,16 @@ and renders the result; the library does the work and a backend can call it the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from clipsearch.cli.common import cli_errors, console, err_console, print_json
+from clipsearch.cli.common import cli_errors, console, err_console, print_json, progress_bars
 
 if TYPE_CHECKING:
-    from clipsearch.indexer.build import BuildOptions, IngestSummary, ProgressFn
+    from clipsearch.indexer.build import BuildOptions, IngestSummary
 
 index_app = typer.Typer(
     help="Build and maintain indexes: build, add, delete, compact, verify, info.",
@@ -25,42 +23,6 @@ index_app = typer.Typer(
 )
 
 _SOURCES_HELP = "Image folders, Parquet/CSV/JSONL manifests, or .txt files (one text per line)."
-
-
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator[ProgressFn | None]:
-    """A rich progress bar (items/s, ETA, skipped) fed by the library's callback."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>8.1f} items/s"),
-        TextColumn("skipped {task.fields[skipped]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(p: Any) -> None:
-            task = tasks.get(p.stage)
-            if task is None:
-                task = tasks[p.stage] = bar.add_task(p.stage, total=p.total, rate=0.0, skipped=0)
-            bar.update(task, completed=p.done, total=p.total, skipped=p.skipped + p.unchanged)
-            speed = bar.tasks[task].speed
-            bar.update(task, rate=speed or 0.0)
-
-        yield update
 
 
 def _options(
@@ -184,7 +146,7 @@ def build_cmd(
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
         )  # fmt: skip
         encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
-        with _progress_bar(not as_json) as progress:
+        with progress_bars(quiet=as_json) as progress:
             summary = build(list(sources), out, encoder=encoder, options=opts, progress=progress)
     if as_json:
         print_json(summary.to_dict())
@@ -221,7 +183,7 @@ def add_cmd(
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
         )  # fmt: skip
         encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
-        with _progress_bar(not as_json) as progress:
+        with progress_bars(quiet=as_json) as progress:
             summary = add(
                 index_dir, list(sources), encoder=encoder, options=opts, progress=progress
             )
@@ -246,8 +208,8 @@ def delete_cmd(
     from clipsearch.indexer.maintenance import delete
 
     doc_ids = [x.strip() for raw in ids for x in raw.split(",") if x.strip()]
-    with cli_errors():
-        result = delete(index_dir, ids=doc_ids or None, where=where)
+    with cli_errors(), progress_bars(quiet=as_json) as progress:
+        result = delete(index_dir, ids=doc_ids or None, where=where, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return
@@ -268,7 +230,7 @@ def compact_cmd(
     """Rewrite shards without deleted rows and remove files no kept version references."""
     from clipsearch.indexer.maintenance import compact
 
-    with cli_errors(), _progress_bar(not as_json) as progress:
+    with cli_errors(), progress_bars(quiet=as_json) as progress:
         result = compact(index_dir, keep_versions=keep_versions, progress=progress)
     if as_json:
         print_json(result.to_dict())

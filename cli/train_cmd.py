@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from clipsearch.cli.common import cli_errors, console, err_console, print_json
-
-if TYPE_CHECKING:
-    from rich.progress import TaskID
-
-    from clipsearch.indexer.training import TrainProgress
+from clipsearch.cli.common import cli_errors, console, print_json, progress_bars
 
 
 def _split(values: list[str]) -> tuple[str, ...]:
@@ -140,7 +132,8 @@ def train_cmd(
             export_dtype=export_dtype,
         )
         command = "clipsearch " + shlex.join(sys.argv[1:])
-        with _progress_bar(quiet=as_json) as on_progress:
+        # Not transient: the loss and validation rows stay on screen after the run.
+        with progress_bars(quiet=as_json, transient=False) as on_progress:
             result = train(cfg, progress=on_progress, export_path=export, command=command)
     if as_json:
         print_json(result.to_dict())
@@ -156,46 +149,3 @@ def train_cmd(
             f" | text->image R@1 {m['text_to_image_R@1']:.3f} R@5 {m['text_to_image_R@5']:.3f}"
         )
     console.print(f"weights: {result.model_path}\nmodel card: {result.card_path}")
-
-
-class _progress_bar:
-    """A rich progress bar fed by the library's TrainProgress reports."""
-
-    def __init__(self, *, quiet: bool) -> None:
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            disable=quiet,
-        )
-        self.tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> Callable[[TrainProgress], None]:
-        self.bar.__enter__()
-        return self.update
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(None, None, None)
-
-    def update(self, p: TrainProgress) -> None:
-        if p.phase == "validate":
-            m = p.metrics or {}
-            self.bar.console.print(
-                f"step {p.done}: val image->text R@1 {m.get('image_to_text_R@1', 0):.3f}, "
-                f"text->image R@1 {m.get('text_to_image_R@1', 0):.3f}, median ranks "
-                f"{m.get('image_to_text_median_rank', 0):.0f}/{m.get('text_to_image_median_rank', 0):.0f}"
-            )
-            return
-        label = {"images": "loading images", "train": "training", "export": "exporting"}.get(
-            p.phase, p.phase
-        )
-        if label not in self.tasks:
-            self.tasks[label] = self.bar.add_task(label, total=p.total, info="")
-        info = ""
-        if p.loss is not None:
-            info = f"loss {p.loss:.3f} lr {p.lr or 0:.2e} scale {p.logit_scale or 0:.1f}"
-        self.bar.update(self.tasks[label], completed=p.done, info=info)

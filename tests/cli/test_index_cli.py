@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from clipsearch.cli import common
 from clipsearch.cli.app import app
 from clipsearch.retrieval.manifest import read_current
 from tests.indexer.helpers import make_images, write_products
@@ -63,3 +66,33 @@ def test_human_build_output_shows_summary(tmp_path: Path) -> None:
                             "--model", "fake-32"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "indexed" in r.output and "skipped (errors)" in r.output and "errors report" in r.output
+
+
+def test_progress_renderer_shows_every_stage_and_json_stays_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rich draws bars only on an interactive terminal: make the runner's stderr one.
+    tty = Console(stderr=True, force_terminal=True, force_interactive=True, width=200)
+    monkeypatch.setattr(common, "err_console", tty)
+    csv = write_products(tmp_path, 30)
+    out = tmp_path / "idx"
+    args = ["index", "build", str(csv), "--out", str(out), "--model", "fake-32",
+            "--image-col", "image_path", "--text-col", "title", "--id-col", "sku",
+            "--shard-size", "15", "--index", "ivf"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    for stage in ("scan", "embed", "train index", "fill index", "tune index", "write shard",
+                  "commit"):  # fmt: skip
+        assert stage in r.stderr, stage
+    assert "60/60 items" in r.stderr and "items/s" in r.stderr
+    assert "indexed" in r.stdout  # the summary table, after the bars
+
+    r = runner.invoke(app, ["index", "delete", str(out), "--ids", "SKU0001"])
+    assert r.exit_code == 0 and "read metadata" in r.stderr
+    r = runner.invoke(app, ["index", "compact", str(out)])
+    assert r.exit_code == 0
+    assert "rewrite shards" in r.stderr and "remove files" in r.stderr
+
+    r = runner.invoke(app, [*args[:-2], "--json", "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0 and r.stderr == ""
+    assert json.loads(r.stdout)["indexed"] == 60
