@@ -37,7 +37,16 @@ def test_version() -> None:
     assert result.output.strip() == f"clipsearch {clipsearch.__version__}"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["embed", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["models", "--help"],
+        ["embed", "--help"],
+        ["search", "--help"],
+        ["index", "build", "--help"],
+    ],
+)
 def test_help_does_not_import_heavy_modules(argv: list[str]) -> None:
     code = (
         "import sys\n"
