@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "IndexLockedError": "clipsearch.retrieval.errors",
     "FilterError": "clipsearch.retrieval.errors",
     "QueryError": "clipsearch.retrieval.errors",
+    "InvalidOptionError": "clipsearch.retrieval.errors",
     "SourceError": "clipsearch.retrieval.errors",
 }
 # Names whose defining function is called something else there.
@@ -88,6 +89,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexOptions",
     "IngestSummary",
+    "InvalidOptionError",
     "ModelNotFoundError",
     "PlannerConfig",
     "Progress",
@@ -148,6 +150,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing here runs
         IndexFormatError,
         IndexLockedError,
         IndexNotFoundError,
+        InvalidOptionError,
         ModelNotFoundError,
         QueryError,
         SourceError,

@@ -50,3 +50,17 @@ class QueryError(ClipsearchError, ValueError):
 
 class SourceError(ClipsearchError, ValueError):
     """A corpus source (folder, manifest, text file) cannot be read as configured."""
+
+
+class InvalidOptionError(QueryError):
+    """A search option has a bad value, or is not an option at all.
+
+    ``option`` names it ("k", "offset", "boosts", ...), so a surface can map it onto its
+    own error codes (the HTTP API answers k_out_of_range for "k"); the message names it
+    too, with the allowed values.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        # The SearchOptions field (or the unknown name) the error is about.
+        self.option = option

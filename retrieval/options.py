@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, TypedDict
 
-from clipsearch.retrieval.errors import QueryError
+from clipsearch.retrieval.errors import InvalidOptionError
 
 # The largest page a query may ask for.
 MAX_K = 1000
@@ -29,20 +29,6 @@ MAX_POOL = 10_000
 MODALITIES = ("image", "text")
 
 Grouping = Literal["max", "mean"]
-
-
-class InvalidOptionError(QueryError):
-    """A search option has a bad value, or is not an option at all.
-
-    ``option`` names it ("k", "offset", "boosts", ...), so a surface can map it onto its
-    own error codes (the HTTP API answers k_out_of_range for "k"); the message names it
-    too, with the allowed values.
-    """
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        # The SearchOptions field (or the unknown name) the error is about.
-        self.option = option
 
 
 @dataclass(frozen=True, kw_only=True)

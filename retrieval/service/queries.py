@@ -18,7 +18,8 @@ from urllib.parse import quote
 import numpy as np
 
 from clipsearch.retrieval.encoders.base import decode_side
-from clipsearch.retrieval.options import MAX_K, MAX_POOL, InvalidOptionError, SearchOptions
+from clipsearch.retrieval.errors import InvalidOptionError
+from clipsearch.retrieval.options import MAX_K, MAX_POOL, SearchOptions
 from clipsearch.retrieval.service.admission import (
     decode_base64_image,
     decode_image_async,
