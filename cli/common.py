@@ -33,7 +33,9 @@ def cli_errors() -> Iterator[None]:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
     except KeyboardInterrupt as e:
-        err_console.print("[yellow]interrupted[/]")
+        # The library's interrupts say what they kept and how to resume.
+        message = str(e) or "interrupted"
+        err_console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from e
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from clipsearch.cli.common import cli_errors, console, err_console, print_json, progress_bars
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from clipsearch.indexer.build import BuildOptions, IngestSummary
 
 index_app = typer.Typer(
-    help="Build and maintain indexes: build, add, delete, compact, verify, info.",
+    help="Build and maintain indexes: build, add, delete, compact, verify, errors, info.",
     no_args_is_help=True,
 )
 
@@ -38,14 +39,26 @@ def _options(
     text_col: list[str],
     id_col: str | None,
     on_duplicate: str,
+    max_errors: str | None,
+    extensions: str | None,
+    max_image_mb: float,
+    fetch_concurrency: int,
+    fetch_timeout: float,
+    fetch_cache: Path | None,
 ) -> BuildOptions:
     from clipsearch.indexer.ann import IndexOptions, parse_memory
     from clipsearch.indexer.build import BuildOptions
+    from clipsearch.indexer.fetch import FetchOptions
     from clipsearch.indexer.sources import SourceOptions
 
     index_device = "cpu" if device == "cpu" else "auto"
     extra = {"workers": workers} if workers else {}
     return BuildOptions(
+        max_errors=_max_errors(max_errors),
+        max_image_bytes=int(max_image_mb * 1024 * 1024),
+        fetch=FetchOptions(
+            concurrency=fetch_concurrency, timeout_s=fetch_timeout, cache_dir=fetch_cache
+        ),
         shard_size=shard_size,
         batch_size=batch_size,
         index=IndexOptions(
@@ -59,9 +72,37 @@ def _options(
             text_cols=tuple(text_col),
             id_col=id_col,
             on_duplicate=on_duplicate,
+            extensions=_extensions(extensions),
         ),
         **extra,
     )
+
+
+def _max_errors(text: str | None) -> int | float | None:
+    """``--max-errors``: a count ("10"), a fraction ("0.05") or a percentage ("5%")."""
+    from clipsearch.retrieval.errors import ConfigError
+
+    if text is None:
+        return None
+    raw = text.strip()
+    try:
+        if raw.endswith("%"):
+            return float(raw[:-1]) / 100
+        if any(c in raw for c in ".eE"):
+            return float(raw)
+        return int(raw)
+    except ValueError as e:
+        raise ConfigError(
+            f"--max-errors {text!r}: give a count (10), a fraction (0.05) or a percentage (5%)"
+        ) from e
+
+
+def _extensions(text: str | None) -> tuple[str, ...] | None:
+    """``--extensions jpg,.png``: the narrowed allowlist (None: every decodable format)."""
+    if text is None:
+        return None
+    exts = [e.strip().lower() for e in text.split(",") if e.strip()]
+    return tuple(e if e.startswith(".") else f".{e}" for e in exts)
 
 
 def _render_summary(s: IngestSummary) -> None:
@@ -69,6 +110,8 @@ def _render_summary(s: IngestSummary) -> None:
     t.add_column("", style="bold")
     t.add_column("", justify="right")
     t.add_row("input items", f"{s.input:,}")
+    if s.items_resumed:
+        t.add_row("resumed from an interrupted run", f"{s.items_resumed:,}")
     t.add_row("indexed", f"{s.indexed:,}")
     t.add_row("skipped (errors)", f"{s.skipped:,}")
     if s.unchanged:
@@ -78,13 +121,33 @@ def _render_summary(s: IngestSummary) -> None:
     if s.replaced:
         t.add_row("older rows replaced", f"{s.replaced:,}")
     t.add_row("shards written / resumed", f"{s.shards_written} / {s.shards_resumed}")
+    if s.fetch:
+        f = s.fetch
+        t.add_row(
+            "image URLs fetched / cached / failed",
+            f"{f['fetched']:,} / {f['cached']:,} / {f['failed']:,}",
+        )
     t.add_row("time", f"{s.seconds:.1f} s ({s.items_per_second:,.1f} items/s)")
     console.print(t)
-    if s.by_stage:
-        stages = ", ".join(f"{k}: {v}" for k, v in sorted(s.by_stage.items()))
-        err_console.print(f"[yellow]skipped by stage:[/] {stages}")
+    if s.skipped:
+        err_console.print(f"[yellow]{s.skipped:,} items skipped; most common reasons:[/]")
+        for stage, reason, n in s.top_reasons:
+            err_console.print(f"  {n:>7,}  {stage}: {reason}", highlight=False, markup=False)
+    if s.not_considered:
+        total = sum(s.not_considered.values())
+        kinds = ", ".join(f"{k} {v:,}" for k, v in list(s.not_considered.items())[:10])
+        more = "" if len(s.not_considered) <= 10 else f", ... ({len(s.not_considered)} kinds)"
+        err_console.print(
+            f"[yellow]{total:,} files in source folders not considered[/] (not an allowed "
+            f"image extension): {kinds}{more}",
+            highlight=False,
+        )
     if s.errors_report:
-        err_console.print(f"errors report: {Path(s.root) / s.errors_report}")
+        err_console.print(
+            f"errors report: {Path(s.root) / s.errors_report} "
+            f"(`clipsearch index errors {s.root}` lists it)",
+            highlight=False,
+        )
 
 
 # Shared option declarations (typer needs them per command).
@@ -110,6 +173,28 @@ _DUP = typer.Option(
     help="Rows sharing an id: reject (keep first), last (keep last), group (all, one document).",
 )
 _JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+_MAX_ERRORS = typer.Option(
+    None,
+    "--max-errors",
+    help="Fail, committing nothing, when more items are skipped: a count (10), a fraction "
+    "(0.05) or a percentage (5%). Default: never fail.",
+)
+_EXTENSIONS = typer.Option(
+    None,
+    "--extensions",
+    help="Image extensions taken from folders, e.g. jpg,png (default: every format Pillow "
+    "decodes).",
+)
+_MAX_IMAGE_MB = typer.Option(
+    64.0, "--max-image-mb", help="Largest image file or download read, in MiB."
+)
+_FETCH_CONCURRENCY = typer.Option(
+    8, "--fetch-concurrency", help="Image URLs fetched at once (http(s) image columns)."
+)
+_FETCH_TIMEOUT = typer.Option(20.0, "--fetch-timeout", help="Seconds per image URL attempt.")
+_FETCH_CACHE = typer.Option(
+    None, "--fetch-cache", help="Cache of fetched images (default ~/.cache/clipsearch/images)."
+)
 
 
 @index_app.command("build")
@@ -133,6 +218,12 @@ def build_cmd(
     text_col: list[str] = _TEXT_COL,
     id_col: str | None = _ID_COL,
     on_duplicate: str = _DUP,
+    max_errors: str | None = _MAX_ERRORS,
+    extensions: str | None = _EXTENSIONS,
+    max_image_mb: float = _MAX_IMAGE_MB,
+    fetch_concurrency: int = _FETCH_CONCURRENCY,
+    fetch_timeout: float = _FETCH_TIMEOUT,
+    fetch_cache: Path | None = _FETCH_CACHE,
     as_json: bool = _JSON,
 ) -> None:
     """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
@@ -144,6 +235,9 @@ def build_cmd(
             shard_size=shard_size, index=index, target_recall=target_recall,
             max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
+            max_errors=max_errors, extensions=extensions, max_image_mb=max_image_mb,
+            fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
+            fetch_cache=fetch_cache,
         )  # fmt: skip
         encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
         with progress_bars(quiet=as_json) as progress:
@@ -169,6 +263,12 @@ def add_cmd(
     text_col: list[str] = _TEXT_COL,
     id_col: str | None = _ID_COL,
     on_duplicate: str = _DUP,
+    max_errors: str | None = _MAX_ERRORS,
+    extensions: str | None = _EXTENSIONS,
+    max_image_mb: float = _MAX_IMAGE_MB,
+    fetch_concurrency: int = _FETCH_CONCURRENCY,
+    fetch_timeout: float = _FETCH_TIMEOUT,
+    fetch_cache: Path | None = _FETCH_CACHE,
     as_json: bool = _JSON,
 ) -> None:
     """Append SOURCES as new shards; unchanged items are skipped, changed ones replaced."""
@@ -181,6 +281,9 @@ def add_cmd(
             shard_size=shard_size, index=index, target_recall=target_recall,
             max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
+            max_errors=max_errors, extensions=extensions, max_image_mb=max_image_mb,
+            fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
+            fetch_cache=fetch_cache,
         )  # fmt: skip
         encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
         with progress_bars(quiet=as_json) as progress:
@@ -267,6 +370,46 @@ def verify_cmd(
         err_console.print(f"[bold red]{len(report.problems)} shard(s)/part(s) with problems[/]")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@index_app.command("errors")
+def errors_cmd(
+    index_dir: Path = typer.Argument(..., help="Index directory."),
+    limit: int = typer.Option(50, "--limit", help="Rows shown in the table (--json: all)."),
+    as_json: bool = _JSON,
+) -> None:
+    """List the items builds and adds skipped or flagged, and why."""
+    from clipsearch.indexer.reports import read_errors
+
+    with cli_errors():
+        report = read_errors(index_dir)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    if not report.rows:
+        console.print(f"version {report.version}: no items were skipped or flagged")
+        return
+    console.print(
+        f"version {report.version}: {report.skipped:,} items skipped, {report.flagged:,} "
+        f"indexed but flagged ({', '.join(report.files)})",
+        highlight=False,
+    )
+    if report.top_reasons:
+        t = Table(title="most common skip reasons")
+        t.add_column("items", justify="right")
+        t.add_column("stage")
+        t.add_column("reason", overflow="fold")
+        for stage, reason, n in report.top_reasons:
+            t.add_row(f"{n:,}", stage, escape(reason))
+        console.print(t)
+    t = Table(title=f"items ({min(limit, len(report.rows))} of {len(report.rows)})")
+    for col in ("version", "action", "stage", "doc_id", "source", "reason"):
+        t.add_column(col, overflow="fold")
+    for r in report.rows[:limit]:
+        t.add_row(
+            str(r.version), r.action, r.stage, escape(r.doc_id), escape(r.source), escape(r.reason)
+        )
+    console.print(t)
 
 
 @index_app.command("info")

@@ -6,46 +6,61 @@ Both run the same resumable ingest under the index lock:
 2. embed the items in order; rows fill a shard buffer per modality; a full buffer (or
    the end of a modality) is written as a shard (:func:`clipsearch.indexer.writer.write_shard`) and
    recorded in a journal under ``.staging/<key>/``, where the key hashes the inputs,
-   the options that shape the result, the encoder and the base version;
+   every option that can change the result (:func:`resume_key`), the encoder and the
+   base version;
 3. write the errors report and tombstones, then commit a manifest and swap ``CURRENT``.
 
+Durable progress does not wait for a full shard: at least every
+``checkpoint_seconds`` (and every ``checkpoint_items``) the rows embedded since the last
+checkpoint are spilled to the staging folder (float32 vectors ``.npy`` + metadata
+``.parquet``, temp/fsync/rename) and journaled with the items skipped meanwhile. Ctrl-C
+spills what is pending and raises :class:`IngestInterrupted` saying what was kept.
+
 Killed at any point, the previous version stays live. Rerunning the same command finds
-the journal, keeps the shards it lists (after checking their files) and continues after
-the last one, so it ends with the same rows as an uninterrupted run.
+the journal, keeps the shards and spills it lists (after checking their files) and
+continues after the last one, so it ends with the same rows as an uninterrupted run and
+loses at most one checkpoint interval of embedding work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from clipsearch.indexer.ann import IndexOptions
 from clipsearch.indexer.commit import commit, next_version
 from clipsearch.indexer.crash import crash_point
+from clipsearch.indexer.fetch import FetchOptions, UrlFetcher
 from clipsearch.indexer.fsutil import atomic_write, atomic_write_bytes, remove_temp_files
 from clipsearch.indexer.lock import IndexLock
-from clipsearch.indexer.pipeline import Embedded, embed_items
+from clipsearch.indexer.pipeline import Embedded, ReadLimits, embed_items
 from clipsearch.indexer.sources import (
     Item,
     Problem,
     SourceOptions,
     SourceScan,
     covering_folders,
+    outside_folders,
     scan_sources,
 )
 from clipsearch.indexer.writer import file_record, write_shard
 from clipsearch.retrieval.encoders.base import Encoder
-from clipsearch.retrieval.errors import ConfigError, FingerprintMismatchError
+from clipsearch.retrieval.errors import ClipsearchError, ConfigError, FingerprintMismatchError
+from clipsearch.retrieval.images import DEFAULT_MAX_PIXELS
 from clipsearch.retrieval.manifest import (
     ERRORS_DIR,
     MANIFEST_DIR,
@@ -69,6 +84,33 @@ log = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
 ERROR_COLUMNS = ("source", "doc_id", "stage", "reason", "action")
+# Skip reasons shown in summaries and errors (the report holds them all).
+TOP_REASONS = 5
+
+
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl-C during build/add, after the work done so far was saved for resuming.
+
+    A ``KeyboardInterrupt`` (so it stops a program as Ctrl-C does), whose message says
+    how many items were kept, where, and that re-running the same command resumes.
+    """
+
+    def __init__(self, message: str, *, items_kept: int, total: int, staging: str) -> None:
+        super().__init__(message)
+        self.message = message
+        # Input items whose outcome (vector, skip or flag) is saved for the re-run.
+        self.items_kept = items_kept
+        # Items of the scan.
+        self.total = total
+        # The staging folder holding the saved work.
+        self.staging = staging
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TooManyErrorsError(ClipsearchError, RuntimeError):
+    """More items failed than ``max_errors`` allows; nothing was committed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +128,26 @@ class BuildOptions:
     index: IndexOptions = field(default_factory=IndexOptions)
     # Manifest column mapping and duplicate policy.
     sources: SourceOptions = field(default_factory=SourceOptions)
+    # Embedded rows are saved for resuming at least this often (seconds of work an
+    # interrupt or a kill can lose), independent of the shard size.
+    checkpoint_seconds: float = 30.0
+    # ... and at least every this many items (bounds the rows held only in memory).
+    checkpoint_items: int = 20_000
+    # Largest image file or download read, in bytes; checked before reading.
+    max_image_bytes: int = 64 * 1024 * 1024
+    # Largest decoded image, in pixels (decompression bombs are refused per item).
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # Fail (commit nothing) when more items are skipped for errors than this: a count
+    # (int >= 0) or a fraction of the input items (float in (0, 1)). None: never fail.
+    max_errors: int | float | None = None
+    # How http(s) image URLs in manifests are fetched.
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+    # Fields that cannot change the committed rows: a re-run that differs only in them
+    # resumes. Every other field (and every field added later) is part of the resume key.
+    NOT_IN_RESUME_KEY: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "checkpoint_seconds", "checkpoint_items", "max_errors"}
+    )
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -94,6 +156,54 @@ class BuildOptions:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if not self.checkpoint_seconds > 0 or self.checkpoint_items < 1:
+            raise ConfigError(
+                "checkpoint_seconds must be > 0 and checkpoint_items >= 1, got "
+                f"{self.checkpoint_seconds} and {self.checkpoint_items}"
+            )
+        if self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise ConfigError("max_image_bytes and max_image_pixels must be >= 1")
+        m = self.max_errors
+        if m is not None and (
+            isinstance(m, bool)
+            or (isinstance(m, int) and m < 0)
+            or (isinstance(m, float) and not 0 < m < 1)
+            or not isinstance(m, int | float)
+        ):
+            raise ConfigError(
+                f"max_errors must be a count >= 0 or a fraction in (0, 1), got {m!r} "
+                "(e.g. --max-errors 10 or --max-errors 0.05)"
+            )
+
+    def error_limit(self, n_input: int) -> int | None:
+        """Skipped items allowed for ``n_input`` input items (None: no limit)."""
+        if self.max_errors is None:
+            return None
+        if isinstance(self.max_errors, float):
+            return int(self.max_errors * n_input)
+        return self.max_errors
+
+
+def resume_key(options: Any) -> Any:
+    """The JSON-able value of an options object for resume keys: every dataclass field,
+    recursively, except the ones its class lists in ``NOT_IN_RESUME_KEY``. A field added
+    later is in the key unless declared harmless, so a stale journal is never resumed."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        skip: frozenset[str] = getattr(type(options), "NOT_IN_RESUME_KEY", frozenset())
+        return {
+            f.name: resume_key(getattr(options, f.name))
+            for f in dataclasses.fields(options)
+            if f.name not in skip
+        }
+    if isinstance(options, tuple | list):
+        return [resume_key(v) for v in options]
+    if isinstance(options, dict):
+        return {str(k): resume_key(v) for k, v in sorted(options.items())}
+    if isinstance(options, Path):
+        return str(options)
+    if options is None or isinstance(options, bool | int | float | str):
+        return options
+    raise TypeError(f"resume_key: cannot key a {type(options).__name__}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +226,14 @@ class IngestSummary:
     errors_report: str | None
     seconds: float
     by_stage: dict[str, int] = field(default_factory=dict)
+    # Most common skip reasons: (stage, reason, items), most items first.
+    top_reasons: list[tuple[str, str, int]] = field(default_factory=list)
+    # Files in source folders not considered: extension (or reason) -> files.
+    not_considered: dict[str, int] = field(default_factory=dict)
+    # Items whose outcome an interrupted earlier run had saved (not embedded again).
+    items_resumed: int = 0
+    # URL fetch counters (fetched, cached, failed, retried, bytes); empty without URLs.
+    fetch: dict[str, int] = field(default_factory=dict)
 
     @property
     def items_per_second(self) -> float:
@@ -136,6 +254,12 @@ class IngestSummary:
             "shards_resumed": self.shards_resumed,
             "errors_report": self.errors_report,
             "skipped_by_stage": self.by_stage,
+            "top_reasons": [
+                {"stage": st, "reason": r, "items": n} for st, r, n in self.top_reasons
+            ],
+            "not_considered": self.not_considered,
+            "items_resumed": self.items_resumed,
+            "fetch": self.fetch,
             "seconds": round(self.seconds, 3),
             "items_per_second": round(self.items_per_second, 2),
         }
@@ -223,21 +347,35 @@ def _run(
 
 @dataclass
 class _Chunk:
-    """One journal entry: a shard (or none) plus what was skipped up to ``cursor``."""
+    """One journal entry: a shard or a spill (or neither) plus what was skipped up to
+    ``cursor`` since the previous entry.
+
+    A spill holds embedded rows not yet in a shard (``<spill>.npy`` float32 vectors and
+    ``<spill>.parquet`` metadata in the staging folder); when the shard holding them is
+    written, the spill entries are kept (for their problems) with ``spill=None``.
+    """
 
     record: ShardRecord | None
     cursor: int
     problems: list[Problem]
     unchanged: list[tuple[str, str, str]]
     new_keys: list[tuple[str, str, str]]
+    spill: str | None = None
+    # Rows in the spill.
+    rows: int = 0
+    # Resolved folders of indexed local images outside the scan's roots.
+    image_dirs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "record": None if self.record is None else self.record.to_dict(),
             "cursor": self.cursor,
-            "problems": [p.to_dict() for p in self.problems],
+            "problems": [p.to_dict() | {"n_items": p.n_items} for p in self.problems],
             "unchanged": self.unchanged,
             "new_keys": self.new_keys,
+            "spill": self.spill,
+            "rows": self.rows,
+            "image_dirs": self.image_dirs,
         }
 
     @classmethod
@@ -248,6 +386,9 @@ class _Chunk:
             problems=[Problem(**p) for p in d["problems"]],
             unchanged=[(a, b, c) for a, b, c in d["unchanged"]],
             new_keys=[(a, b, c) for a, b, c in d["new_keys"]],
+            spill=d.get("spill"),
+            rows=int(d.get("rows", 0)),
+            image_dirs=list(d.get("image_dirs", [])),
         )
 
 
@@ -276,8 +417,15 @@ class _Ingest:
         self.staging = root / STAGING_DIR / key[:20]
         self.journal_path = self.staging / "journal.json"
         self.key = key
+        # Rows spilled and not yet in a shard: (float32 vectors, metadata), in order.
+        self.spilled: list[tuple[np.ndarray, pa.Table]] = []
         self.chunks: list[_Chunk] = self._load_journal()
         self.resumed = sum(c.record is not None for c in self.chunks)
+        # Outcomes since the last journal entry, and the position after the last one.
+        self.pending: list[Embedded] = []
+        self.cursor = self.chunks[-1].cursor if self.chunks else 0
+        self.items_resumed = self.cursor
+        self.fetcher = UrlFetcher(options.fetch, max_bytes=options.max_image_bytes)
 
     # -- journal -------------------------------------------------------------------
 
@@ -285,18 +433,7 @@ class _Ingest:
         payload = {
             "operation": self.operation,
             "inputs": self.scan.fingerprint,
-            "shard_size": self.options.shard_size,
-            "index": {
-                k: getattr(self.options.index, k)
-                for k in (
-                    "index",
-                    "target_recall",
-                    "max_memory",
-                    "flat_max_rows",
-                    "tune_queries",
-                    "seed",
-                )
-            },
+            "options": resume_key(self.options),
             "encoder": self.encoder.fingerprint.to_dict(),
             "base_version": None if self.base is None else self.base.version,
         }
@@ -312,20 +449,58 @@ class _Ingest:
             return []
         if data.get("key") != self.key:
             return []
-        chunks = []
+        chunks: list[_Chunk] = []
+        # Chunks up to the last intact shard: the state to fall back to when a shard is
+        # damaged (the spills it consumed are gone, so everything after is redone).
+        after_shard = 0
         for d in data.get("chunks", []):
             chunk = _Chunk.from_dict(d)
-            if chunk.record is not None and any(
-                check_file(self.root, f, verify_hash=False) for f in chunk.record.files
-            ):
-                log.warning(
-                    "shard %s of the interrupted build is damaged; redoing it", chunk.record.name
-                )
-                break
+            if chunk.record is not None:
+                if any(check_file(self.root, f, verify_hash=False) for f in chunk.record.files):
+                    log.warning(
+                        "shard %s of the interrupted %s is damaged; redoing it",
+                        chunk.record.name,
+                        self.operation,
+                    )
+                    chunks, self.spilled = chunks[:after_shard], []
+                    break
+                self.spilled = []
+                after_shard = len(chunks) + 1
+            elif chunk.spill is not None:
+                loaded = self._read_spill(chunk)
+                if loaded is None:
+                    break
+                self.spilled.append(loaded)
             chunks.append(chunk)
         if chunks:
-            log.info("resuming %s: %d shards already written", self.operation, len(chunks))
+            log.info(
+                "resuming %s: %d items done (%d shards, %d rows spilled)",
+                self.operation,
+                chunks[-1].cursor,
+                sum(c.record is not None for c in chunks),
+                sum(len(v) for v, _ in self.spilled),
+            )
         return chunks
+
+    def _read_spill(self, chunk: _Chunk) -> tuple[np.ndarray, pa.Table] | None:
+        import pyarrow.parquet as pq
+
+        stem = self.staging / str(chunk.spill)
+        try:
+            vectors = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+            table = pq.read_table(stem.with_suffix(".parquet")).cast(self._schema())
+        except Exception as e:  # damaged spill: redo from the entry before it
+            log.warning(
+                "spill %s of the interrupted %s is unreadable (%s); redoing it",
+                stem,
+                self.operation,
+                e,
+            )
+            return None
+        if len(vectors) != chunk.rows or table.num_rows != chunk.rows:
+            log.warning("spill %s has the wrong row count; redoing it", stem)
+            return None
+        return vectors, table
 
     def _save_journal(self) -> None:
         data = {"key": self.key, "chunks": [c.to_dict() for c in self.chunks]}
@@ -355,88 +530,223 @@ class _Ingest:
     # -- main loop -----------------------------------------------------------------
 
     def run(self) -> IngestSummary:
+        try:
+            self._embed_all()
+        except KeyboardInterrupt as e:
+            raise self._interrupted() from e
+        except BaseException:
+            self._discard_orphans()
+            raise
+        return self._commit()
+
+    def _embed_all(self) -> None:
         items = self.scan.items
-        start = self.chunks[-1].cursor if self.chunks else 0
-        buf: list[Embedded] = []
-        problems: list[Problem] = []
-        unchanged: list[tuple[str, str, str]] = []
+        n_total = len(items)
         done_skipped = sum(
-            len([p for p in c.problems if p.action == "skipped"]) for c in self.chunks
+            sum(p.n_items for p in c.problems if p.action == "skipped") for c in self.chunks
         )
         done_unchanged = sum(len(c.unchanged) for c in self.chunks)
-        n_total = len(items)
 
         def report(done: int) -> None:
             if self.progress:
-                detail = {"unchanged": done_unchanged} if self.operation == "add" else {}
+                detail: dict[str, int] = {}
+                if self.operation == "add":
+                    detail["unchanged"] = done_unchanged
+                if self.fetcher.stats.fetched or self.fetcher.stats.cached:
+                    detail["fetched"] = self.fetcher.stats.fetched
+                    detail["cached"] = self.fetcher.stats.cached
                 skipped = done_skipped + done_unchanged
                 self.progress(Progress("embed", done, n_total, "items", skipped, detail))
 
-        report(start)
+        report(self.cursor)
         batch: int = self.options.batch_size or int(getattr(self.encoder, "batch_size", 64) or 64)
-        stream: Iterator[Embedded] = embed_items(
+        limits = ReadLimits(
+            max_bytes=self.options.max_image_bytes,
+            max_pixels=self.options.max_image_pixels,
+            fetcher=self.fetcher,
+        )
+        stream: Generator[Embedded, None, None] = embed_items(
             items,
             self.encoder,
-            start=start,
+            start=self.cursor,
             batch_size=batch,
             workers=self.options.workers,
             skip=self._skip if self.existing else None,
+            limits=limits,
         )
-        for e in stream:
-            if buf and e.item.modality != buf[0].item.modality:
-                self._flush(buf, problems, unchanged, cursor=e.position)
-                buf, problems, unchanged = [], [], []
-            crash_point("embed:item")
-            if e.problem is not None:
-                problems.append(e.problem)
-                done_skipped += e.problem.action == "skipped"
-            if e.unchanged:
-                unchanged.append((e.item.doc_id, e.item.modality, e.content_hash))
-                done_unchanged += 1
-            if e.vector is not None:
-                buf.append(e)
-            if len(buf) >= self.options.shard_size:
-                self._flush(buf, problems, unchanged, cursor=e.position + 1)
-                buf, problems, unchanged = [], [], []
-            if e.position % 32 == 0 or e.position == n_total - 1:
-                report(e.position + 1)
-        if buf or problems or unchanged:
-            self._flush(buf, problems, unchanged, cursor=n_total)
-        return self._commit()
+        last_checkpoint = time.monotonic()
+        modality = self._buffered_modality()
+        try:
+            for e in stream:
+                if modality is not None and e.vector is not None and e.item.modality != modality:
+                    self._flush_shard()
+                    modality = None
+                crash_point("embed:item")
+                self.pending.append(e)
+                self.cursor = e.position + 1
+                if e.problem is not None and e.problem.action == "skipped":
+                    done_skipped += 1
+                done_unchanged += e.unchanged
+                if e.vector is not None:
+                    modality = e.item.modality
+                if self._buffered_rows() >= self.options.shard_size:
+                    self._flush_shard()
+                    modality = None
+                    last_checkpoint = time.monotonic()
+                elif (
+                    len(self.pending) >= self.options.checkpoint_items
+                    or time.monotonic() - last_checkpoint >= self.options.checkpoint_seconds
+                ):
+                    self._checkpoint()
+                    last_checkpoint = time.monotonic()
+                if e.position % 32 == 0 or e.position == n_total - 1:
+                    report(e.position + 1)
+        finally:
+            stream.close()  # stops the decode workers now, also on Ctrl-C
+        if self.pending or self.spilled:
+            self._flush_shard()
 
-    def _flush(
-        self,
-        buf: list[Embedded],
-        problems: list[Problem],
-        unchanged: list[tuple[str, str, str]],
-        *,
-        cursor: int,
-    ) -> None:
+    def _buffered_rows(self) -> int:
+        return sum(len(v) for v, _ in self.spilled) + sum(
+            e.vector is not None for e in self.pending
+        )
+
+    def _buffered_modality(self) -> str | None:
+        if self.spilled:
+            return str(self.spilled[-1][1].column("modality")[0].as_py())
+        return None
+
+    def _new_outcomes(self) -> list[Embedded]:
+        """Pending outcomes not yet journaled, up to the cursor (an interrupt may land
+        between appending an outcome and moving the cursor: that item is redone)."""
+        last = self.chunks[-1].cursor if self.chunks else 0
+        return [e for e in self.pending if last <= e.position < self.cursor]
+
+    def _entry(self, outcomes: list[Embedded], embedded: list[Embedded], **kw: Any) -> _Chunk:
+        image_sources = [e.item.source for e in embedded if e.item.modality == "image"]
+        return _Chunk(
+            cursor=self.cursor,
+            problems=[e.problem for e in outcomes if e.problem is not None],
+            unchanged=[
+                (e.item.doc_id, e.item.modality, e.content_hash) for e in outcomes if e.unchanged
+            ],
+            new_keys=[(e.item.doc_id, e.item.modality, e.content_hash) for e in embedded],
+            image_dirs=sorted(outside_folders(image_sources, self.scan.image_roots)),
+            **kw,
+        )
+
+    def _checkpoint(self) -> None:
+        """Spill the rows embedded since the last entry and journal them (with the items
+        skipped meanwhile), so a kill from here on loses none of it."""
+        outcomes = self._new_outcomes()
+        if not outcomes:
+            return
+        rows = [e for e in outcomes if e.vector is not None]
+        name = None
+        spilled = None
+        if rows:
+            import pyarrow.parquet as pq
+
+            name = f"spill-{self.cursor:010d}"
+            vectors = np.stack([e.vector for e in rows if e.vector is not None]).astype(
+                np.float32, copy=False
+            )
+            table = self._metadata(rows)
+            stem = self.staging / name
+            atomic_write(
+                stem.with_suffix(".npy"), lambda f: np.save(f, vectors, allow_pickle=False)
+            )
+            atomic_write(stem.with_suffix(".parquet"), lambda f: pq.write_table(table, f))
+            spilled = (vectors, table)
+        chunk = self._entry(outcomes, rows, record=None, spill=name, rows=len(rows))
+        self.chunks = [*self.chunks, chunk]
+        self._save_journal()
+        crash_point("spill:written")
+        if spilled is not None:
+            self.spilled.append(spilled)
+        self.pending = [e for e in self.pending if e.position >= chunk.cursor]
+
+    def _flush_shard(self) -> None:
+        """Write the spilled and pending rows (up to the cursor) as one shard."""
+        import pyarrow as pa
+
+        outcomes = self._new_outcomes()
+        rows = [e for e in outcomes if e.vector is not None]
+        parts_v = [v for v, _ in self.spilled]
+        parts_t = [t for _, t in self.spilled]
+        if rows:
+            parts_v.append(np.stack([e.vector for e in rows if e.vector is not None]))
+            parts_t.append(self._metadata(rows))
         record = None
-        if buf:
+        if parts_v:
             n_prev = sum(c.record is not None for c in self.chunks)
             rows_prev = sum(c.record.rows for c in self.chunks if c.record is not None)
             base_row = self.base.next_row_id if self.base else 0
             base_shard = self.base.next_shard if self.base else 0
+            name = shard_name(base_shard + n_prev)
+            self._writing = name
             record = write_shard(
                 self.root,
-                name=shard_name(base_shard + n_prev),
-                modality=buf[0].item.modality,
+                name=name,
+                modality=str(parts_t[0].column("modality")[0].as_py()),
                 row_id_start=base_row + rows_prev,
-                vectors=np.stack([e.vector for e in buf if e.vector is not None]),
-                metadata=self._metadata(buf),
+                vectors=np.concatenate(parts_v).astype(np.float32, copy=False),
+                metadata=pa.concat_tables(parts_t),
                 index_options=self.options.index,
                 progress=self.progress,
             )
-        new_keys = [(e.item.doc_id, e.item.modality, e.content_hash) for e in buf]
-        self.chunks.append(_Chunk(record, cursor, list(problems), list(unchanged), new_keys))
+        elif not outcomes:
+            return
+        consumed = [c.spill for c in self.chunks if c.spill is not None]
+        chunk = self._entry(outcomes, rows, record=record)
+        self.chunks = [replace(c, spill=None) for c in self.chunks] + [chunk]
         self._save_journal()
+        self._writing = None
+        self.spilled = []
+        self.pending = [e for e in self.pending if e.position >= chunk.cursor]
+        for stem in consumed:
+            for suffix in (".npy", ".parquet"):
+                (self.staging / stem).with_suffix(suffix).unlink(missing_ok=True)
         crash_point("shard:written")
 
-    def _metadata(self, buf: list[Embedded]) -> pa.Table:
+    _writing: str | None = None
+
+    def _discard_orphans(self) -> None:
+        """After a failure: remove the files of a shard being written that no journal
+        lists (a disk-full error halfway through its three files)."""
+        name = self._writing
+        if name is None or any(c.record and c.record.name == name for c in self.chunks):
+            return
+        for path in (self.root / SHARD_DIR).glob(f"{name}.*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._writing = None
+
+    def _interrupted(self) -> IngestInterrupted:
+        """Ctrl-C: save the pending outcomes, then say what is kept."""
+        self._discard_orphans()
+        try:
+            self._checkpoint()
+        except BaseException as e:  # a second Ctrl-C, or the disk: keep what is journaled
+            log.warning("could not save the last items before stopping: %s", e)
+        kept = self.chunks[-1].cursor if self.chunks else 0
+        total = len(self.scan.items)
+        rows = sum(c.rows for c in self.chunks if c.spill is not None) + sum(
+            c.record.rows for c in self.chunks if c.record is not None
+        )
+        if kept:
+            message = (
+                f"interrupted: kept {kept:,} of {total:,} items ({rows:,} embedded rows) in "
+                f"{self.staging}; re-run the same command to resume"
+            )
+        else:
+            message = "interrupted before any item was embedded; nothing to keep"
+        return IngestInterrupted(message, items_kept=kept, total=total, staging=str(self.staging))
+
+    def _schema(self) -> pa.Schema:
         import pyarrow as pa
 
-        schema = pa.schema(
+        return pa.schema(
             [
                 pa.field("doc_id", pa.string()),
                 pa.field("modality", pa.string()),
@@ -445,6 +755,10 @@ class _Ingest:
                 *self.scan.schema,
             ]
         )
+
+    def _metadata(self, buf: list[Embedded]) -> pa.Table:
+        import pyarrow as pa
+
         columns: dict[str, list[Any]] = {
             "doc_id": [e.item.doc_id for e in buf],
             "modality": [e.item.modality for e in buf],
@@ -453,17 +767,91 @@ class _Ingest:
         }
         for f in self.scan.schema:
             columns[f.name] = [e.item.metadata.get(f.name) for e in buf]
-        return pa.table(columns, schema=schema)
+        return pa.table(columns, schema=self._schema())
 
     # -- commit --------------------------------------------------------------------
 
+    def _skipped(self, problems: list[Problem]) -> list[Problem]:
+        return [p for p in problems if p.action == "skipped"]
+
+    def _check_error_limit(self, problems: list[Problem]) -> None:
+        limit = self.options.error_limit(self.scan.n_input)
+        n_skipped = sum(p.n_items for p in self._skipped(problems))
+        if limit is None or n_skipped <= limit:
+            return
+        path = self.staging / "errors.parquet"
+        _write_errors(path, problems)
+        share = n_skipped / max(1, self.scan.n_input)
+        reasons = "; ".join(f"{n} x {st}: {r}" for st, r, n in top_reasons(problems))
+        allowed = (
+            f"{self.options.max_errors:.0%}"
+            if isinstance(self.options.max_errors, float)
+            else f"{limit}"
+        )
+        kept = "the previous version stays live" if self.base else "no index was created"
+        raise TooManyErrorsError(
+            f"{self.operation} of {self.root}: {n_skipped:,} of {self.scan.n_input:,} items "
+            f"({share:.1%}) were skipped, more than --max-errors allows ({allowed}); nothing "
+            f"was committed and {kept}. Top reasons: {reasons}. Full report: {path}. Fix "
+            "the inputs or raise --max-errors; re-running resumes without embedding again"
+        )
+
     def _commit(self) -> IngestSummary:
-        version = next_version(self.root)
         problems = list(self.scan.problems) + [p for c in self.chunks for p in c.problems]
+        self._check_error_limit(problems)
+        version = next_version(self.root)
+        written: list[Path] = []
+        try:
+            manifest, report_path, replaced = self._manifest(version, problems, written)
+            if self.progress:
+                self.progress(Progress("commit", 0, 1, "versions"))
+            commit(self.root, manifest)
+        except BaseException:
+            for path in written:  # files of a version that never became live
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        if self.progress:
+            self.progress(Progress("commit", 1, 1, "versions", detail={"version": version}))
+        shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.root / STAGING_DIR).rmdir()  # only when no other staging is left
+        skipped_problems = self._skipped(problems)
+        by_stage: dict[str, int] = {}
+        for p in skipped_problems:
+            by_stage[p.stage] = by_stage.get(p.stage, 0) + p.n_items
+        unchanged = sum(len(c.unchanged) for c in self.chunks)
+        new_shards = [c.record for c in self.chunks if c.record is not None]
+        stats = self.fetcher.stats
+        return IngestSummary(
+            root=str(self.root),
+            version=version,
+            operation=self.operation,
+            input=self.scan.n_input,
+            indexed=sum(s.rows for s in new_shards),
+            skipped=sum(p.n_items for p in skipped_problems),
+            unchanged=unchanged,
+            flagged=sum(1 for p in problems if p.action == "kept"),
+            replaced=len(replaced),
+            shards_written=len(new_shards) - self.resumed,
+            shards_resumed=self.resumed,
+            errors_report=report_path,
+            seconds=0.0,
+            by_stage=by_stage,
+            top_reasons=top_reasons(problems),
+            not_considered=dict(self.scan.not_considered),
+            items_resumed=self.items_resumed,
+            fetch=stats.to_dict() if stats.fetched or stats.cached or stats.failed else {},
+        )
+
+    def _manifest(
+        self, version: int, problems: list[Problem], written: list[Path]
+    ) -> tuple[Manifest, str | None, list[tuple[int, str]]]:
         errors: tuple[ErrorReport, ...] = ()
         report_path = None
         if problems:
             path = self.root / ERRORS_DIR / f"{version_name(version)}-{self.operation}.parquet"
+            written.append(path)
             _write_errors(path, problems)
             report_path = path.relative_to(self.root).as_posix()
             errors = (
@@ -478,10 +866,12 @@ class _Ingest:
         replaced = self._replaced_rows()
         tombstones, n_tomb = None, 0
         base = self.base
-        image_roots = self.scan.image_roots
+        outside = [d for c in self.chunks for d in c.image_dirs]
+        image_roots = covering_folders([*self.scan.image_roots, *outside])
         if self.operation == "add" and base is not None:
             old_ids = _tombstone_table(self.root, base)
             if replaced or old_ids:
+                written.append(self.root / TOMBSTONE_DIR / f"{version_name(version)}.parquet")
                 tombstones, n_tomb = _write_tombstones(self.root, version, old_ids, replaced)
             shards = base.shards + new_shards
             errors = base.errors + errors
@@ -503,33 +893,7 @@ class _Ingest:
             next_shard=(base.next_shard if base else 0) + len(new_shards),
             image_roots=image_roots,
         )
-        if self.progress:
-            self.progress(Progress("commit", 0, 1, "versions"))
-        commit(self.root, manifest)
-        if self.progress:
-            self.progress(Progress("commit", 1, 1, "versions", detail={"version": version}))
-        shutil.rmtree(self.staging, ignore_errors=True)
-        skipped_problems = [p for p in problems if p.action == "skipped"]
-        by_stage: dict[str, int] = {}
-        for p in skipped_problems:
-            by_stage[p.stage] = by_stage.get(p.stage, 0) + p.n_items
-        unchanged = sum(len(c.unchanged) for c in self.chunks)
-        return IngestSummary(
-            root=str(self.root),
-            version=version,
-            operation=self.operation,
-            input=self.scan.n_input,
-            indexed=rows_new,
-            skipped=sum(p.n_items for p in skipped_problems),
-            unchanged=unchanged,
-            flagged=sum(1 for p in problems if p.action == "kept"),
-            replaced=len(replaced),
-            shards_written=len(new_shards) - self.resumed,
-            shards_resumed=self.resumed,
-            errors_report=report_path,
-            seconds=0.0,
-            by_stage=by_stage,
-        )
+        return manifest, report_path, replaced
 
     def _replaced_rows(self) -> list[tuple[int, str]]:
         """Old live rows of documents this add re-indexed with different content."""
@@ -544,6 +908,21 @@ class _Ingest:
                 if m == mod and (doc, m, h) not in keep:
                     out.append((rid, doc))
         return out
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(\.\d+)?(?![\w.])")
+_ORIGIN = re.compile(r"(first seen at|superseded by) [^;()]*")
+
+
+def top_reasons(problems: list[Problem], n: int = TOP_REASONS) -> list[tuple[str, str, int]]:
+    """The ``n`` most common skip reasons as (stage, reason, items); reasons that differ
+    only in numbers or in the row they point at count as one (numbers become "N")."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for p in problems:
+        if p.action == "skipped":
+            reason = _NUMBER.sub("N", _ORIGIN.sub(r"\1 another row", p.reason))
+            counts[(p.stage, reason)] += p.n_items
+    return [(stage, reason, k) for (stage, reason), k in counts.most_common(n)]
 
 
 def base_image_roots(root: Path, manifest: Manifest) -> tuple[str, ...]:

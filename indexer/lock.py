@@ -8,6 +8,7 @@ log and taken over. A lock from another host cannot be checked and is never take
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from clipsearch.indexer.fsutil import make_dirs, write_error
 from clipsearch.retrieval.errors import IndexLockedError
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class IndexLock:
         self._held = False
 
     def acquire(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -51,7 +53,12 @@ class IndexLock:
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         tmp = self.root / f"{LOCK_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info), encoding="utf-8")
+        try:
+            tmp.write_text(json.dumps(info), encoding="utf-8")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise write_error(e, self.path, "taking the index lock") from e
         try:
             for _ in range(3):
                 try:
@@ -59,6 +66,8 @@ class IndexLock:
                 except FileExistsError:
                     self._handle_existing()
                     continue
+                except OSError as e:
+                    raise write_error(e, self.path, "taking the index lock") from e
                 self._held = True
                 return
         finally:

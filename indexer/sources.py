@@ -18,8 +18,9 @@ inputs, which keys resumable builds: a rerun over unchanged inputs resumes.
 
 The scan also names the folders the images come from (:attr:`SourceScan.image_roots`,
 recorded in the manifest so the service serves images from nowhere else): each image
-folder, each manifest's folder, and the folders of manifest images that resolve outside
-it, reduced by :func:`covering_folders`.
+folder and each manifest's folder. The folders of manifest images that resolve outside
+those are added by the build only for images that were actually indexed
+(:func:`outside_folders`), so a row naming ``/etc/passwd`` never makes ``/etc`` a root.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The extensions every Pillow build decodes; the default allowlist is wider (see
+# decodable_extensions), this is the floor it never goes below.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# Formats Pillow registers but cannot decode by itself: identify-only stubs that need a
+# handler the user installs (BUFR, GRIB, HDF5), MPEG (identify only), WMF/EMF (load only
+# on Windows).
+_UNDECODABLE_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF"})
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 TEXT_EXTENSIONS = (".txt",)
 DUPLICATE_POLICIES = ("reject", "last", "group")
@@ -69,16 +76,30 @@ class SourceOptions:
     # keeps every record as rows of one document (a product with several photos, one row
     # per photo), indexing an identical item (same modality and source) only once.
     on_duplicate: str = "reject"
-    # File extensions (lower case, with dot) taken from image folders.
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    # File extensions (lower case, with dot) taken from image folders; None: every
+    # extension this Pillow can decode (decodable_extensions()). Narrow it to index only
+    # some formats, e.g. (".jpg", ".jpeg", ".png").
+    extensions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.on_duplicate not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {self.on_duplicate!r}"
             )
-        if not self.extensions:
-            raise ConfigError("the image extension allowlist is empty")
+        if self.extensions is not None:
+            if not self.extensions:
+                raise ConfigError("the image extension allowlist is empty")
+            bad = [e for e in self.extensions if not e.startswith(".") or e != e.lower()]
+            if bad:
+                raise ConfigError(
+                    f"image extensions must be lower case and start with a dot, got {bad} "
+                    "(e.g. .jpg,.png)"
+                )
+
+    @property
+    def allowed_extensions(self) -> tuple[str, ...]:
+        """The allowlist in effect (the default resolved against this Pillow)."""
+        return self.extensions if self.extensions is not None else decodable_extensions()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,8 +107,36 @@ class SourceOptions:
             "text_cols": list(self.text_cols),
             "id_col": self.id_col,
             "on_duplicate": self.on_duplicate,
-            "extensions": list(self.extensions),
+            "extensions": list(self.allowed_extensions),
         }
+
+
+_DECODABLE: tuple[str, ...] | None = None
+
+
+def decodable_extensions() -> tuple[str, ...]:
+    """Every file extension the installed Pillow can decode, sorted.
+
+    Pillow's registered extensions, minus formats it only writes (PDF, Palm) and formats
+    it only identifies (see ``_UNDECODABLE_FORMATS``); EPS only when Ghostscript is
+    installed. MPO photos are opened by the JPEG plugin, so ``.mpo`` counts.
+    """
+    global _DECODABLE
+    if _DECODABLE is None:
+        from PIL import EpsImagePlugin, Image
+
+        Image.init()
+        opens = set(Image.OPEN) | {"MPO"}
+        skip = set(_UNDECODABLE_FORMATS)
+        if not EpsImagePlugin.has_ghostscript():
+            skip.add("EPS")
+        found = {
+            ext.lower()
+            for ext, fmt in Image.registered_extensions().items()
+            if fmt in opens and fmt not in skip
+        }
+        _DECODABLE = tuple(sorted(found | set(IMAGE_EXTENSIONS)))
+    return _DECODABLE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +192,11 @@ class SourceScan:
     fingerprint: str
     # Files not taken from folders (wrong extension, symlink leaving the folder).
     ignored: int = 0
-    # Resolved absolute folders holding every image item (see covering_folders).
+    # Of those, per reason: ".tga" (extension outside the allowlist; "(none)" for files
+    # without one) or "symlink outside the folder" -> files.
+    not_considered: dict[str, int] = field(default_factory=dict)
+    # Resolved absolute image folders and manifest folders the sources name (the
+    # build adds the folders of indexed images lying outside them; see outside_folders).
     image_roots: tuple[str, ...] = ()
 
     @property
@@ -169,7 +222,7 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
     records: list[_Record] = []
     problems: list[Problem] = []
     fields: dict[str, pa.DataType] = {}
-    ignored = 0
+    not_considered: Counter[str] = Counter()
     roots: list[str] = []
     for raw in paths:
         path = Path(raw)
@@ -177,8 +230,8 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
             raise SourceError(f"{path}: no such file or folder; check the source path")
         digest.update(f"\0{path.resolve()}".encode())
         if path.is_dir():
-            recs, n_ignored = _scan_folder(path, options, digest)
-            ignored += n_ignored
+            recs, skipped_files = _scan_folder(path, options, digest)
+            not_considered.update(skipped_files)
             records.extend(recs)
             if recs:
                 roots.append(str(path.resolve()))
@@ -213,27 +266,38 @@ def scan_sources(paths: list[str | Path], options: SourceOptions) -> SourceScan:
         problems=problems,
         schema=pa.schema(list(fields.items())),
         fingerprint=digest.hexdigest(),
-        ignored=ignored,
+        ignored=sum(not_considered.values()),
+        not_considered=dict(not_considered.most_common()),
         image_roots=covering_folders(roots),
     )
 
 
 def _manifest_image_folders(path: Path, records: list[_Record]) -> list[str]:
-    """The manifest's resolved folder, plus the resolved folder of every image it names
-    that lies outside it (an absolute path elsewhere, or a symlink leading out)."""
-    images = [it.source for r in records for it in r.items if it.modality == "image"]
-    if not images:
-        return []
-    base = os.path.realpath(path.parent)
-    prefix = base.rstrip(os.sep) + os.sep
-    outside = set()
-    for source in images:
+    """The manifest's resolved folder when it names local images. Folders of images
+    outside it are added by the build once those images are indexed (outside_folders)."""
+    if any(it.modality == "image" and not _is_url(it.source) for r in records for it in r.items):
+        return [os.path.realpath(path.parent)]
+    return []
+
+
+def outside_folders(sources: list[str], roots: tuple[str, ...]) -> set[str]:
+    """The resolved folders of the local image ``sources`` that lie outside every root
+    (an absolute path elsewhere, or a symlink leading out). URLs have no folder."""
+    prefixes = tuple(r.rstrip(os.sep) + os.sep for r in roots)
+    out = set()
+    for source in sources:
+        if _is_url(source):
+            continue
         real = os.path.realpath(source)
-        if not real.startswith(prefix):
-            outside.add(os.path.dirname(real))
-    if outside:
-        log.info("%s: images in %d folder(s) outside the manifest's folder", path, len(outside))
-    return [base, *outside]
+        if not real.startswith(prefixes):
+            out.add(os.path.dirname(real))
+    return out
+
+
+def _is_url(source: str) -> bool:
+    from clipsearch.indexer.fetch import url_scheme
+
+    return url_scheme(source) is not None
 
 
 def covering_folders(folders: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -264,11 +328,13 @@ def _prune_nested(folders: set[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return kept
 
 
-def _scan_folder(root: Path, options: SourceOptions, digest: Any) -> tuple[list[_Record], int]:
+def _scan_folder(
+    root: Path, options: SourceOptions, digest: Any
+) -> tuple[list[_Record], Counter[str]]:
     real_root = root.resolve()
-    allowed = {e.lower() for e in options.extensions}
+    allowed = set(options.allowed_extensions)
     found: list[tuple[str, Path]] = []
-    ignored = 0
+    ignored: Counter[str] = Counter()
     seen_dirs: set[Path] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
@@ -280,13 +346,14 @@ def _scan_folder(root: Path, options: SourceOptions, digest: Any) -> tuple[list[
         dirnames.sort()
         for name in filenames:
             p = here / name
-            if p.suffix.lower() not in allowed:
-                ignored += 1
+            suffix = p.suffix.lower()
+            if suffix not in allowed:
+                ignored[suffix or "(none)"] += 1
                 continue
             real = p.resolve()
             if not real.is_relative_to(real_root):
                 log.info("ignoring %s: symlink leads outside %s", p, root)
-                ignored += 1
+                ignored["symlink outside the folder"] += 1
                 continue
             found.append((p.relative_to(root).as_posix(), real))
     found.sort()
@@ -299,7 +366,7 @@ def _scan_folder(root: Path, options: SourceOptions, digest: Any) -> tuple[list[
             digest.update(f"\0{rel}:?".encode())
         item = Item(doc_id=rel, modality="image", source=str(real), origin=str(root / rel))
         records.append(_Record(doc_id=rel, items=[item], origin=item.origin))
-    log.info("%s: %d images, %d files ignored", root, len(records), ignored)
+    log.info("%s: %d images, %d files not considered", root, len(records), ignored.total())
     return records, ignored
 
 
@@ -473,17 +540,21 @@ def _manifest_record(
                 )
             )
         else:
-            p = Path(str(image))
-            full = p if p.is_absolute() else path.parent / p
-            items.append(
-                Item(
-                    doc_id=doc_id,
-                    modality="image",
-                    source=str(full.absolute()),
-                    metadata=metadata,
-                    origin=origin,
+            source = _image_source(str(image).strip(), path)
+            if source.startswith("!"):
+                problems.append(
+                    Problem(source=origin, doc_id=doc_id, stage="scan", reason=source[1:])
                 )
-            )
+            else:
+                items.append(
+                    Item(
+                        doc_id=doc_id,
+                        modality="image",
+                        source=source,
+                        metadata=metadata,
+                        origin=origin,
+                    )
+                )
     for col in options.text_cols:
         text = row.get(col)
         if text is None or not str(text).strip():
@@ -500,6 +571,26 @@ def _manifest_record(
             Item(doc_id=doc_id, modality="text", source=str(text), metadata=metadata, origin=origin)
         )
     return (_Record(doc_id=doc_id, items=items, origin=origin) if items else None), problems
+
+
+def _image_source(value: str, manifest: Path) -> str:
+    """A manifest's image cell as an item source: an http(s) URL as is, a path made
+    absolute against the manifest's folder; ``"!<reason>"`` for an unsupported URL."""
+    from clipsearch.indexer.fetch import url_scheme
+    from clipsearch.retrieval.netguard import SCHEMES
+
+    scheme = url_scheme(value)
+    if scheme in SCHEMES:
+        return value
+    if scheme is not None:
+        return (
+            f"!unsupported image URL scheme {scheme!r}; use an http(s) URL or a local path "
+            "(download the files first)"
+        )
+    if value.lower().startswith("data:"):
+        return "!data: URLs are not supported; save the image to a file and list its path"
+    p = Path(value)
+    return str((p if p.is_absolute() else manifest.parent / p).absolute())
 
 
 def _bool(v: Any) -> bool:
