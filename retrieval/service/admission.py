@@ -1,29 +1,21 @@
 """Admission control: what a request must satisfy before the service spends work on it.
 
 The bounded queue itself lives in :mod:`clipsearch.retrieval.service.batching`; this module holds
-the per-request checks around it: API key, deadlines, and image limits (encoded bytes,
-decoded pixels, decodability). Images are decoded in a worker thread, never on the
-event loop, because a large JPEG takes tens of milliseconds to decode.
+the per-request checks around it: API key, deadlines, and encoded image bytes. Decoding
+(pixel limits, the shared pixel budget) is :mod:`clipsearch.retrieval.service.decoding`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
-import io
 import time
-import warnings
 from typing import TYPE_CHECKING
 
-from clipsearch.retrieval.errors import ImageDecodeError
-from clipsearch.retrieval.images import load_image
 from clipsearch.retrieval.service.errors import ApiError
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from clipsearch.retrieval.service.config import ServiceConfig
 
 API_KEY_HEADER = "x-api-key"
@@ -91,56 +83,3 @@ def check_image_bytes(raw: bytes, config: ServiceConfig, *, field: str) -> None:
         )
     if len(raw) > config.max_image_bytes:
         raise image_too_large(len(raw), config, field=field)
-
-
-def decode_image(
-    raw: bytes, config: ServiceConfig, *, field: str, min_side: int | None = None
-) -> Image.Image:
-    """Image bytes -> RGB PIL image, enforcing the byte and pixel limits. Blocking.
-
-    The pixel count is read from the header before anything is decoded, so a
-    decompression bomb costs nothing. 413 for too many bytes or pixels, 400
-    ``bad_image`` for anything that does not decode.
-    """
-    from PIL import Image
-
-    check_image_bytes(raw, config, field=field)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as probe:
-                w, h = probe.size
-    except Exception:
-        w = h = 0  # undecodable headers are reported by load_image below, with its message
-    if w * h > config.max_image_pixels:
-        raise ApiError(
-            413,
-            "image_too_many_pixels",
-            f"{field}: image is {w}x{h} = {w * h:,} pixels; the limit is "
-            f"{config.max_image_pixels:,}. Downscale it before searching",
-            details={"field": field, "width": w, "height": h, "limit": config.max_image_pixels},
-        )
-    try:
-        return load_image(raw, max_pixels=config.max_image_pixels, min_side=min_side)
-    except ImageDecodeError as e:
-        raise ApiError(
-            400, "bad_image", f"{field}: {e}", details={"field": field, "bytes": len(raw)}
-        ) from e
-
-
-async def decode_image_async(
-    raw: bytes,
-    config: ServiceConfig,
-    *,
-    field: str,
-    deadline: float,
-    min_side: int | None = None,
-) -> Image.Image:
-    """:func:`decode_image` in a worker thread, bounded by the request deadline."""
-    try:
-        return await asyncio.wait_for(
-            asyncio.to_thread(decode_image, raw, config, field=field, min_side=min_side),
-            timeout=remaining(deadline),
-        )
-    except TimeoutError as e:
-        raise ApiError(504, "deadline_exceeded", f"{field}: decoding took too long") from e

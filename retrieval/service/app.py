@@ -27,16 +27,18 @@ import clipsearch
 from clipsearch.retrieval.encoders.base import decode_side
 from clipsearch.retrieval.errors import ClipsearchError
 from clipsearch.retrieval.service import queries
-from clipsearch.retrieval.service.admission import deadline_for, decode_image_async, remaining
+from clipsearch.retrieval.service.admission import deadline_for, remaining
 from clipsearch.retrieval.service.batching import DeadlineExceededError, QueueFullError
 from clipsearch.retrieval.service.catalog import item_rows, resolve_image
 from clipsearch.retrieval.service.config import ServiceConfig
+from clipsearch.retrieval.service.decoding import decode_image_async
 from clipsearch.retrieval.service.errors import ApiError, error_body, to_api_error
 from clipsearch.retrieval.service.middleware import ServiceMiddleware
 from clipsearch.retrieval.service.runner import ClassifyJob, SearchJob
 from clipsearch.retrieval.service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
+    ErrorResponse,
     FacetsResponse,
     HealthResponse,
     ItemResponse,
@@ -95,6 +97,7 @@ def create_app(
     app.add_middleware(
         ServiceMiddleware,
         api_key=config.api_key,
+        admin_without_key=config.admin_without_key,
         max_body_bytes=config.max_body_bytes,
         observe=state.metrics.observe_request,
         index_version=lambda: state.version,
@@ -114,13 +117,48 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ[INDEX_ENV], ServiceConfig(**raw))
 
 
+# ---------------------------------------------------------------------------- schema
+
+_STATUS_TEXT = {
+    400: "Bad request: empty or ambiguous query, bad filter, undecodable image, bad header.",
+    401: "Missing or wrong API key (when the server has one).",
+    403: "Forbidden: URL fetch is off, or admin routes without an API key.",
+    404: "Unknown doc_id, image not available, or no such route.",
+    413: "Too large: body, image bytes, image pixels or text.",
+    422: "Invalid request: a field of the wrong type or out of range.",
+    429: "Overloaded: the queue is full; retry after Retry-After seconds.",
+    500: "Unexpected server error (logged).",
+    503: "Not ready: the index is loading or unavailable.",
+    504: "The request deadline passed.",
+}
+# Every route may answer these: the middleware's checks and the last-resort 500.
+_ALWAYS = (400, 401, 413, 500)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route returns, in our error shape."""
+    return {
+        status: {"model": ErrorResponse, "description": _STATUS_TEXT[status]}
+        for status in sorted({*_ALWAYS, *statuses})
+    }
+
+
+_QUERY_ERRORS = _errors(403, 404, 422, 429, 503, 504)
+
+
 # ---------------------------------------------------------------------------- search
 
 
 def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
     config = state.config
 
-    @app.post("/search", response_model=SearchResponse, tags=["search"])
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        response_model_exclude_unset=True,
+        responses=_QUERY_ERRORS,
+        tags=["search"],
+    )
     async def search(body: SearchRequest) -> SearchResponse:
         """Text, image, "more like this" or composed query with filters and reranking."""
         start = time.perf_counter()
@@ -128,7 +166,13 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         query = await queries.build_query(body, state, deadline)
         return await _run_search(state, query, start, deadline)
 
-    @app.post("/search/image", response_model=SearchResponse, tags=["search"])
+    @app.post(
+        "/search/image",
+        response_model=SearchResponse,
+        response_model_exclude_unset=True,
+        responses=_QUERY_ERRORS,
+        tags=["search"],
+    )
     async def search_image(
         image: UploadFile = File(..., description="The query image (JPEG, PNG, WebP...)."),
         k: int = Form(10),
@@ -143,7 +187,7 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         raw = await _read_upload(image, config)
         min_side = decode_side(state.engine.encoder)
         pil = await decode_image_async(
-            raw, config, field="image", deadline=deadline, min_side=min_side
+            raw, config, state.pixels, field="image", deadline=deadline, min_side=min_side
         )
         body = SearchRequest(
             k=k, offset=offset, filter=filter, modality=modality, group_by_doc=group_by_doc
@@ -152,7 +196,9 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         query = queries.Query(value=pil, options=options)
         return await _run_search(state, query, start, deadline)
 
-    @app.post("/classify", response_model=ClassifyResponse, tags=["search"])
+    @app.post(
+        "/classify", response_model=ClassifyResponse, responses=_QUERY_ERRORS, tags=["search"]
+    )
     async def classify(body: ClassifyRequest) -> ClassifyResponse:
         """Zero-shot: probabilities of the image over the given labels."""
         start = time.perf_counter()
@@ -188,7 +234,7 @@ async def _submit(state: ServiceState, job: Any, deadline: float) -> Any:
     except Exception as e:
         if isinstance(e, ApiError):
             raise
-        api = to_api_error(e, retry_after_s=state.config.retry_after_s)
+        api = to_api_error(e, retry_after_s=state.config.retry_after_s, known=state.known_paths())
         if api is None:
             raise
         if api.code == "overloaded":
@@ -203,7 +249,12 @@ async def _run_search(
 ) -> SearchResponse:
     job = SearchJob(query=query.value, options=query.options)
     results = await _submit(state, job, deadline)
-    return queries.to_response(results, query, took_ms=(time.perf_counter() - start) * 1000)
+    return queries.to_response(
+        results,
+        query,
+        took_ms=(time.perf_counter() - start) * 1000,
+        expose_source=state.config.expose_source,
+    )
 
 
 # ---------------------------------------------------------------------------- catalog
@@ -212,7 +263,15 @@ async def _run_search(
 def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
     # doc_ids may contain "/" (an image folder's relative paths), hence :path; the
     # image route is declared first so ".../image" is not read as part of a doc_id.
-    @app.get("/items/{doc_id:path}/image", tags=["catalog"], response_class=FileResponse)
+    @app.get(
+        "/items/{doc_id:path}/image",
+        tags=["catalog"],
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"image/*": {}}, "description": "The image file."},
+            **_errors(404, 422, 503),
+        },
+    )
     async def item_image(doc_id: str, row_id: int | None = None) -> FileResponse:
         """The indexed photo of a doc (its first, or the row ``row_id``), from the index's
         image roots only."""
@@ -251,7 +310,13 @@ def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
             },
         )
 
-    @app.get("/items/{doc_id:path}", response_model=ItemResponse, tags=["catalog"])
+    @app.get(
+        "/items/{doc_id:path}",
+        response_model=ItemResponse,
+        response_model_exclude_unset=True,
+        responses=_errors(404, 422, 503),
+        tags=["catalog"],
+    )
     async def item(doc_id: str) -> ItemResponse:
         """Every indexed row of one product/document: its photos and texts with metadata."""
         snapshot = state.snapshot
@@ -261,10 +326,13 @@ def _add_catalog_routes(app: FastAPI, state: ServiceState) -> None:
         return ItemResponse(
             index_version=snapshot.version,
             doc_id=doc_id,
-            rows=[queries.item_row_out(doc_id, r) for r in rows],
+            rows=[
+                queries.item_row_out(doc_id, r, expose_source=state.config.expose_source)
+                for r in rows
+            ],
         )
 
-    @app.get("/facets", response_model=FacetsResponse, tags=["catalog"])
+    @app.get("/facets", response_model=FacetsResponse, responses=_errors(503), tags=["catalog"])
     async def facets() -> FacetsResponse:
         """Filterable metadata columns: distinct values, numeric ranges, booleans."""
         state.snapshot  # noqa: B018 (503 before the index is loaded)
@@ -282,7 +350,7 @@ def _unknown_doc(doc_id: str) -> ApiError:
 
 
 def _add_ops_routes(app: FastAPI, state: ServiceState) -> None:
-    @app.get("/health", response_model=HealthResponse, tags=["ops"])
+    @app.get("/health", response_model=HealthResponse, responses=_errors(503), tags=["ops"])
     async def health() -> HealthResponse:
         """200 once the manifest is verified and every shard is loaded; 503 before."""
         manifest = state.snapshot.manifest
@@ -293,16 +361,24 @@ def _add_ops_routes(app: FastAPI, state: ServiceState) -> None:
             rows_by_modality=manifest.rows_by_modality(),
         )
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(), tags=["ops"])
     async def metrics() -> PlainTextResponse:
         """Prometheus text exposition: requests, latency histograms, queue depth, version."""
         return PlainTextResponse(
             state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    @app.post("/admin/reload", response_model=ReloadResponse, tags=["ops"])
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        responses=_errors(403, 503),
+        tags=["ops"],
+    )
     async def reload() -> ReloadResponse:
-        """Switch to the newest committed index version; in-flight queries finish on theirs."""
+        """Switch to the newest committed index version; in-flight queries finish on theirs.
+
+        Needs the API key; with none set it is 403 unless the server runs with
+        --admin-without-key on a loopback address and the caller is local."""
         previous, current = await state.reload()
         return ReloadResponse(
             previous_version=previous, index_version=current, changed=previous != current
@@ -356,7 +432,8 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
         )
 
     async def library_error(_request: Request, exc: Exception) -> JSONResponse:
-        api = to_api_error(exc, retry_after_s=state.config.retry_after_s)
+        log.info("%s: %s", type(exc).__name__, exc)  # the unscrubbed message, for the operator
+        api = to_api_error(exc, retry_after_s=state.config.retry_after_s, known=state.known_paths())
         if api is None:  # unreachable for the registered types; keeps mypy honest
             raise exc
         return respond(api)

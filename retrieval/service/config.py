@@ -39,6 +39,16 @@ class ServiceConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     # Largest decoded image accepted (pixels); larger is 413. 40 MP covers any camera photo.
     max_image_pixels: int = 40_000_000
+    # Decoded pixels all requests together may hold at once (decoding, waiting for the
+    # encoder); a request whose image does not fit waits (FIFO) until earlier images are
+    # freed, or gets 504 at its deadline. Bounds decode memory at ~8 bytes per pixel
+    # (Pillow's RGBX buffer plus one converted copy): 80 MP ~ 640 MB whatever the
+    # concurrency. Must be at least max_image_pixels, so any admitted image fits alone.
+    decode_pixel_budget: int = 80_000_000
+    # Longest text one request may carry, in characters, over all its texts together
+    # (the query text, composed terms' texts, classify labels); longer is 413 before any
+    # tokenizing. CLIP reads 77 tokens (~300 characters) of each text anyway.
+    max_text_chars: int = 8192
     # Largest k (results per page) a query may ask for.
     max_k: int = 200
     # Largest offset + k a query may page to (deep pages cost like a big k).
@@ -49,6 +59,14 @@ class ServiceConfig:
     max_terms: int = 8
     # When set, every route but /health requires this value in the X-API-Key header.
     api_key: str | None = None
+    # Admin routes (/admin/*) need the API key; with no key set they answer 403, unless
+    # this is true, the server is bound to a loopback address and the request comes
+    # from one (a single-user laptop). `clipsearch serve --admin-without-key`.
+    admin_without_key: bool = False
+    # Whether HTTP clients may see and filter the `source` column (server file paths of
+    # image rows): off by default, since even a filter like `source startswith '/s'`
+    # reveals paths one character at a time. `clipsearch serve --expose-source`.
+    expose_source: bool = False
     # Whether queries may name an image by http(s) URL (fetched with SSRF guards).
     allow_url_fetch: bool = False
     # Largest image fetched by URL (bytes) and the total time a fetch may take (s).
@@ -72,6 +90,8 @@ class ServiceConfig:
             "max_body_bytes": self.max_body_bytes,
             "max_image_bytes": self.max_image_bytes,
             "max_image_pixels": self.max_image_pixels,
+            "decode_pixel_budget": self.decode_pixel_budget,
+            "max_text_chars": self.max_text_chars,
             "max_k": self.max_k,
             "max_page_depth": self.max_page_depth,
             "max_labels": self.max_labels,
@@ -112,6 +132,12 @@ class ServiceConfig:
             raise ConfigError(
                 f"ServiceConfig.max_image_bytes ({self.max_image_bytes}) cannot exceed "
                 f"max_body_bytes ({self.max_body_bytes}): such an image could never arrive"
+            )
+        if self.decode_pixel_budget < self.max_image_pixels:
+            raise ConfigError(
+                f"ServiceConfig.decode_pixel_budget ({self.decode_pixel_budget:,}) cannot be "
+                f"below max_image_pixels ({self.max_image_pixels:,}): the largest admitted "
+                "image would never fit"
             )
         if self.api_key is not None and len(self.api_key) < 8:
             raise ConfigError(

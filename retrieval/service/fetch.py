@@ -3,7 +3,12 @@
 Off unless the service is started with ``--allow-url-fetch``. When on, a URL must be
 http or https; its host is resolved and *every* address must be public (not private,
 loopback, link-local, multicast, reserved or unspecified, IPv4 and IPv6 alike,
-including IPv4-mapped / 6to4 / Teredo forms of those). The connection then goes to the
+including IPv4-mapped / 6to4 / Teredo forms of those). A host that is an address
+literal in any spelling (``127.0.0.1.``, ``2130706433``, ``0177.1``, ``0x7f.1``,
+``[::ffff:127.0.0.1]``) is judged as that address without asking the resolver, and a
+host that is neither a literal nor a valid DNS name (an IPv6 zone id such as
+``[fe80::1%25lo]``, a numeric last label, odd characters) is refused before any DNS
+query. The connection then goes to the
 address that was checked, so a DNS answer that changes between check and connect
 (rebinding) cannot redirect it. Redirects are followed by hand and every hop is checked
 again. The body is capped in bytes and the whole fetch in time.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -27,6 +33,10 @@ from clipsearch.retrieval.errors import ClipsearchError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
+# One DNS label (RFC 1123): letters, digits and inner hyphens, 1..63 characters.
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# One part of an inet_aton-style IPv4 literal: decimal, octal (leading 0) or hex (0x).
+_NUMERIC_PART = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
 class FetchError(ClipsearchError, ValueError):
@@ -110,7 +120,8 @@ def fetch_url(
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
             raise FetchError(f"image URL {url!r}: bad port", code="url_not_allowed") from e
-        addresses = resolve(parts.hostname, port)
+        literal = host_address(parts.hostname)
+        addresses = [literal] if literal is not None else resolve(parts.hostname, port)
         if not addresses:
             raise FetchError(f"image URL host {parts.hostname!r} does not resolve")
         for ip in addresses:
@@ -135,6 +146,71 @@ def fetch_url(
     raise FetchError(
         f"image URL followed more than {limits.max_redirects} redirects", code="fetch_failed"
     )
+
+
+def host_address(host: str) -> IPAddress | None:
+    """The address a URL host names literally, or None for a DNS name worth resolving.
+
+    Literals come in many spellings the system resolver would accept: a trailing dot,
+    brackets, and the inet_aton forms (``2130706433``, ``0177.0.0.1``, ``0x7f.1``,
+    ``127.1``); all of them are parsed here, so checking them never reaches DNS.
+    Raises FetchError (``url_not_allowed``) for a host that is neither a literal nor a
+    valid DNS name: IPv6 zone ids (``fe80::1%lo``), labels with odd characters, a
+    numeric last label (no top-level domain is numeric), names over 253 characters.
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if "%" in name:
+        raise FetchError(
+            "image URL hosts with an IPv6 zone id are not allowed", code="url_not_allowed"
+        )
+    name = name.rstrip(".")
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if all(_NUMERIC_PART.match(label) for label in labels):
+        ip = _inet_aton(labels)
+        if ip is None:
+            raise FetchError(
+                f"image URL host {host!r} is not a valid address", code="url_not_allowed"
+            )
+        return ip
+    if (
+        len(name) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or _NUMERIC_PART.match(labels[-1])
+    ):
+        raise FetchError(
+            f"image URL host {host!r} is not a valid host name", code="url_not_allowed"
+        )
+    return None
+
+
+def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
+    """inet_aton's reading of 1..4 numeric parts (the last fills the remaining bytes)."""
+    if not 1 <= len(parts) <= 4:
+        return None
+    values: list[int] = []
+    for part in parts:
+        try:
+            if part.startswith("0x"):
+                values.append(int(part[2:] or "0", 16))
+            elif len(part) > 1 and part.startswith("0"):
+                values.append(int(part, 8))
+            else:
+                values.append(int(part, 10))
+        except ValueError:  # "09" is not octal
+            return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number += v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
 
 
 def _path(url: str) -> str:

@@ -1,12 +1,17 @@
-"""The outermost ASGI layer: API key, body size limit, metrics, and the last-resort 500.
+"""The outermost ASGI layer: API key, admin guard, body size limit, metrics, and the
+last-resort 500.
 
 Written as plain ASGI (not Starlette's BaseHTTPMiddleware) so it can refuse an oversized
 body while it streams in, without buffering it, and so it sees every response,
-including the ones FastAPI's own handlers produce.
+including the ones FastAPI's own handlers produce. A body that crosses the limit while
+streaming (chunked, or lying about its length) makes the app's body parser fail; the
+app's answer to that (FastAPI's 400 "There was an error parsing the body") is replaced
+by our 413, so every oversized body gets the same answer whatever its framing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -28,6 +33,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # (it holds no data; the page asks for the key and sends it on every API call).
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
+ADMIN_PREFIX = "/admin/"
 
 
 class _BodyTooLarge(Exception):
@@ -42,12 +48,14 @@ class ServiceMiddleware:
         app: ASGIApp,
         *,
         api_key: str | None,
+        admin_without_key: bool = False,
         max_body_bytes: int,
         observe: Callable[[str, str, int, float], None],
         index_version: Callable[[], int | None],
     ) -> None:
         self.app = app
         self.api_key = api_key
+        self.admin_without_key = admin_without_key
         self.max_body_bytes = max_body_bytes
         self.observe = observe
         self.index_version = index_version
@@ -59,8 +67,18 @@ class ServiceMiddleware:
         start = time.perf_counter()
         path: str = scope.get("path", "")
         status = {"code": 500, "started": False}
+        # Set once the body crossed the limit: whatever the app answers is replaced.
+        overflow = {"seen": False, "replaced": False}
 
         async def send_wrapper(message: Message) -> None:
+            if overflow["seen"] and not overflow["replaced"]:
+                if message["type"] == "http.response.start":
+                    overflow["replaced"] = True
+                    status["code"], status["started"] = 413, True
+                    await self._reply(send, 413, "body_too_large", self._too_large(None))
+                return
+            if overflow["replaced"]:
+                return  # the body of the app's own (replaced) answer
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
                 status["started"] = True
@@ -82,13 +100,27 @@ class ServiceMiddleware:
                     extra_headers=[(b"www-authenticate", b"ApiKey")],
                 )
                 return
-            declared = _content_length(scope)
+            if path.startswith(ADMIN_PREFIX) and not self._admin_allowed(scope):
+                await self._reply(
+                    send_wrapper,
+                    403,
+                    "admin_disabled",
+                    "admin routes need an API key: start the server with --api-key (or, "
+                    "bound to 127.0.0.1 on a single-user machine, --admin-without-key)",
+                )
+                return
+            try:
+                declared = _content_length(scope)
+            except ValueError as e:
+                await self._reply(send_wrapper, 400, "bad_request", str(e))
+                return
             if declared is not None and declared > self.max_body_bytes:
                 await self._reply(send_wrapper, 413, "body_too_large", self._too_large(declared))
                 return
-            await self.app(scope, self._limited(receive), send_wrapper)
+            await self.app(scope, self._limited(receive, overflow), send_wrapper)
         except _BodyTooLarge:
             if not status["started"]:
+                overflow["seen"] = False
                 await self._reply(send_wrapper, 413, "body_too_large", self._too_large(None))
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), path)
@@ -116,7 +148,17 @@ class ServiceMiddleware:
                 break
         return api_key_ok(self.api_key, given)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _admin_allowed(self, scope: Scope) -> bool:
+        """Admin routes: with a key, the key check above already passed; without one,
+        only when the operator allowed it and both ends of the connection are loopback."""
+        if self.api_key is not None:
+            return True
+        if not self.admin_without_key:
+            return False
+        ends = [scope.get("server"), scope.get("client")]
+        return all(end is not None and _is_loopback(str(end[0])) for end in ends)
+
+    def _limited(self, receive: Receive, overflow: dict[str, bool]) -> Receive:
         seen = 0
 
         async def limited_receive() -> Message:
@@ -125,6 +167,7 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
+                    overflow["seen"] = True
                     raise _BodyTooLarge
             return message
 
@@ -159,10 +202,20 @@ class ServiceMiddleware:
 
 
 def _content_length(scope: Scope) -> int | None:
-    for k, v in scope.get("headers", []):
-        if k.lower() == b"content-length":
-            try:
-                return int(v)
-            except ValueError:
-                return None
-    return None
+    """The declared body length; ValueError (a 400) for a malformed or negative one."""
+    values = [v for k, v in scope.get("headers", []) if k.lower() == b"content-length"]
+    if not values:
+        return None
+    if len(set(values)) > 1 or not values[0].strip().isdigit():
+        raise ValueError(
+            "Content-Length must be one non-negative integer, got "
+            + ", ".join(repr(v.decode("latin-1")[:20]) for v in values[:3])
+        )
+    return int(values[0])
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

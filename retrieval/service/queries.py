@@ -20,12 +20,9 @@ import numpy as np
 from clipsearch.retrieval.encoders.base import decode_side
 from clipsearch.retrieval.errors import InvalidOptionError
 from clipsearch.retrieval.options import MAX_K, MAX_POOL, SearchOptions
-from clipsearch.retrieval.service.admission import (
-    decode_base64_image,
-    decode_image_async,
-    remaining,
-)
+from clipsearch.retrieval.service.admission import decode_base64_image, remaining
 from clipsearch.retrieval.service.catalog import ItemRow, item_rows, resolve_image
+from clipsearch.retrieval.service.decoding import decode_image_async
 from clipsearch.retrieval.service.errors import ApiError
 from clipsearch.retrieval.service.fetch import FetchLimits, fetch_url
 from clipsearch.retrieval.service.schemas import (
@@ -70,7 +67,61 @@ def search_options(
         raise _k_out_of_range(options.k, config)
     if options.offset + options.k > config.max_page_depth:
         raise _offset_out_of_range(options.offset, options.k, config)
+    if not config.expose_source:
+        _refuse_hidden_columns(options)
     return options
+
+
+# Columns that hold server file paths (an image row's source): hidden over HTTP unless
+# the operator starts the server with --expose-source.
+HIDDEN_COLUMNS = frozenset({"source"})
+
+
+def _refuse_hidden_columns(options: SearchOptions) -> None:
+    """400 ``bad_filter`` / 422 ``invalid_request`` when a filter, sort or boost names a
+    hidden column: even a prefix filter on ``source`` reveals server paths."""
+    from clipsearch.retrieval.filters import from_json, parse
+    from clipsearch.retrieval.filters.nodes import columns_of
+
+    if options.where is not None:
+        node = parse(options.where) if isinstance(options.where, str) else from_json(options.where)
+        hidden = sorted(columns_of(node) & HIDDEN_COLUMNS)
+        if hidden:
+            raise ApiError(
+                400,
+                "bad_filter",
+                f"filter: column {hidden[0]!r} cannot be filtered over HTTP (it holds server "
+                "file paths); the operator can allow it with `clipsearch serve --expose-source`",
+                details={"field": "filter", "column": hidden[0]},
+            )
+    named = {"sort": [options.sort.split(":")[0]] if options.sort else []}
+    named["boosts"] = [name for name, _ in options.boosts]
+    for field, columns in named.items():
+        for column in columns:
+            if column in HIDDEN_COLUMNS:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"{field}: column {column!r} is not available over HTTP (it holds server "
+                    "file paths)",
+                    details={"field": field, "column": column},
+                )
+
+
+def check_text_budget(texts: list[str], config: ServiceConfig, *, field: str) -> None:
+    """413 ``text_too_long`` when a request's texts together exceed ``max_text_chars``,
+    before any of them reaches the tokenizer (a 10 MB query would hold the one encode
+    worker for seconds)."""
+    total = sum(len(t) for t in texts)
+    if total > config.max_text_chars:
+        raise ApiError(
+            413,
+            "text_too_long",
+            f"{field}: the request carries {total:,} characters of text; the limit is "
+            f"{config.max_text_chars:,}. The model reads only the first ~300 characters of "
+            "each text: shorten it",
+            details={"field": field, "chars": total, "limit": config.max_text_chars},
+        )
 
 
 def _option_error(e: InvalidOptionError, k: int, offset: int, config: ServiceConfig) -> ApiError:
@@ -103,6 +154,7 @@ def _offset_out_of_range(offset: int, k: int, config: ServiceConfig) -> ApiError
 
 
 def check_labels(labels: list[str], config: ServiceConfig) -> tuple[str, ...]:
+    check_text_budget(labels, config, field="labels")
     cleaned = tuple(label.strip() for label in labels)
     if len(cleaned) < 2:
         raise ApiError(
@@ -149,6 +201,8 @@ async def build_query(body: SearchRequest, state: ServiceState, deadline: float)
             details={"fields": given},
         )
     kind = given[0]
+    texts = [body.text or ""] + [t.text or "" for t in body.terms or []]
+    check_text_budget(texts, config, field="terms" if kind == "terms" else "text")
     if kind == "text":
         text = (body.text or "").strip()
         if not text:
@@ -186,6 +240,7 @@ async def image_from(
     *,
     field: str,
     vector_ok: bool = True,
+    held: int = 0,
 ) -> Any:
     """The decoded PIL image named by a body's image / image_url / like_doc field.
 
@@ -206,7 +261,9 @@ async def image_from(
             400, "empty_query", f"{field}: give an image (base64), image_url or like_doc"
         )
     min_side = decode_side(state.engine.encoder)
-    return await decode_image_async(raw, config, field=field, deadline=deadline, min_side=min_side)
+    return await decode_image_async(
+        raw, config, state.pixels, field=field, deadline=deadline, min_side=min_side, held=held
+    )
 
 
 async def _fetch(url: str, config: ServiceConfig, deadline: float) -> bytes:
@@ -251,6 +308,7 @@ async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float
             details={"field": "terms"},
         )
     parts: list[tuple[Any, float]] = []
+    held = 0  # decoded pixels this request holds so far
     for i, term in enumerate(terms):
         field = f"terms[{i}]"
         named = [n for n in ("text", "image", "image_url", "like_doc") if getattr(term, n)]
@@ -268,7 +326,9 @@ async def _composed(terms: list[QueryTerm], state: ServiceState, deadline: float
                 )
             value: Any = term.text.strip()
         else:
-            value = await image_from(term, state, deadline, field=field)
+            value = await image_from(term, state, deadline, field=field, held=held)
+            if not isinstance(value, np.ndarray):  # a decoded image, not a stored vector
+                held += value.width * value.height
         parts.append((value, float(term.weight)))
     return ComposedQuery(terms=tuple((weight, value) for value, weight in parts))
 
@@ -301,7 +361,9 @@ def _image_url(doc_id: str, row_id: int) -> str:
     return f"/items/{quote(doc_id, safe='/')}/image?row_id={row_id}"
 
 
-def to_response(results: Any, query: Query, *, took_ms: float) -> SearchResponse:
+def to_response(
+    results: Any, query: Query, *, took_ms: float, expose_source: bool = False
+) -> SearchResponse:
     hits = [
         HitOut(
             rank=h.rank,
@@ -312,6 +374,8 @@ def to_response(results: Any, query: Query, *, took_ms: float) -> SearchResponse
             text=h.source if h.modality == "text" else None,
             image_url=_image_url(h.doc_id, int(h.row_id)) if h.modality == "image" else None,
             metadata=_jsonable(h.metadata),
+            # Unset (so omitted from the JSON) unless the operator exposes sources.
+            **({"source": h.source} if expose_source else {}),
         )
         for h in results.hits
     ]
@@ -324,13 +388,14 @@ def to_response(results: Any, query: Query, *, took_ms: float) -> SearchResponse
     )
 
 
-def item_row_out(doc_id: str, row: ItemRow) -> ItemRowOut:
+def item_row_out(doc_id: str, row: ItemRow, *, expose_source: bool = False) -> ItemRowOut:
     return ItemRowOut(
         row_id=row.row_id,
         modality=row.modality,
         text=row.source if row.modality == "text" else None,
         image_url=_image_url(doc_id, row.row_id) if row.modality == "image" else None,
         metadata=_jsonable(row.metadata),
+        **({"source": row.source} if expose_source else {}),
     )
 
 

@@ -127,6 +127,9 @@ class HitOut(BaseModel):
     text: str | None = None
     # Where to fetch the image of an image row.
     image_url: str | None = None
+    # The row's source (an image's server path): only when the server runs with
+    # --expose-source, else omitted.
+    source: str | None = None
     metadata: dict[str, Any]
 
 
@@ -157,6 +160,8 @@ class ItemRow(BaseModel):
     modality: str
     text: str | None = None
     image_url: str | None = None
+    # Only with --expose-source (see HitOut.source).
+    source: str | None = None
     metadata: dict[str, Any]
 
 
@@ -193,3 +198,18 @@ class Facet(BaseModel):
 class FacetsResponse(BaseModel):
     index_version: int
     columns: dict[str, Facet]
+
+
+class ErrorInfo(BaseModel):
+    # Stable snake_case identifier to branch on ("bad_image", "overloaded", ...).
+    code: str
+    # For people: what went wrong, where, and how to fix it.
+    message: str
+    # Structured extras (the field at fault, the limit exceeded, ...).
+    details: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorInfo

@@ -18,7 +18,8 @@ from typing import Any
 
 from clipsearch.retrieval.service.batching import MicroBatcher
 from clipsearch.retrieval.service.config import ServiceConfig
-from clipsearch.retrieval.service.errors import ApiError
+from clipsearch.retrieval.service.decoding import PixelBudget, return_memory
+from clipsearch.retrieval.service.errors import ApiError, scrub
 from clipsearch.retrieval.service.metrics import Metrics
 from clipsearch.retrieval.service.runner import Job, run_jobs
 
@@ -57,6 +58,18 @@ class ServiceState:
             max_queue=config.max_queue,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0 or None,
             on_batch=self.metrics.observe_batch,
+        )
+        # Decoded query-image pixels held by all requests together (see decoding.py).
+        self.pixels = PixelBudget(config.decode_pixel_budget, on_idle=return_memory)
+        self.metrics.gauge(
+            "clipsearch_decode_pixels_in_use",
+            "Decoded query-image pixels held now (decoding or waiting for the encoder).",
+            lambda: float(self.pixels.in_use),
+        )
+        self.metrics.gauge(
+            "clipsearch_decode_waiting",
+            "Requests waiting for room in the decode pixel budget.",
+            lambda: float(self.pixels.waiting),
         )
         self.metrics.gauge(
             "clipsearch_queue_depth",
@@ -124,7 +137,11 @@ class ServiceState:
     def engine(self) -> Any:
         """The loaded engine; 503 ``not_ready`` while it is still loading (or failed)."""
         if self._engine is None:
-            why = self.load_error or "the index is still loading"
+            why = (
+                scrub(self.load_error, self.known_paths())
+                if self.load_error
+                else ("the index is still loading")
+            )
             raise ApiError(503, "not_ready", f"not ready: {why}", headers={"Retry-After": "1"})
         return self._engine
 
@@ -144,6 +161,19 @@ class ServiceState:
         if self._engine is None:
             return None
         return int(self._engine.version)
+
+    def known_paths(self) -> dict[str, str]:
+        """Server folders a client may see named but not spelled out: path -> name."""
+        known: dict[str, str] = {}
+        if self.index_path is not None:
+            known[str(self.index_path)] = "<index>"
+            known[str(self.index_path.resolve())] = "<index>"
+        roots = [*self.config.image_roots]
+        if self._image_roots is not None:
+            roots.extend(str(r) for r in self._image_roots[1])
+        for root in roots:
+            known.setdefault(str(root), "<image root>")
+        return known
 
     def _run_batch(self, jobs: Any) -> list[Any]:
         return run_jobs(self.engine, jobs)

@@ -101,6 +101,18 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     return Catalog(folder=folder, manifest=manifest, index=index, products=products)
 
 
+def wait_until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``condition()`` until it is true; fail naming ``what`` after ``timeout_s``.
+
+    Tests synchronise with this (or with events), never with a fixed sleep: the
+    deadline only bounds a broken run, it is not a timing assumption."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
 def wait_healthy(client: Any, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -136,7 +148,7 @@ def make_client(catalog: Catalog) -> Iterator[Any]:
 
 
 @contextmanager
-def running_server(app: Any) -> Iterator[str]:
+def running_server(app: Any, **uvicorn_options: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
     import socket
     import threading
@@ -147,7 +159,14 @@ def running_server(app: Any) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            **uvicorn_options,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from typing import Any
 
-from service_fixtures import COLOURS, Catalog, assert_error, png_bytes, product_image
+from service_fixtures import (
+    COLOURS,
+    Catalog,
+    assert_error,
+    png_bytes,
+    product_image,
+    wait_until,
+)
+
+KEY = "test-key-12345"
 
 
 def b64(data: bytes) -> str:
@@ -61,11 +69,7 @@ def test_health_is_503_until_the_index_has_loaded(catalog: Catalog, monkeypatch:
         assert_error(r, 503, "not_ready")
         assert_error(client.post("/search", json={"text": "red"}), 503, "not_ready")
         gate.set()
-        for _ in range(500):
-            if client.get("/health").status_code == 200:
-                break
-            time.sleep(0.01)
-        assert client.get("/health").status_code == 200
+        wait_until(lambda: client.get("/health").status_code == 200, "the index to load")
 
 
 def test_a_broken_index_keeps_health_503_with_the_reason(tmp_path: Any) -> None:
@@ -74,9 +78,12 @@ def test_a_broken_index_keeps_health_503_with_the_reason(tmp_path: Any) -> None:
     from clipsearch.retrieval.service.app import create_app
 
     with TestClient(create_app(tmp_path / "nothing-here")) as client:
-        time.sleep(0.2)
+        state = client.app.state.service  # type: ignore[attr-defined]
+        wait_until(lambda: state.load_error is not None, "the failed load")
         r = assert_error(client.get("/health"), 503, "not_ready")
-        assert "nothing-here" in r["message"]
+        # The reason, with the server's folder named but not spelled out.
+        assert "no such directory" in r["message"] and "<index>" in r["message"]
+        assert str(tmp_path) not in r["message"]
 
 
 # ---------------------------------------------------------------------------- search
@@ -414,10 +421,7 @@ def test_queue_full_gets_a_fast_429_and_deadline_a_504(make_client: Any, monkeyp
         target=lambda: first.setdefault("r", client.post("/search", json={"text": "red"}))
     )
     t.start()
-    for _ in range(500):
-        if state.batcher.depth == 1:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: state.batcher.depth == 1, "the first query to be queued")
     r = client.post("/search", json={"text": "blue"})
     assert "r" not in first  # answered while the first query was still blocked: no waiting
     assert_error(r, 429, "overloaded")
@@ -446,7 +450,8 @@ def test_a_failed_reload_keeps_serving_the_pinned_version(
 
     index = tmp_path / "index"
     shutil.copytree(catalog.index, index)
-    client = make_client(index=index)
+    client = make_client(index=index, api_key=KEY)
+    client.headers["x-api-key"] = KEY
     assert client.post("/admin/reload").json() == {
         "previous_version": 1,
         "index_version": 1,

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,14 @@ from clipsearch.retrieval.service.batching import (
 
 def _later(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+async def _until(condition: Any, timeout_s: float = 10.0) -> None:
+    """Yield to the loop until ``condition()`` holds (a deadline bounds a broken run)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
 
 
 def test_concurrent_jobs_share_batches_and_get_their_own_answers() -> None:
@@ -78,9 +87,9 @@ def test_full_queue_refuses_at_once_and_expired_jobs_are_never_run() -> None:
         batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
-            await asyncio.sleep(0.05)  # job 1 is now running and blocks the worker
+            await _until(lambda: ran == [1])  # job 1 is running and blocks the worker
             doomed = asyncio.ensure_future(batcher.submit(2, deadline=_later(0.1)))
-            await asyncio.sleep(0.01)
+            await _until(lambda: batcher.depth == 2)
             with pytest.raises(QueueFullError):
                 await batcher.submit(3, deadline=_later(5))
             assert not first.done()  # refused while the worker was still blocked
@@ -123,7 +132,10 @@ def test_a_crashing_batch_function_fails_that_batch_not_the_batcher() -> None:
 def test_queue_delay_bound_refuses_while_the_oldest_job_has_waited_too_long() -> None:
     release = threading.Event()
 
+    started: list[int] = []
+
     def blocking(batch: Sequence[int]) -> list[int | BaseException]:
+        started.extend(batch)
         release.wait(5)
         return list(batch)
 
@@ -134,12 +146,14 @@ def test_queue_delay_bound_refuses_while_the_oldest_job_has_waited_too_long() ->
         batcher.start()
         try:
             running = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
-            await asyncio.sleep(0.02)  # job 1 is running and blocks the worker
+            await _until(lambda: started == [1])  # job 1 is running and blocks the worker
             waiting = asyncio.ensure_future(batcher.submit(2, deadline=_later(5)))
-            await asyncio.sleep(0.01)
-            # Job 2 has waited < 50 ms: a newcomer is still admitted.
+            await _until(lambda: batcher.depth == 2)
+            # Job 2 has just arrived (its queue time is set, not slept): a newcomer is admitted.
+            batcher._pending[0].enqueued_at = time.monotonic()
             third = asyncio.ensure_future(batcher.submit(3, deadline=_later(5)))
-            await asyncio.sleep(0.1)  # now job 2 has waited > 50 ms
+            await _until(lambda: batcher.depth == 3)
+            batcher._pending[0].enqueued_at -= 1.0  # now job 2 has waited a second
             with pytest.raises(QueueFullError, match="limit 50 ms"):
                 await batcher.submit(4, deadline=_later(5))
             release.set()

@@ -70,7 +70,8 @@ def test_reload_under_load_fails_no_request(catalog: Catalog, tmp_path: Path) ->
     more = write_more_products(
         tmp_path / "more", {"purple": (130, 40, 170), "pink": (245, 130, 190)}
     )
-    config = ServiceConfig(max_batch_wait_ms=2.0, **_PATIENT)
+    # A loopback server whose operator allowed admin calls without a key.
+    config = ServiceConfig(max_batch_wait_ms=2.0, admin_without_key=True, **_PATIENT)
     app = create_app(index, config, encoder=load_encoder("fake"))
     with running_server(app) as base:
         statuses: list[int] = []

@@ -134,6 +134,7 @@ def _strip_image_roots(index: Path) -> None:
     path = index / "manifests" / (index / CURRENT_FILE).read_text().strip()
     data = json.loads(path.read_text())
     del data["image_roots"]
+    data.pop("checksum", None)  # an older manifest has neither (its checksum would not match)
     path.write_text(json.dumps(data))
 
 
