@@ -81,6 +81,46 @@ class IndexOptions:
                 "index type is empty; use auto, flat, ivf, ivfpq, hnsw or a factory string"
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every option that decides the index a shard gets (recorded per shard in the
+        manifest as ``IndexSpec.build_options``); ``device`` is left out: where k-means
+        runs does not change what is built."""
+        return {
+            "index": self.index,
+            "target_recall": self.target_recall,
+            "max_memory": self.max_memory,
+            "flat_max_rows": self.flat_max_rows,
+            "tune_queries": self.tune_queries,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, device: str = "auto") -> IndexOptions:
+        """The options a shard was built with (``to_dict`` output); unknown keys (from a
+        newer clipsearch) are ignored, missing ones take their defaults."""
+        names = {"index", "target_recall", "max_memory", "flat_max_rows", "tune_queries", "seed"}
+        return cls(**{k: v for k, v in d.items() if k in names}, device=device)
+
+    @classmethod
+    def for_shard(cls, spec: IndexSpec, *, device: str = "auto") -> IndexOptions:
+        """The options to rebuild a shard with: its recorded build options, or, for a
+        manifest that predates them, the index family of the factory it got (so an
+        ``IVF..,PQ..x4fs`` shard stays IVF-PQ) and its target recall."""
+        if spec.build_options is not None:
+            return cls.from_dict(spec.build_options, device=device)
+        kind = spec.requested
+        if kind in NAMED_KINDS:
+            factory = spec.factory
+            if factory.startswith("IVF") and "PQ" in factory:
+                kind = "ivfpq"
+            elif factory.startswith("IVF"):
+                kind = "ivf"
+            elif factory.startswith("HNSW"):
+                kind = "hnsw"
+            elif factory == "Flat" and kind != "auto":
+                kind = "flat"
+        return cls(index=kind, target_recall=spec.target_recall or 0.95, device=device)
+
 
 def parse_memory(text: str) -> int:
     """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
@@ -270,11 +310,21 @@ def _tune(
         ladder = [v for v in _LADDER if v >= 16]
     else:
         params = {"k_factor": k_factor} if k_factor > 1 else {}
-        return IndexSpec(requested=options.index, factory=factory, search_params=params)
+        return IndexSpec(
+            requested=options.index,
+            factory=factory,
+            search_params=params,
+            build_options=options.to_dict(),
+        )
     nq = min(options.tune_queries, n)
     if n <= _RECALL_AT + 1 or nq == 0:
         params = {knob: top, "k_factor": k_factor}
-        return IndexSpec(requested=options.index, factory=factory, search_params=params)
+        return IndexSpec(
+            requested=options.index,
+            factory=factory,
+            search_params=params,
+            build_options=options.to_dict(),
+        )
     report(Progress("tune index", 0, None, "settings", detail={"queries": nq}))
     qids = _tuning_queries(n, nq, trained_on, options.seed)
     truth = _exact_neighbours(xb, qids, _RECALL_AT)
@@ -318,6 +368,7 @@ def _tune(
         search_params=params,
         measured_recall=round(recall, 4),
         target_recall=options.target_recall,
+        build_options=options.to_dict(),
     )
 
 

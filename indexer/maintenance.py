@@ -96,7 +96,8 @@ def delete(
         wanted = set(ids or ())
         hits: list[tuple[int, str]] = []
         found: set[str] = set()
-        masks = _where_masks(tables, where) if where is not None else None
+        names = [f"shard {s.name}" for s in base.shards]
+        masks = _where_masks(tables, names, where) if where is not None else None
         for i, t in enumerate(tables):
             row_ids = t.column("row_id").to_numpy()
             doc_ids = t.column("doc_id").to_pylist()
@@ -132,25 +133,17 @@ def _dead_docs(root: Path, base: Manifest) -> set[str]:
     return {doc for _, doc in _tombstone_table(root, base)}
 
 
-def _where_masks(tables: list[Any], where: str | dict[str, Any]) -> list[np.ndarray]:
-    """Evaluate ``where`` on every shard's metadata, padding columns a shard lacks with nulls."""
-    import pyarrow as pa
-
+def _where_masks(
+    tables: list[Any], names: list[str], where: str | dict[str, Any]
+) -> list[np.ndarray]:
+    """Evaluate ``where`` on every shard's metadata in the index's unified schema
+    (clipsearch.retrieval.schema): a column a shard lacks reads as null there."""
     from clipsearch.retrieval.filters import compile_filter
+    from clipsearch.retrieval.schema import conform, unified_schema
 
-    fields: dict[str, pa.Field] = {}
-    for t in tables:
-        for f in t.schema:
-            fields.setdefault(f.name, f)
-    schema = pa.schema(list(fields.values()))
+    schema = unified_schema([t.schema for t in tables], names)
     compiled = compile_filter(where, schema)
-    masks = []
-    for t in tables:
-        for f in schema:
-            if f.name not in t.column_names:
-                t = t.append_column(f, pa.nulls(t.num_rows, f.type))
-        masks.append(compiled.mask(t.select(schema.names)))
-    return masks
+    return [compiled.mask(conform(t, schema)) for t in tables]
 
 
 @dataclass(frozen=True)
@@ -247,7 +240,7 @@ def _rewrite_shards(
             continue  # every row deleted: the shard disappears
         vectors = np.asarray(read_vectors(root / s.vectors.path))[keep]
         metadata = read_metadata(root / s.metadata.path).filter(keep)
-        options = IndexOptions(index=s.index.requested, target_recall=s.index.target_recall or 0.95)
+        options = IndexOptions.for_shard(s.index)
         record = write_shard(
             root,
             name=shard_name(next_shard),

@@ -19,7 +19,7 @@ from clipsearch.indexer.fsutil import atomic_write
 from clipsearch.retrieval.errors import ConfigError
 from clipsearch.retrieval.manifest import FIXED_COLUMNS, SHARD_DIR, FileRecord, ShardRecord
 from clipsearch.retrieval.progress import Progress, ProgressCallback
-from clipsearch.retrieval.store import sha256_file
+from clipsearch.retrieval.store import file_digests
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,9 +99,12 @@ def write_shard(
 
 
 def file_record(root: Path, path: Path) -> FileRecord:
-    """Size and sha256 of a written file, with its path relative to ``root``."""
+    """Size, sha256 and XXH3-128 (one read) of a written file, with its path relative
+    to ``root``."""
+    sha256, xxh3 = file_digests(path)
     return FileRecord(
         path=path.relative_to(root).as_posix(),
         bytes=path.stat().st_size,
-        sha256=sha256_file(path),
+        sha256=sha256,
+        xxh3=xxh3,
     )

@@ -60,6 +60,9 @@ class _State:
     shards: tuple[ShardSearcher, ...]
     schema: pa.Schema
     masks: _MaskCache
+    # Numeric field -> (min, max) over every row (nulls as 0), filled on first use by a
+    # boosted query: bounds how far a boost can lift a row the pool has not fetched.
+    field_ranges: dict[str, tuple[float, float]]
 
     @property
     def version(self) -> int:
@@ -261,7 +264,9 @@ class SearchEngine:
                 for qi, m in enumerate(merged)
             ]
             timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
-            if pool >= min(total, MAX_POOL) or not _needs_more(ranked, merged, opts):
+            if pool >= min(total, MAX_POOL):
+                break
+            if not _needs_more(ranked, merged, opts, _boost_headroom(state, opts)):
                 break
             pool = min(MAX_POOL, pool * 4)
         tick = time.perf_counter()
@@ -371,16 +376,14 @@ def _build_state(snapshot: Snapshot, placer: ShardPlacer, config: PlannerConfig)
         )
         for s, p in zip(snapshot.shards, placed, strict=True)
     )
-    schema = (
-        shards[0].metadata.schema
-        if shards
-        else pa.schema([(c, pa.string()) for c in FIXED_COLUMNS])
-    )
     return _State(
         snapshot=snapshot,
         shards=shards,
-        schema=schema,
+        # One schema for every shard (the union of their columns; the snapshot pads each
+        # shard's table to it), so a filter on a column only newer shards have works.
+        schema=snapshot.schema,
         masks=_MaskCache(MASK_CACHE_SIZE, config.gather_cache_bytes),
+        field_ranges={},
     )
 
 
@@ -452,22 +455,69 @@ def _hits(page: Candidates, first_rank: int) -> tuple[Hit, ...]:
     )
 
 
-def _needs_more(
-    ranked: list[Candidates], merged: list[list[tuple[float, int, int]]], opts: SearchOptions
-) -> bool:
-    """Whether a bigger candidate pool could change a page.
+def _boost_headroom(state: _State, opts: SearchOptions) -> float:
+    """The most that ``opts.boosts`` can add to any row's score: sum over boosted fields
+    of max(weight * value) over every row of the version (null counts 0, as in Boost)."""
+    headroom = 0.0
+    for name, weight in opts.boosts:
+        lo, hi = _field_range(state, name)
+        headroom += max(weight * lo, weight * hi)
+    return headroom
 
-    Grouping needs ``offset + k`` distinct documents; "cutoff then sort" needs every row
-    above the cutoff. Neither can gain once the pool's last row is below the cutoff.
+
+def _field_range(state: _State, name: str) -> tuple[float, float]:
+    """(min, max) of a numeric field over every row (nulls as 0); (0, 0) when the field
+    is not numeric (the Boost stage has already refused it)."""
+    cached = state.field_ranges.get(name)
+    if cached is not None:
+        return cached
+    import pyarrow.compute as pc
+
+    lo = hi = 0.0
+    for s in state.shards:
+        if name not in s.metadata.column_names or not s.rows:
+            continue
+        col = s.metadata.column(name)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            continue
+        values = np.asarray(pc.fill_null(col, 0).to_numpy(), dtype=np.float64)
+        lo, hi = min(lo, float(np.nanmin(values))), max(hi, float(np.nanmax(values)))
+    state.field_ranges[name] = (lo, hi)  # idempotent: a racing query computes the same
+    return lo, hi
+
+
+def _needs_more(
+    ranked: list[Candidates],
+    merged: list[list[tuple[float, int, int]]],
+    opts: SearchOptions,
+    headroom: float,
+) -> bool:
+    """Whether fetching more candidates could change a page: the one place that decides.
+
+    It decides on the scores the stages use: a row the pool has not fetched scores at
+    most the pool's last raw score (merged lists are sorted), at most that plus
+    ``headroom`` once boosted (:func:`_boost_headroom`), and grouping (max or mean)
+    never scores a document above its best row. So, per query:
+
+    * min_score: nothing unfetched can pass the cutoff once that bound is below it;
+    * grouping or min_score need ``offset + k`` rows after their stage;
+    * "cutoff then sort" needs every row above the cutoff;
+    * a boosted relevance ranking (no MMR, no sort) needs its last row on the page to
+      beat the bound, else an unfetched row with a large boost could outrank it.
     """
     wanted, min_score = opts.offset + opts.k, opts.min_score
-    group_by_doc, sort = opts.group_by_doc, opts.sort
     for c, m in zip(ranked, merged, strict=True):
-        if not m or (min_score is not None and m[-1][0] < min_score):
+        if not m:
             continue
-        if group_by_doc and len(c) < wanted:
+        bound = m[-1][0] + headroom
+        if min_score is not None and bound < min_score:
+            continue
+        if (opts.group_by_doc or min_score is not None) and len(c) < wanted:
             return True
-        if min_score is not None and sort is not None:
+        if min_score is not None and opts.sort is not None:
+            return True
+        boosted_ranking = opts.boosts and opts.mmr is None and opts.sort is None
+        if boosted_ranking and len(c) >= wanted and bound > float(c.scores[wanted - 1]):
             return True
     return False
 

@@ -20,6 +20,7 @@ Layout (all paths in a manifest are relative to the index root)::
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,14 @@ MODALITIES = ("image", "text")
 # Fixed metadata columns, in order, before the user's own columns.
 FIXED_COLUMNS = ("row_id", "doc_id", "modality", "source", "content_hash")
 
+# Last key of a manifest file: "xxh3_128:<hex>" of the file's JSON without this key.
+CHECKSUM_KEY = "checksum"
+
 _VERSION_NAME = re.compile(r"^v(\d{6,})\.json$")
+_CURRENT_FIX = (
+    "it must hold the live manifest's file name: write the name of the newest manifest "
+    f"in {MANIFEST_DIR}/ (e.g. 'v000007.json') back into it"
+)
 
 
 def version_name(version: int) -> str:
@@ -59,23 +67,64 @@ def manifest_path(version: int) -> str:
     return f"{MANIFEST_DIR}/{version_name(version)}.json"
 
 
+def check_relative_path(path: str) -> str:
+    """``path`` when it is a plain relative path that stays inside the index root.
+
+    Refuses absolute paths, ``..`` components, backslashes and empty names (a manifest
+    naming ``../../etc/passwd`` must never make a reader open it). Symlinks are checked
+    by the reader (:func:`clipsearch.retrieval.store.resolve_in_root`), which knows the root.
+    """
+    norm = posixpath.normpath(path) if path else ""
+    if (
+        not path
+        or "\\" in path
+        or "\x00" in path
+        or path.startswith("/")
+        or norm != path
+        or norm == "."
+        or norm.split("/")[0] == ".."
+    ):
+        raise IndexFormatError(
+            f"manifest path {path!r} leaves the index folder (or is not a plain relative "
+            "path); the manifest is corrupt or hostile: restore the index from a backup"
+        )
+    return path
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileRecord:
     """One file a manifest depends on."""
 
-    # Path relative to the index root, with "/" separators.
+    # Path relative to the index root, with "/" separators; never leaves the root.
     path: str
     # Exact size in bytes; checked on every open.
     bytes: int
-    # sha256 hex of the content; checked by `index verify` and `verify_hashes=True`.
+    # sha256 hex of the content; checked by `index verify` (the slow, strong check).
     sha256: str
+    # XXH3-128 hex of the content (~10 GB/s, so every open can afford it); None in
+    # manifests written before it existed: readers then check sha256 at open instead.
+    xxh3: str | None = None
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.path)
+        if self.bytes < 0:
+            raise IndexFormatError(f"{self.path}: negative byte size {self.bytes} in the manifest")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+        d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+        if self.xxh3 is not None:
+            d["xxh3_128"] = self.xxh3
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileRecord:
-        return cls(path=str(d["path"]), bytes=int(d["bytes"]), sha256=str(d["sha256"]))
+        xxh3 = d.get("xxh3_128")
+        return cls(
+            path=str(d["path"]),
+            bytes=int(d["bytes"]),
+            sha256=str(d["sha256"]),
+            xxh3=None if xxh3 is None else str(xxh3),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +145,11 @@ class IndexSpec:
     measured_recall: float | None = None
     # The recall@10 the parameter tuning aimed for.
     target_recall: float | None = None
+    # Every option the index was chosen and tuned with (``IndexOptions.to_dict()`` of
+    # clipsearch.indexer.ann: index, target_recall, max_memory, flat_max_rows, ...), so
+    # ``compact`` rebuilds a shard exactly as it was built. None in manifests written
+    # before it was recorded (compact then keeps the index family of ``factory``).
+    build_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.factory:
@@ -115,18 +169,23 @@ class IndexSpec:
             "search_params": dict(self.search_params),
             "measured_recall": self.measured_recall,
             "target_recall": self.target_recall,
+            **({} if self.build_options is None else {"build_options": dict(self.build_options)}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexSpec:
         recall = d.get("measured_recall")
         target = d.get("target_recall")
+        options = d.get("build_options")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"index build_options must be an object, got {options!r}")
         return cls(
             requested=str(d["requested"]),
             factory=str(d["factory"]),
             search_params={str(k): int(v) for k, v in d.get("search_params", {}).items()},
             measured_recall=None if recall is None else float(recall),
             target_recall=None if target is None else float(target),
+            build_options=None if options is None else dict(options),
         )
 
 
@@ -340,7 +399,11 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        """The manifest file's text: ``to_dict()`` plus a last key ``checksum``, the
+        XXH3-128 of the same JSON without it, so a reader detects a changed byte."""
+        d = self.to_dict()
+        d[CHECKSUM_KEY] = _manifest_checksum(d)
+        return _dump(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -373,12 +436,44 @@ class Manifest:
         )
 
 
+def _dump(d: dict[str, Any]) -> str:
+    return json.dumps(d, indent=2, sort_keys=False) + "\n"
+
+
+def _manifest_checksum(d: dict[str, Any]) -> str:
+    import xxhash
+
+    return "xxh3_128:" + xxhash.xxh3_128(_dump(d).encode("utf-8")).hexdigest()
+
+
+def _check_manifest_checksum(text: str, data: dict[str, Any], where: str) -> None:
+    """Compare a manifest's ``checksum`` with its content; manifests written before the
+    checksum existed have none and are accepted (their shard files still carry sha256)."""
+    if CHECKSUM_KEY not in data:
+        return
+    recorded = data.pop(CHECKSUM_KEY)
+    expected = _manifest_checksum(data)
+    # Byte-exact: the file must be what to_json wrote (a changed space is a changed byte).
+    if recorded != expected or text != _dump({**data, CHECKSUM_KEY: recorded}):
+        raise IndexFormatError(
+            f"{where}: the manifest's content does not match its checksum (corrupt file); "
+            "restore it from a backup or rebuild the index with `clipsearch index build`"
+        )
+
+
 def parse_manifest(text: str, *, where: str) -> Manifest:
     """Parse manifest JSON; ``where`` names the file in error messages."""
     try:
-        return Manifest.from_dict(json.loads(text))
-    except IndexFormatError:
-        raise
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, found {type(data).__name__}")
+        if data.get("format_version") == FORMAT_VERSION:  # else from_dict says "upgrade"
+            _check_manifest_checksum(text, data, where)
+        return Manifest.from_dict(data)
+    except IndexFormatError as e:
+        if str(e).startswith(where):
+            raise
+        raise IndexFormatError(f"{where}: {e}") from e
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise IndexFormatError(
             f"{where}: not a valid clipsearch manifest ({type(e).__name__}: {e}); "
@@ -393,6 +488,11 @@ def read_manifest(root: str | Path, version: int) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise IndexFormatError(f"{path}: manifest of version {version} is missing") from e
+    except UnicodeDecodeError as e:
+        raise IndexFormatError(
+            f"{path}: manifest of version {version} is not UTF-8 text (corrupt file at byte "
+            f"{e.start}); restore it from a backup or rebuild the index"
+        ) from e
     m = parse_manifest(text, where=str(path))
     if m.version != version:
         raise IndexFormatError(f"{path}: file says version {m.version}, expected {version}")
@@ -407,10 +507,15 @@ def current_version(root: str | Path) -> int | None:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as e:
+        raise IndexFormatError(
+            f"{path}: corrupt (a non-UTF-8 byte at offset {e.start}); {_CURRENT_FIX}"
+        ) from e
     m = _VERSION_NAME.match(text)
     if not m:
         raise IndexFormatError(
-            f"{path}: expected a manifest name like 'v000007.json', found {text[:60]!r}"
+            f"{path}: expected a manifest name like 'v000007.json', found {text[:60]!r} "
+            f"(corrupt file); {_CURRENT_FIX}"
         )
     return int(m.group(1))
 

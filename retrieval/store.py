@@ -1,11 +1,21 @@
 """Reading an index directory: pin a version, load its shards, verify its files.
 
 ``open_snapshot`` is what the query engine uses: it reads ``CURRENT`` once, so a
-concurrent commit never changes what an open snapshot sees (old files are only removed
-by ``index compact``, and on POSIX an opened or memory-mapped file outlives its unlink).
+concurrent commit never changes what an open snapshot sees. Every file is opened once:
+its size is checked, its content is hashed (XXH3-128, ~10 GB/s; sha256 for files of
+manifests written before XXH3 was recorded) and it is parsed from the same mapping, so
+no byte the engine serves was read from anything but the checked content, and nothing
+is read twice. A damaged file raises :class:`IndexFormatError` naming the file, the
+version, what to do, and whether the previous version is intact.
+
+``index compact`` removes the files of versions it no longer keeps, possibly while a
+reader is opening one of them: when a file of the version being opened is missing and
+``CURRENT`` has meanwhile moved on, the open starts over on the newer version (an open
+or memory-mapped file outlives its unlink on POSIX, so a finished open is never hurt).
+
 ``verify_index`` is what ``clipsearch index verify`` runs: it checks every file of the
-live version against the manifest and reports problems per shard instead of stopping
-at the first.
+live version against the manifest (sha256 and XXH3) plus the shards' metadata schemas,
+and reports problems per shard instead of stopping at the first.
 """
 
 from __future__ import annotations
@@ -13,25 +23,41 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import mmap
+import os
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from clipsearch.retrieval.errors import IndexFormatError
 from clipsearch.retrieval.manifest import (
+    CURRENT_FILE,
     FIXED_COLUMNS,
     FileRecord,
     Manifest,
     ShardRecord,
+    check_relative_path,
+    current_version,
+    manifest_path,
     read_current,
+    read_manifest,
+    version_name,
 )
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
+
+# How much of each file an open checks: "size" (sizes only), "fast" (sizes and XXH3;
+# sha256 where a file has no XXH3 recorded), "full" (sizes, sha256 and XXH3).
+VerifyLevel = Literal["size", "fast", "full"]
+# Opens restarted because compaction removed the files of the version being opened;
+# each restart means a newer version was committed meanwhile.
+MAX_OPEN_RETRIES = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,8 +70,9 @@ class LoadedShard:
     index: Any
     # float16 [rows, dim], memory-mapped read-only; exact vectors for rescoring.
     vectors: np.ndarray
-    # Row i describes vector i; fixed columns first (row_id, doc_id, modality, source,
-    # content_hash), then user metadata.
+    # Row i describes vector i, in the snapshot's unified schema (``Snapshot.schema``):
+    # fixed columns (row_id, doc_id, modality, source, content_hash), then every user
+    # column of any shard; columns this shard's file lacks are all-null.
     metadata: pa.Table
 
 
@@ -58,6 +85,9 @@ class Snapshot:
     shards: tuple[LoadedShard, ...]
     # int64, sorted: row ids deleted in this version (filtered out of every search).
     tombstones: np.ndarray
+    # The metadata schema of every shard (the union of their columns; see
+    # clipsearch.retrieval.schema). Filters, facets and results use this one.
+    schema: pa.Schema
 
     @property
     def version(self) -> int:
@@ -66,6 +96,15 @@ class Snapshot:
     @property
     def dim(self) -> int:
         return self.manifest.dim
+
+
+class _FileProblem(Exception):
+    """A file of a version does not match its record (internal; becomes IndexFormatError)."""
+
+    def __init__(self, path: str, problem: str, *, missing: bool = False) -> None:
+        super().__init__(f"{path} {problem}")
+        self.path = path
+        self.missing = missing
 
 
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
@@ -77,68 +116,233 @@ def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def open_snapshot(root: str | Path, *, verify_hashes: bool = False) -> Snapshot:
+def file_digests(path: str | Path, *, chunk: int = 1 << 22) -> tuple[str, str]:
+    """``(sha256 hex, XXH3-128 hex)`` of a file, read once."""
+    import xxhash
+
+    sha, fast = hashlib.sha256(), xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+            fast.update(block)
+    return sha.hexdigest(), fast.hexdigest()
+
+
+def resolve_in_root(root: Path, rel: str) -> Path:
+    """The real path of manifest path ``rel`` under ``root``; refuses (IndexFormatError)
+    a path that leaves the index folder, also through a symlink."""
+    check_relative_path(rel)
+    real_root = root.resolve()
+    real = (real_root / rel).resolve()
+    if not real.is_relative_to(real_root):
+        raise IndexFormatError(
+            f"{root}: manifest path {rel!r} resolves to {real}, outside the index folder "
+            "(a symlink leads out); refusing to read it: replace the link with the file"
+        )
+    return real
+
+
+def _map_checked(root: Path, f: FileRecord, level: VerifyLevel) -> mmap.mmap | bytes:
+    """Open ``f`` once: check its size and (per ``level``) its content, and return the
+    read-only mapping the caller parses, so what is parsed is what was checked."""
+    path = resolve_in_root(root, f.path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != f.bytes:
+                raise _FileProblem(
+                    f.path, f"has {size} bytes, the manifest says {f.bytes} (truncated or replaced)"
+                )
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except FileNotFoundError as e:
+        raise _FileProblem(f.path, "is missing", missing=True) from e
+    except (OSError, ValueError) as e:
+        raise _FileProblem(f.path, f"cannot be read ({e})") from e
+    _check_content(f, buf, level)
+    return buf
+
+
+def _check_content(f: FileRecord, buf: mmap.mmap | bytes, level: VerifyLevel) -> None:
+    import xxhash
+
+    if level == "size":
+        return
+    if f.xxh3 is not None:
+        digest = xxhash.xxh3_128(buf).hexdigest()
+        if digest != f.xxh3:
+            raise _FileProblem(
+                f.path,
+                f"content differs from the manifest's (XXH3 {digest[:12]}... "
+                f"!= {f.xxh3[:12]}...; corrupt)",
+            )
+    if level == "full" or f.xxh3 is None:
+        digest = hashlib.sha256(buf).hexdigest()
+        if digest != f.sha256:
+            raise _FileProblem(
+                f.path,
+                f"content differs from the manifest's (sha256 {digest[:12]}... "
+                f"!= {f.sha256[:12]}...; corrupt)",
+            )
+
+
+def open_snapshot(
+    root: str | Path, *, verify_hashes: bool = False, verify: VerifyLevel = "fast"
+) -> Snapshot:
     """Pin the live version of the index at ``root`` and load every shard (CPU).
 
-    Checks every file's size against the manifest (and its sha256 when
-    ``verify_hashes``), each shard's row counts and dims. Raises
-    :class:`IndexNotFoundError` when ``root`` holds no index and
-    :class:`IndexFormatError` naming the file and the fix when anything disagrees.
+    Args:
+        verify: what is checked before anything is served: "fast" (default: sizes and
+            XXH3-128 of every shard and tombstones file, ~10 GB/s; files of older
+            manifests without XXH3 get sha256, ~1.5 GB/s), "full" (sha256 as well) or
+            "size" (sizes only, for tools that check content themselves).
+        verify_hashes: True is ``verify="full"`` (kept for older callers).
+    Raises:
+        IndexNotFoundError when ``root`` holds no index; IndexFormatError naming the file,
+        the version, the fix and the state of the previous version when anything is
+        damaged (nothing of a damaged version is ever served).
     """
     root = Path(root)
-    manifest = read_current(root)
-    for f in manifest.files():
-        problem = check_file(root, f, verify_hash=verify_hashes)
-        if problem:
-            raise IndexFormatError(
-                f"{root}: version {manifest.version}: {problem}; run `clipsearch index verify "
-                f"{root}` for a full report, then restore the file or rebuild the index"
-            )
-    shards = tuple(_load_shard(root, s) for s in manifest.shards)
-    tombstones = read_tombstones(root, manifest)
+    level: VerifyLevel = "full" if verify_hashes else verify
+    for attempt in itertools.count():
+        manifest = _read_live_manifest(root)
+        if manifest is None:
+            continue  # CURRENT moved on while its old manifest was being removed
+        try:
+            return _open_version(root, manifest, level)
+        except _FileProblem as p:
+            if (
+                p.missing
+                and attempt < MAX_OPEN_RETRIES
+                and current_version(root) != manifest.version
+            ):
+                log.info(
+                    "%s: version %d was replaced during the open; retrying", root, manifest.version
+                )
+                continue
+            raise IndexFormatError(damage_message(root, manifest, str(p))) from p
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_live_manifest(root: Path) -> Manifest | None:
+    """``read_current``, or None when CURRENT moved on between reading it and reading
+    the manifest it named (compaction removed that manifest)."""
+    version = current_version(root)
+    if version is None:
+        return read_current(root)  # raises IndexNotFoundError with the usual message
+    try:
+        return read_manifest(root, version)
+    except IndexFormatError:
+        if not (root / manifest_path(version)).exists() and current_version(root) != version:
+            return None
+        raise
+
+
+def _open_version(root: Path, manifest: Manifest, level: VerifyLevel) -> Snapshot:
+    from clipsearch.retrieval.schema import conform, unify
+
+    loaded = [_load_shard(root, s, level) for s in manifest.shards]
+    tombstones = _read_tombstones(root, manifest, level)
+    names = [f"shard {s.name}" for s in manifest.shards]
+    schema, conflicts = unify([t.schema for _, _, t in loaded], names)
+    for c in conflicts:
+        log.warning(
+            "%s: %s; the column reads as null where it clashes; run `clipsearch index verify`",
+            root,
+            c.message(),
+        )
+    shards = tuple(
+        LoadedShard(
+            record=s, index=index, vectors=vectors, metadata=conform(t, schema, lenient=True)
+        )
+        for s, (index, vectors, t) in zip(manifest.shards, loaded, strict=True)
+    )
     log.info(
-        "opened %s version %d: %d shards, %d rows, %d tombstones",
+        "opened %s version %d: %d shards, %d rows, %d tombstones (checked: %s)",
         root,
         manifest.version,
         len(shards),
         manifest.n_rows,
         len(tombstones),
+        level,
     )
-    return Snapshot(root=root, manifest=manifest, shards=shards, tombstones=tombstones)
+    return Snapshot(
+        root=root, manifest=manifest, shards=shards, tombstones=tombstones, schema=schema
+    )
+
+
+def damage_message(root: Path, manifest: Manifest, problem: str) -> str:
+    """What a user reads when a file of ``manifest``'s version is damaged: which file,
+    which version, what to do, and whether the previous version is intact."""
+    return (
+        f"{root}: version {manifest.version} cannot be served: {problem}. Nothing is read "
+        f"from a damaged index; restore the file from a backup or rebuild the index with "
+        f"`clipsearch index build` (`clipsearch index verify {root}` lists every problem). "
+        f"{_previous_version_state(root, manifest)}"
+    )
+
+
+def _previous_version_state(root: Path, manifest: Manifest) -> str:
+    prev = manifest.parent_version
+    if prev is None:
+        return "There is no previous version."
+    try:
+        old = read_manifest(root, prev)
+    except IndexFormatError:
+        return f"The previous version {prev} is no longer kept (compacted away)."
+    for f in [*(f for s in old.shards for f in s.files), *filter(None, [old.tombstones])]:
+        try:
+            _map_checked(root, f, "fast")
+        except (_FileProblem, IndexFormatError) as e:
+            return f"The previous version {prev} is damaged too ({e})."
+    return (
+        f"The previous version {prev} is intact: to serve it meanwhile, write "
+        f"'{version_name(prev)}.json' into {root / CURRENT_FILE}."
+    )
 
 
 def check_file(root: Path, f: FileRecord, *, verify_hash: bool) -> str | None:
-    """A one-line problem description, or None when the file matches its record."""
-    path = root / f.path
+    """A one-line problem description, or None when the file matches its record
+    (size; with ``verify_hash`` also sha256 and XXH3)."""
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{f.path} is missing"
-    except OSError as e:
-        return f"{f.path} cannot be read ({e.strerror})"
-    if size != f.bytes:
-        return f"{f.path} has {size} bytes, the manifest says {f.bytes} (truncated or replaced)"
-    if verify_hash:
-        try:
-            digest = sha256_file(path)
-        except OSError as e:
-            return f"{f.path} cannot be read ({e.strerror})"
-        if digest != f.sha256:
-            return f"{f.path} sha256 {digest[:12]}... differs from the manifest's {f.sha256[:12]}... (corrupt)"
+        _map_checked(root, f, "full" if verify_hash else "size")
+    except _FileProblem as p:
+        return str(p)
+    except IndexFormatError as e:
+        return str(e)
     return None
 
 
-def read_faiss(path: Path) -> Any:
-    """Read a FAISS index, memory-mapped where the index type allows it."""
+class _BufferReader:
+    """Feeds a mapping to faiss in chunks (faiss.PyCallbackIOReader), so a FAISS file is
+    parsed from the checked mapping without a second read or a whole-file copy."""
+
+    def __init__(self, buf: mmap.mmap | bytes) -> None:
+        self.view = memoryview(buf)
+        self.pos = 0
+
+    def __call__(self, n: int) -> bytes:
+        out = self.view[self.pos : self.pos + n].tobytes()
+        self.pos += len(out)
+        return out
+
+
+def _faiss_from_buffer(buf: mmap.mmap | bytes, where: str) -> Any:
     import faiss
 
     try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        try:
-            return faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise IndexFormatError(f"{path}: not a readable FAISS index ({e})") from e
+        reader = faiss.PyCallbackIOReader(_BufferReader(buf), 1 << 22)  # type: ignore[attr-defined]
+        return faiss.read_index(reader)
+    except (RuntimeError, ValueError) as e:
+        raise IndexFormatError(f"{where}: not a readable FAISS index ({e})") from e
+
+
+def read_faiss(path: Path) -> Any:
+    """Read a FAISS index file (no content check; see ``open_snapshot`` for that)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IndexFormatError(f"{path}: cannot be read ({e.strerror})") from e
+    return _faiss_from_buffer(data, str(path))
 
 
 def apply_search_params(index: Any, params: dict[str, int]) -> None:
@@ -157,35 +361,72 @@ def apply_search_params(index: Any, params: dict[str, int]) -> None:
         hnsw_index.hnsw.efSearch = int(params["efSearch"])
 
 
-def read_vectors(path: Path) -> np.ndarray:
-    """The fp16 vectors of a shard, memory-mapped read-only (no pickle)."""
+def _npy_from_buffer(buf: mmap.mmap | bytes, where: str) -> np.ndarray:
+    """The array of a .npy file's bytes, as a read-only view of them (no pickle)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    fh: Any = buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+        fh.seek(0)
+        version = npy.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        if dtype.hasobject:
+            raise ValueError("object arrays are refused (they need pickle)")
+        return np.ndarray(
+            shape, dtype=dtype, buffer=buf, offset=fh.tell(), order="F" if fortran else "C"
+        )
+    except (ValueError, OSError, TypeError, SyntaxError, tokenize.TokenError) as e:
+        raise IndexFormatError(
+            f"{where}: not a readable .npy vector file ({type(e).__name__}: {e}); the file "
+            "is corrupt: restore it from a backup or rebuild the index"
+        ) from e
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    """The fp16 vectors of a shard, memory-mapped read-only (no content check)."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as e:
         raise IndexFormatError(f"{path}: not a readable .npy vector file ({e})") from e
+    return _npy_from_buffer(buf, str(path))
+
+
+def _parquet_from_buffer(buf: mmap.mmap | bytes, where: str) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(pa.py_buffer(buf)))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise IndexFormatError(f"{where}: not a readable Parquet file ({e})") from e
 
 
 def read_metadata(path: Path) -> pa.Table:
+    """A Parquet file of the index (shard metadata, tombstones), as stored (no content
+    check, no padding to the snapshot schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise IndexFormatError(f"{path}: not a readable Parquet file ({e})") from e
 
 
-def shard_problems(root: Path, s: ShardRecord, *, verify_hashes: bool) -> list[str]:
-    """Everything wrong with one shard: files, FAISS ntotal/dim, vector and metadata shapes."""
-    problems = [p for f in s.files if (p := check_file(root, f, verify_hash=verify_hashes))]
-    if problems:
-        return problems
-    try:
-        index = read_faiss(root / s.faiss.path)
-        vectors = read_vectors(root / s.vectors.path)
-        metadata = read_metadata(root / s.metadata.path)
-    except IndexFormatError as e:
-        return [str(e)]
+def _shape_problems(
+    s: ShardRecord, index: Any, vectors: np.ndarray, metadata: pa.Table
+) -> list[str]:
+    """What disagrees between a shard's loaded files and its record."""
+    problems = []
     if index.ntotal != s.rows:
         problems.append(f"FAISS index holds {index.ntotal} vectors, the manifest says {s.rows}")
     if index.d != s.dim:
@@ -210,31 +451,49 @@ def shard_problems(root: Path, s: ShardRecord, *, verify_hashes: bool) -> list[s
     return problems
 
 
-def _load_shard(root: Path, s: ShardRecord) -> LoadedShard:
-    problems = shard_problems(root, s, verify_hashes=False)
+def _load_shard(root: Path, s: ShardRecord, level: VerifyLevel) -> tuple[Any, np.ndarray, pa.Table]:
+    """A shard's (FAISS index with its search params, fp16 vectors, metadata as stored),
+    each file read once and checked per ``level``; raises _FileProblem."""
+    index = _faiss_from_buffer(_map_checked(root, s.faiss, level), s.faiss.path)
+    vectors = _npy_from_buffer(_map_checked(root, s.vectors, level), s.vectors.path)
+    metadata = _parquet_from_buffer(_map_checked(root, s.metadata, level), s.metadata.path)
+    problems = _shape_problems(s, index, vectors, metadata)
     if problems:
-        raise IndexFormatError(
-            f"{root}: shard {s.name}: {'; '.join(problems)}; run `clipsearch index verify "
-            f"{root}` and restore the files or rebuild the index"
-        )
-    index = read_faiss(root / s.faiss.path)
+        raise _FileProblem(f"shard {s.name}:", "; ".join(problems))
     apply_search_params(index, s.index.search_params)
-    return LoadedShard(
-        record=s,
-        index=index,
-        vectors=read_vectors(root / s.vectors.path),
-        metadata=read_metadata(root / s.metadata.path),
-    )
+    return index, vectors, metadata
+
+
+def shard_problems(root: Path, s: ShardRecord, *, verify_hashes: bool) -> list[str]:
+    """Everything wrong with one shard: files, FAISS ntotal/dim, vector and metadata shapes."""
+    problems = [p for f in s.files if (p := check_file(root, f, verify_hash=False))]
+    if problems:
+        return problems
+    try:
+        _load_shard(root, s, "full" if verify_hashes else "fast")
+    except _FileProblem as p:
+        return [str(p)]
+    except IndexFormatError as e:
+        return [str(e)]
+    return []
+
+
+def _read_tombstones(root: Path, manifest: Manifest, level: VerifyLevel) -> np.ndarray:
+    if manifest.tombstones is None:
+        return np.zeros(0, dtype=np.int64)
+    f = manifest.tombstones
+    table = _parquet_from_buffer(_map_checked(root, f, level), f.path)
+    if "row_id" not in table.column_names:
+        raise _FileProblem(f.path, "lacks the row_id column")
+    return np.sort(table.column("row_id").to_numpy().astype(np.int64))
 
 
 def read_tombstones(root: Path, manifest: Manifest) -> np.ndarray:
-    """Sorted int64 row ids deleted in ``manifest``'s version."""
-    if manifest.tombstones is None:
-        return np.zeros(0, dtype=np.int64)
-    table = read_metadata(root / manifest.tombstones.path)
-    if "row_id" not in table.column_names:
-        raise IndexFormatError(f"{root / manifest.tombstones.path}: lacks the row_id column")
-    return np.sort(table.column("row_id").to_numpy().astype(np.int64))
+    """Sorted int64 row ids deleted in ``manifest``'s version (checked like an open)."""
+    try:
+        return _read_tombstones(root, manifest, "fast")
+    except _FileProblem as p:
+        raise IndexFormatError(damage_message(root, manifest, str(p))) from p
 
 
 @dataclass(frozen=True)
@@ -266,36 +525,53 @@ class VerifyReport:
 
 
 def verify_index(root: str | Path, *, verify_hashes: bool = True) -> VerifyReport:
-    """Check every file of the live version: sizes, sha256s, row counts, FAISS ntotal/dim.
+    """Check every file of the live version: sizes, hashes, row counts, FAISS ntotal/dim,
+    and that the shards' metadata columns unify into one schema.
 
-    Never raises for a damaged shard; problems are collected per shard. Raises only when
-    there is no index at all or the manifest itself is unreadable.
+    ``verify_hashes``: sha256 and XXH3 of every file (False: XXH3 only, still catching
+    any changed byte at ~10 GB/s; sha256 for files recorded without XXH3). Never raises
+    for a damaged shard; problems are collected per shard. Raises only when there is no
+    index at all or the manifest itself is unreadable.
     """
+    from clipsearch.retrieval.schema import unify
+
     root = Path(root)
     manifest = read_current(root)
+    level: VerifyLevel = "full" if verify_hashes else "fast"
     problems: dict[str, list[str]] = {}
+    schemas, names = [], []
     for s in manifest.shards:
-        found = shard_problems(root, s, verify_hashes=verify_hashes)
+        found: list[str] = []
+        try:
+            _, _, metadata = _load_shard(root, s, level)
+        except (_FileProblem, IndexFormatError) as e:
+            found.append(str(e))
+        else:
+            schemas.append(metadata.schema)
+            names.append(f"shard {s.name}")
         if s.dim != manifest.dim:
             found.append(f"shard dim {s.dim} differs from the encoder's {manifest.dim}")
         if found:
             problems[s.name] = found
+    _, conflicts = unify(schemas, names)
+    if conflicts:
+        problems["schema"] = [c.message() for c in conflicts]
     if manifest.tombstones is not None:
-        p = check_file(root, manifest.tombstones, verify_hash=verify_hashes)
-        if p is None:
-            try:
-                n = len(read_tombstones(root, manifest))
-            except IndexFormatError as e:
-                p = str(e)
-            else:
-                if n != manifest.n_tombstones:
-                    p = f"tombstones hold {n} rows, the manifest says {manifest.n_tombstones}"
+        p = None
+        try:
+            n = len(_read_tombstones(root, manifest, level))
+        except (_FileProblem, IndexFormatError) as e:
+            p = str(e)
+        else:
+            if n != manifest.n_tombstones:
+                p = f"tombstones hold {n} rows, the manifest says {manifest.n_tombstones}"
         if p:
             problems["tombstones"] = [p]
     for report in manifest.errors:
-        p = check_file(root, report.file, verify_hash=verify_hashes)
-        if p:
-            problems.setdefault("errors", []).append(p)
+        try:
+            _map_checked(root, report.file, level)
+        except (_FileProblem, IndexFormatError) as e:
+            problems.setdefault("errors", []).append(str(e))
     starts = [(s.row_id_start, s.row_id_end, s.name) for s in manifest.shards]
     starts.sort()
     for (_, end_a, a), (start_b, _, b) in itertools.pairwise(starts):

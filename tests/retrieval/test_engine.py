@@ -267,3 +267,63 @@ def test_snapshot_property_pins_the_version(index: Path) -> None:
     with SearchEngine.open(index) as engine:
         assert engine.snapshot.version == engine.version == engine.manifest.version
         assert sum(s.record.rows for s in engine.snapshot.shards) == engine.manifest.n_rows
+
+
+@pytest.fixture(scope="module")
+def rated_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4000 text rows with a numeric ``rating`` (0..10) and ``price``: enough rows that
+    a boost can lift rows from far below the first candidate pool over a cutoff."""
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.sources import SourceOptions
+
+    folder = tmp_path_factory.mktemp("rated")
+    rng = np.random.default_rng(7)
+    lines = ["id,title,rating,price"]
+    for i in range(4000):
+        lines.append(f"r{i},item {i} {rng.integers(1 << 30)},{rng.integers(0, 11)},{i % 97}")
+    (folder / "rated.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    options = BuildOptions(
+        workers=1, sources=SourceOptions(text_cols=("title",), id_col="id"), shard_size=1500
+    )
+    build([folder / "rated.csv"], folder / "idx", encoder=FakeEncoder(32), options=options)
+    return folder / "idx"
+
+
+def _boosted_oracle(
+    root: Path, q: np.ndarray, weight: float, min_score: float | None, sort: str | None
+) -> list[int]:
+    """Every row ranked exactly as the documented stages would rank the whole index."""
+    oracle = Oracle.load(root, "text")
+    rating = oracle.metadata.column("rating").to_numpy().astype(np.float32)
+    scores = (oracle.vectors @ q).astype(np.float32) + np.float32(weight) * rating
+    order = np.lexsort((oracle.row_ids, -scores))
+    if min_score is not None:
+        order = order[scores[order] >= min_score]
+    if sort is not None:
+        price = oracle.metadata.column("price").to_numpy()[order]
+        order = order[np.argsort(-price, kind="stable")]
+    return oracle.row_ids[order].tolist()
+
+
+@pytest.mark.parametrize(("cutoff", "sort"), [(True, "price:desc"), (True, None), (False, None)])
+def test_min_score_and_boosts_page_like_the_oracle(
+    rated_index: Path, cutoff: bool, sort: str | None
+) -> None:
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal(32).astype(np.float32)
+    q /= np.linalg.norm(q)
+    raw = Oracle.load(rated_index, "text").vectors @ q
+    # rating 10 (boost +1.0) passes from 60% down the raw ranking: rows ~2,400 deep
+    min_score = float(1.0 + np.quantile(raw, 0.4)) if cutoff else None
+    expected = _boosted_oracle(rated_index, q, 0.1, min_score, sort)
+    if cutoff:
+        rank = np.empty(len(raw), np.int64)
+        rank[np.argsort(-raw)] = np.arange(len(raw))
+        # row ids are positions here (one text-only build)
+        assert len(expected) > 100 and rank[np.array(expected)].max() > 2000
+    with SearchEngine.open(rated_index) as engine:
+        for offset in (0, 10, 90):
+            page = engine.search(
+                q, k=10, offset=offset, min_score=min_score, sort=sort, boosts={"rating": 0.1}
+            )
+            assert page.row_ids == expected[offset : offset + 10]
