@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import socket
 import threading
 from collections.abc import Iterator
 from typing import ClassVar
@@ -139,3 +140,74 @@ def test_size_cap_and_bad_urls(loopback_server: str) -> None:
         with pytest.raises(FetchError) as e:
             fetch_url(url, LIMITS, address_allowed=_loopback_only)
         assert e.value.code == "url_not_allowed"
+
+
+# ---------------------------------------------------------------------------- exotic hosts
+
+
+@pytest.fixture
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system resolver fails the test if anything asks it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the resolver was asked: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "gethostbyname", refuse)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1./x.png",
+        "http://127.0.0.1../x.png",
+        "http://[fe80::1%25lo]/x.png",
+        "http://[fe80::1%lo]/x.png",
+        "http://2130706433/x.png",  # decimal 127.0.0.1
+        "http://0177.0.0.1/x.png",  # octal
+        "http://0x7f.0.0.1/x.png",  # hex
+        "http://0x7f000001/x.png",
+        "http://127.1/x.png",  # inet_aton short form
+        "http://0/x.png",
+        "http://[::ffff:127.0.0.1]/x.png",  # IPv4-mapped
+        "http://[::ffff:7f00:1]/x.png",
+        "http://[::1]/x.png",
+        "http://[0:0:0:0:0:ffff:169.254.169.254]/x.png",
+        "http://169.254.169.254./latest/meta-data",
+        "http://1.2.3.4.5/x.png",  # numeric last label: not a name, not an address
+        "http://0x7g.1/x.png",
+        "http://exa_mple.com/x.png",
+        "http://999.1.1.1/x.png",
+    ],
+)
+def test_exotic_hosts_are_refused_without_any_dns_query(url: str, no_dns: None) -> None:
+    with pytest.raises(FetchError) as err:
+        fetch_url(url, LIMITS)
+    assert err.value.code == "url_not_allowed", err.value
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("10.1", "10.0.0.1"),
+        ("134744072", "8.8.8.8"),
+        ("8.8.8.8.", "8.8.8.8"),
+        ("[2606:4700:4700::1111]", "2606:4700:4700::1111"),
+    ],
+)
+def test_address_literals_in_every_spelling_are_read_as_addresses(
+    host: str, address: str, no_dns: None
+) -> None:
+    from clipsearch.retrieval.service.fetch import host_address
+
+    assert host_address(host) == ipaddress.ip_address(address)
+
+
+def test_dns_names_still_go_to_the_resolver(no_dns: None) -> None:
+    from clipsearch.retrieval.service.fetch import host_address
+
+    for name in ("example.com", "cdn.example.com.", "xn--bcher-kva.example", "a-b.c0"):
+        assert host_address(name) is None
