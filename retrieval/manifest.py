@@ -504,7 +504,9 @@ def current_version(root: str | Path) -> int | None:
     root = Path(root)
     path = root / CURRENT_FILE
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        # Exactly the name and an optional line end: any other byte is damage (a
+        # changed byte must never pass as a harmless space).
+        text = path.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as e:

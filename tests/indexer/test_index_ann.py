@@ -113,3 +113,19 @@ def test_gpu_training_saves_a_cpu_index_with_the_same_recall(
     assert type(index).__name__.startswith("IndexIVF")  # CPU form, ready to serialize
     assert spec.measured_recall is not None and spec.measured_recall >= 0.95
     assert recall_at_10(index, xb, xq, spec.search_params) >= 0.93
+
+
+def test_rebuild_options_of_a_shard() -> None:
+    """Recorded options round-trip; manifests without them keep their index family."""
+    from clipsearch.retrieval.manifest import IndexSpec
+
+    options = IndexOptions(index="auto", max_memory=1 << 20, flat_max_rows=10, seed=3)
+    spec = IndexSpec(requested="auto", factory="IVF64,PQ16x4fs", build_options=options.to_dict())
+    assert IndexSpec.from_dict(spec.to_dict()) == spec
+    assert IndexOptions.for_shard(spec) == options
+    legacy = {"requested": "auto", "factory": "IVF64,PQ16x4fs", "target_recall": 0.9}
+    rebuilt = IndexOptions.for_shard(IndexSpec.from_dict(legacy))
+    assert rebuilt.index == "ivfpq" and rebuilt.target_recall == 0.9
+    assert IndexOptions.for_shard(IndexSpec(requested="auto", factory="HNSW32")).index == "hnsw"
+    assert IndexOptions.for_shard(IndexSpec(requested="auto", factory="Flat")).index == "auto"
+    assert "build_options" not in IndexSpec(requested="flat", factory="Flat").to_dict()

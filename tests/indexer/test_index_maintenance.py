@@ -133,3 +133,32 @@ def test_info_reports_counts_model_and_errors(catalog: Path) -> None:
     assert data["model"]["arch"] == "fake-32" and data["shards"] == 6
     assert data["index_types"] == {"Flat": 6} and data["errors"] == 0
     assert np.isclose(data["bytes"], sum(f.bytes for f in read_current(catalog).files()))
+
+
+def test_compact_rebuilds_a_shard_with_its_recorded_build_options(tmp_path: Path) -> None:
+    """An IVF-PQ shard chosen by ``auto`` under a memory budget stays IVF-PQ after
+    compaction (the budget and thresholds are recorded per shard, not just "auto")."""
+    from clipsearch.indexer.ann import IndexOptions
+
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text(
+        "id,title\n" + "\n".join(f"d{i},product {i} {i * 7919 % 1000}" for i in range(2000)),
+        encoding="utf-8",
+    )
+    index_options = IndexOptions(
+        index="auto", max_memory=20_000, flat_max_rows=100, tune_queries=30, target_recall=0.8
+    )
+    options = BuildOptions(
+        workers=1, index=index_options, sources=SourceOptions(text_cols=("title",), id_col="id")
+    )
+    build([catalog], tmp_path / "idx", encoder=FakeEncoder(16), options=options)
+    (before,) = read_current(tmp_path / "idx").shards
+    assert before.index.factory.startswith("IVF") and "PQ" in before.index.factory
+    assert before.index.build_options == index_options.to_dict()
+    delete(tmp_path / "idx", ids=[f"d{i}" for i in range(0, 200, 2)])
+    compact(tmp_path / "idx")
+    (after,) = read_current(tmp_path / "idx").shards
+    assert after.rows == 1900 and after.name != before.name
+    assert after.index.factory.startswith("IVF") and "PQ" in after.index.factory
+    assert after.index.build_options == before.index.build_options
+    assert open_snapshot(tmp_path / "idx").shards[0].index.ntotal == 1900
