@@ -502,6 +502,22 @@ class _Ingest:
             return None
         return vectors, table
 
+    def _journal(self, chunks: list[_Chunk], *, drop_on_failure: str | None = None) -> None:
+        """Make ``chunks`` the journal. If writing it fails (disk full), the journal on
+        disk stays as it was, and so does the in-memory one, so the files the new entry
+        refers to count as orphans (removed); an interrupt keeps the new list, which
+        the interrupt handler saves again."""
+        previous, self.chunks = self.chunks, chunks
+        try:
+            self._save_journal()
+        except Exception:
+            self.chunks = previous
+            if drop_on_failure is not None:
+                for suffix in (".npy", ".parquet"):
+                    with contextlib.suppress(OSError):
+                        (self.staging / drop_on_failure).with_suffix(suffix).unlink()
+            raise
+
     def _save_journal(self) -> None:
         data = {"key": self.key, "chunks": [c.to_dict() for c in self.chunks]}
         atomic_write_bytes(self.journal_path, json.dumps(data).encode("utf-8"))
@@ -653,14 +669,19 @@ class _Ingest:
             )
             table = self._metadata(rows)
             stem = self.staging / name
-            atomic_write(
-                stem.with_suffix(".npy"), lambda f: np.save(f, vectors, allow_pickle=False)
-            )
-            atomic_write(stem.with_suffix(".parquet"), lambda f: pq.write_table(table, f))
+            try:
+                atomic_write(
+                    stem.with_suffix(".npy"), lambda f: np.save(f, vectors, allow_pickle=False)
+                )
+                atomic_write(stem.with_suffix(".parquet"), lambda f: pq.write_table(table, f))
+            except Exception:
+                for suffix in (".npy", ".parquet"):
+                    with contextlib.suppress(OSError):
+                        stem.with_suffix(suffix).unlink()
+                raise
             spilled = (vectors, table)
         chunk = self._entry(outcomes, rows, record=None, spill=name, rows=len(rows))
-        self.chunks = [*self.chunks, chunk]
-        self._save_journal()
+        self._journal([*self.chunks, chunk], drop_on_failure=name)
         crash_point("spill:written")
         if spilled is not None:
             self.spilled.append(spilled)
@@ -699,8 +720,7 @@ class _Ingest:
             return
         consumed = [c.spill for c in self.chunks if c.spill is not None]
         chunk = self._entry(outcomes, rows, record=record)
-        self.chunks = [replace(c, spill=None) for c in self.chunks] + [chunk]
-        self._save_journal()
+        self._journal([replace(c, spill=None) for c in self.chunks] + [chunk])
         self._writing = None
         self.spilled = []
         self.pending = [e for e in self.pending if e.position >= chunk.cursor]

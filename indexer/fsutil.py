@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -79,7 +80,8 @@ def write_error(e: OSError, path: Path | str, action: str = "writing") -> OSErro
 
 
 def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}")
+    """A temp name unique per process and thread (two threads may write one path)."""
+    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}-{threading.get_ident()}")
 
 
 def fsync_dir(directory: Path) -> None:

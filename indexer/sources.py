@@ -399,7 +399,22 @@ def _read_manifest_rows(path: Path) -> tuple[list[dict[str, Any]], pa.Schema | N
             return table.to_pylist(), table.schema, problems
         if suffix == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as f:
-                return [dict(r) for r in csv.DictReader(f)], None, problems
+                reader = csv.DictReader(f)
+                csv_rows = []
+                for r in reader:
+                    if None in r:  # more fields than the header (an unquoted comma)
+                        problems.append(
+                            Problem(
+                                source=f"{path} line {reader.line_num}",
+                                doc_id="",
+                                stage="scan",
+                                reason=f"row has more fields than the header's "
+                                f"{len(reader.fieldnames or [])}; quote values holding commas",
+                            )
+                        )
+                        continue
+                    csv_rows.append(dict(r))
+                return csv_rows, None, problems
         rows = []
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):

@@ -96,3 +96,81 @@ def test_progress_renderer_shows_every_stage_and_json_stays_quiet(
     r = runner.invoke(app, [*args[:-2], "--json", "--out", str(tmp_path / "again")])
     assert r.exit_code == 0 and r.stderr == ""
     assert json.loads(r.stdout)["indexed"] == 60
+
+
+def _messy_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    make_images(folder, 3)
+    for i in range(2):
+        (folder / f"bad{i}.png").write_text("not a png")
+    (folder / "notes.xyz").write_text("x")
+    (folder / "b.xyz").write_text("x")
+    return folder
+
+
+def test_summary_names_skip_reasons_unconsidered_files_and_the_errors_command(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "i"
+    r = runner.invoke(app, ["index", "build", str(_messy_folder(tmp_path)), "--out", str(out),
+                            "--model", "fake-32"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # rich wraps long lines
+    assert "2 items skipped; most common reasons" in text and "decode: cannot decode" in text
+    assert "2 files in source folders not considered" in text and ".xyz 2" in text
+    assert f"clipsearch index errors {out}" in text
+
+    r = runner.invoke(app, ["index", "errors", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["skipped"] == 2 and {row["doc_id"] for row in data["rows"]} == {
+        "bad0.png",
+        "bad1.png",
+    }
+    assert data["top_reasons"][0]["items"] == 2
+    r = runner.invoke(app, ["index", "errors", str(out)])
+    assert r.exit_code == 0 and "bad0.png" in r.stdout and "2 items skipped" in r.stdout
+
+
+def test_max_errors_fails_the_command_and_commits_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "i"
+    base = ["index", "build", str(_messy_folder(tmp_path)), "--out", str(out), "--model", "fake-32"]
+    for limit in ("1", "0.3", "30%"):  # 2 of 5 items fail (40%)
+        r = runner.invoke(app, [*base, "--max-errors", limit])
+        assert r.exit_code == 1, r.output
+        assert "nothing was committed" in " ".join(r.output.split())
+        assert not (out / "CURRENT").exists()
+    r = runner.invoke(app, [*base, "--max-errors", "2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["items_resumed"] == 5
+    r = runner.invoke(app, [*base, "--max-errors", "lots"])
+    assert r.exit_code == 1 and "give a count" in r.output
+
+
+def test_ctrl_c_says_what_was_kept_and_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from clipsearch.retrieval.encoders import FakeEncoder
+
+    class CtrlC(FakeEncoder):
+        calls = 0
+
+        def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
+            CtrlC.calls += 1
+            if CtrlC.calls == 2:  # during the second batch
+                raise KeyboardInterrupt
+            return super().encode_prepared(batch)
+
+    import clipsearch.retrieval.encoders as encoders
+
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: CtrlC(32))
+    make_images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "bad.png").write_text("x")  # sorted first, skipped
+    args = ["index", "build", str(tmp_path / "imgs"), "--out", str(tmp_path / "i"),
+            "--model", "fake-32", "--batch-size", "1"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 130
+    text = " ".join(r.output.split())
+    assert "kept 2 of 4 items (1 embedded rows)" in text
+    assert "re-run the same command to resume" in text and "Traceback" not in text
