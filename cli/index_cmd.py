@@ -441,7 +441,10 @@ def info_cmd(
     t.add_row("index types", ", ".join(f"{k} x{v}" for k, v in data["index_types"].items()) or "-")
     recall = data["measured_recall_min"]
     t.add_row("measured recall@10", "exact" if recall is None else f"{recall:.3f} (lowest shard)")
-    t.add_row("errors reported", f"{data['errors']:,}")
+    errors = f"{data['errors']:,}"
+    if data["errors"]:
+        errors += f" (`clipsearch index errors {data['root']}` lists them)"
+    t.add_row("errors reported", errors)
     roots = data["image_roots"]
     t.add_row(
         "image roots",

@@ -553,7 +553,17 @@ class _Ingest:
         except BaseException:
             self._discard_orphans()
             raise
-        return self._commit()
+        try:
+            return self._commit()
+        except KeyboardInterrupt as e:
+            raise IngestInterrupted(
+                f"interrupted while committing; every item is embedded and kept in "
+                f"{self.staging}; re-run the same command to finish (the index shows the "
+                "previous version until a commit completes)",
+                items_kept=len(self.scan.items),
+                total=len(self.scan.items),
+                staging=str(self.staging),
+            ) from e
 
     def _embed_all(self) -> None:
         items = self.scan.items

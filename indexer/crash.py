@@ -2,7 +2,9 @@
 
 Set ``CLIPSEARCH_CRASH_AT=<stage>:<n>`` and the process kills itself with SIGKILL (no
 cleanup, no finally blocks, exactly like ``kill -9``) the ``n``-th time it reaches
-``crash_point(stage)``. Stages: ``shard:written`` (after a shard's files are written),
+``crash_point(stage)``. Stages: ``embed:item`` (each embedded item, before it is
+buffered), ``spill:written`` (a checkpoint's spill files and journal entry written),
+``shard:written`` (after a shard's files are written and journaled),
 ``commit:manifest`` (manifest written, CURRENT not yet swapped), ``compact:shard``.
 Unset, a crash point costs one dict lookup.
 """
