@@ -105,6 +105,7 @@ def create_app(
     _add_search_routes(app, state)
     _add_catalog_routes(app, state)
     _add_ops_routes(app, state)
+    _document_limits(app, config)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -144,6 +145,67 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _QUERY_ERRORS = _errors(403, 404, 422, 429, 503, 504)
+
+
+def _document_limits(app: FastAPI, config: ServiceConfig) -> None:
+    """Put this server's limits into its OpenAPI schema (ranges of k and offset, text
+    lengths, list sizes), so schema-driven clients and testers generate requests it
+    accepts. Documentation only: SearchOptions and the service's checks enforce them."""
+    from clipsearch.retrieval.options import MAX_K, MAX_POOL
+
+    original = app.openapi
+    k_max = min(config.max_k, MAX_K)
+    depth = min(config.max_page_depth, MAX_POOL)
+    nonblank: dict[str, Any] = {"minLength": 1, "pattern": r"\S"}
+    search: dict[str, dict[str, Any]] = {
+        "k": {"minimum": 1, "maximum": k_max},
+        "offset": {"minimum": 0, "maximum": depth - k_max},
+        "text": {**nonblank, "maxLength": config.max_text_chars},
+        "terms": {"maxItems": config.max_terms, "minItems": 1},
+        "modality": {"enum": ["image", "text"]},
+        "mmr": {"minimum": 0, "maximum": 1},
+        "filter": nonblank,
+        "sort": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(:(asc|desc))?$"},
+    }
+    limits: dict[str, dict[str, dict[str, Any]]] = {
+        "SearchRequest": search,
+        "QueryTerm": {"text": {**nonblank, "maxLength": config.max_text_chars // config.max_terms}},
+        "ClassifyRequest": {
+            "labels": {
+                "minItems": 2,
+                "maxItems": config.max_labels,
+                "items": {
+                    "type": "string",
+                    "pattern": r"\S",
+                    "maxLength": config.max_text_chars // config.max_labels,
+                },
+            }
+        },
+        "Body_search_image_search_image_post": {
+            "k": search["k"],
+            "offset": search["offset"],
+            "image": {"minLength": 1},
+        },
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        models = schema.get("components", {}).get("schemas", {})
+        for model, fields in limits.items():
+            props = models.get(model, {}).get("properties", {})
+            for name, extra in fields.items():
+                if name in props:
+                    target = props[name]
+                    # Optional fields are anyOf [T, null]: constrain the T branch.
+                    for branch in target.get("anyOf", [target]):
+                        if branch.get("type") != "null":
+                            branch.update(extra)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------- search

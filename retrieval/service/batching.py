@@ -170,33 +170,39 @@ class MicroBatcher(Generic[P, R]):
                     break
                 wait = oldest.enqueued_at + self.max_wait_s - time.monotonic()
             batch = self._take_batch()
-            if not batch:
-                continue
-            self._running = len(batch)
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [j.payload for j in batch]
+            del oldest
+            if batch:
+                await self._run(loop, batch)
+            # Drop the batch before waiting for the next one: its payloads (decoded
+            # query images, tens of MB each) must not outlive their requests.
+            del batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]) -> None:
+        self._running = len(batch)
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, [j.payload for j in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"run_batch returned {len(results)} results for {len(batch)} jobs"
                 )
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"run_batch returned {len(results)} results for {len(batch)} jobs"
-                    )
-            except Exception as e:  # a bug in run_batch fails this batch, not the service
-                log.exception("batch of %d failed", len(batch))
-                results = [e] * len(batch)
-            finally:
-                self._running = 0
-            self.batches_run += 1
-            self.jobs_run += len(batch)
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+        except Exception as e:  # a bug in run_batch fails this batch, not the service
+            log.exception("batch of %d failed", len(batch))
+            results = [e] * len(batch)
+        finally:
+            self._running = 0
+        self.batches_run += 1
+        self.jobs_run += len(batch)
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        for job, result in zip(batch, results, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     def _take_batch(self) -> list[_Job[P, R]]:
         """Pop up to max_batch_size live jobs; expired or abandoned ones are dropped."""

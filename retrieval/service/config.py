@@ -41,9 +41,10 @@ class ServiceConfig:
     max_image_pixels: int = 40_000_000
     # Decoded pixels all requests together may hold at once (decoding, waiting for the
     # encoder); a request whose image does not fit waits (FIFO) until earlier images are
-    # freed, or gets 504 at its deadline. Bounds decode memory at ~8 bytes per pixel
-    # (Pillow's RGBX buffer plus one converted copy): 80 MP ~ 640 MB whatever the
-    # concurrency. Must be at least max_image_pixels, so any admitted image fits alone.
+    # freed, or gets 504 at its deadline. Bounds decode memory at ~10-12 bytes per pixel
+    # (Pillow's 4-byte RGB buffer, one converted copy while decoding, allocator slack):
+    # 80 MP stays under ~0.9 GB above the idle RSS whatever the concurrency (measured by
+    # benchmarks/hostile.py). At least max_image_pixels, so any admitted image fits alone.
     decode_pixel_budget: int = 80_000_000
     # Longest text one request may carry, in characters, over all its texts together
     # (the query text, composed terms' texts, classify labels); longer is 413 before any

@@ -34,7 +34,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipsearch.retrieval.errors import ImageDecodeError
 from clipsearch.retrieval.images import load_image
@@ -166,18 +166,42 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 _trim_lock = threading.Lock()
+# glibc mallopt parameter: allocations at least this large are mmapped.
+_M_MMAP_THRESHOLD = -3
+# Pillow allocates image memory in 16 MB blocks. Above this threshold they are mmapped
+# and unmapped on free, instead of landing in the heap arena of whichever worker thread
+# decoded them, where glibc keeps them (each of the executor's threads keeps its own
+# arena: N threads can retain N decodes' worth). Smaller allocations are unaffected.
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    return libc
+
+
+def map_large_allocations() -> bool:
+    """Make glibc mmap allocations of ``MMAP_THRESHOLD_BYTES`` and more (decoded images),
+    so freeing one returns its memory at once. Process-wide; False when not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def return_memory() -> bool:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim(0)``); False elsewhere."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return False
+    trim = libc.malloc_trim
     if not _trim_lock.acquire(blocking=False):
         return True  # another thread is trimming right now
     try:

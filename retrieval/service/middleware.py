@@ -100,7 +100,9 @@ class ServiceMiddleware:
                     extra_headers=[(b"www-authenticate", b"ApiKey")],
                 )
                 return
-            if path.startswith(ADMIN_PREFIX) and not self._admin_allowed(scope):
+            # (Other methods fall through to the app's 405: there is nothing to guard.)
+            admin_call = path.startswith(ADMIN_PREFIX) and scope.get("method") == "POST"
+            if admin_call and not self._admin_allowed(scope):
                 await self._reply(
                     send_wrapper,
                     403,

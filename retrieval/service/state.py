@@ -18,7 +18,11 @@ from typing import Any
 
 from clipsearch.retrieval.service.batching import MicroBatcher
 from clipsearch.retrieval.service.config import ServiceConfig
-from clipsearch.retrieval.service.decoding import PixelBudget, return_memory
+from clipsearch.retrieval.service.decoding import (
+    PixelBudget,
+    map_large_allocations,
+    return_memory,
+)
 from clipsearch.retrieval.service.errors import ApiError, scrub
 from clipsearch.retrieval.service.metrics import Metrics
 from clipsearch.retrieval.service.runner import Job, run_jobs
@@ -88,6 +92,7 @@ class ServiceState:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        map_large_allocations()  # decoded images go back to the OS when freed
         self.batcher.start()
         if self._engine is None:
             self._load_task = asyncio.get_running_loop().create_task(self._load())

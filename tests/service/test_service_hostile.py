@@ -15,7 +15,14 @@ import zlib
 from typing import Any
 
 import pytest
-from service_fixtures import COLOURS, assert_error, png_bytes, product_image, running_server
+from service_fixtures import (
+    COLOURS,
+    assert_error,
+    png_bytes,
+    product_image,
+    running_server,
+    wait_until,
+)
 
 from clipsearch.retrieval.service.config import ServiceConfig
 from clipsearch.retrieval.service.decoding import PixelBudget, decode_image_async
@@ -150,6 +157,10 @@ def test_a_full_pixel_budget_makes_image_queries_wait_then_504(make_client: Any)
     finally:
         pixels.release(pixels.capacity)
     assert client.post("/search", json={"image": b64(red_png())}).status_code == 200
+    # Once answered, nothing (request, batcher, worker) keeps the decoded image alive.
+    wait_until(lambda: pixels.in_use == 0, "the answered query's pixels to come back")
+    assert client.post("/search/image", files={"image": ("q.png", red_png())}).status_code == 200
+    wait_until(lambda: pixels.in_use == 0, "the upload's pixels to come back")
 
 
 def test_a_composed_query_cannot_hold_more_than_the_budget(make_client: Any) -> None:
