@@ -23,7 +23,17 @@ def embed_cmd(
         None, "--pretrained", "-p", help="Tag, checkpoint path, hf-hub:org/name, or 'bundled'."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16, bf16."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (measured per machine), fp32, fp16, bf16, bf16-weights."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto (ONNX when the model has an export), onnx, or torch."
+    ),
+    random_weights: bool = typer.Option(
+        False,
+        "--random-weights",
+        help="Allow a --model without --pretrained (random weights, meaningless vectors).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the vectors as JSON."),
 ) -> None:
     """Embed texts and images with one model and show how similar they are to each other."""
@@ -31,7 +41,14 @@ def embed_cmd(
     from clipsearch.retrieval.encoders.catalog import describe_encoder, embed_inputs
 
     with cli_errors():
-        encoder = load_encoder(model, pretrained, device=device, precision=precision)
+        encoder = load_encoder(
+            model,
+            pretrained,
+            device=device,
+            precision=precision,
+            backend=backend,
+            allow_random=random_weights,
+        )
         result = embed_inputs(encoder, texts=text, images=image)
     if as_json:
         print_json(

@@ -22,6 +22,17 @@ from clipsearch.retrieval.options import SearchOptions
 _DEVICE = typer.Option(
     "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
 )
+_BACKEND = typer.Option(
+    "auto",
+    "--backend",
+    help="Query encoder runtime: auto (ONNX when the model has an export, e.g. the demo "
+    "model; else torch), onnx, or torch.",
+)
+_RANDOM_WEIGHTS = typer.Option(
+    False,
+    "--random-weights",
+    help="Allow a --model without --pretrained (random weights, meaningless vectors).",
+)
 
 
 # typer keeps single newlines of a help text, so each paragraph is one line here.
@@ -107,6 +118,7 @@ def search_cmd(
         "row_id, modality, source. With --json: the metadata kept per hit.",
     ),
     device: str = _DEVICE,
+    backend: str = _BACKEND,
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     from clipsearch.retrieval.engine import SearchEngine
@@ -133,7 +145,8 @@ def search_cmd(
             min_score=min_score,
             boosts=tuple(_parse_boost(b) for b in boost or []),
         )
-        with SearchEngine.open(index, device=device) as engine:
+        encoder = _index_encoder(index, device=device, backend=backend)
+        with SearchEngine.open(index, encoder=encoder, device=device) as engine:
             columns = [c for c in engine.schema.names if c not in FIXED_COLUMNS]
             shown = _fields(fields, columns)
             results = engine.search(query, options)
@@ -147,6 +160,21 @@ def search_cmd(
 
 
 search_cmd.__doc__ = _SEARCH_HELP
+
+
+def _index_encoder(index: Path, *, device: str, backend: str) -> Any:
+    """The query encoder of ``index`` on ``backend``; None leaves "auto" to the engine."""
+    from clipsearch.retrieval.encoders import BACKENDS, encoder_from_fingerprint
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(
+            f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="'--backend'"
+        )
+    if backend == "auto":
+        return None
+    from clipsearch.retrieval.manifest import read_current
+
+    return encoder_from_fingerprint(read_current(index).encoder, device=device, backend=backend)
 
 
 def _query(
@@ -231,6 +259,8 @@ def classify_cmd(
         "clipsearch-demo", "--model", "-m", help="Encoder preset or architecture."
     ),
     pretrained: str | None = typer.Option(None, "--pretrained", help="Weights tag or checkpoint."),
+    backend: str = _BACKEND,
+    random_weights: bool = _RANDOM_WEIGHTS,
     as_json: bool = typer.Option(False, "--json", help="JSON output."),
 ) -> None:
     """Zero-shot classify an image into one of the given labels."""
@@ -238,7 +268,7 @@ def classify_cmd(
     from clipsearch.retrieval.queries import classify
 
     with cli_errors():
-        encoder = load_encoder(model, pretrained)
+        encoder = load_encoder(model, pretrained, backend=backend, allow_random=random_weights)
         probs = classify(encoder, image, [x for x in labels.split(",") if x.strip()])
     if as_json:
         print_json([{"label": label, "probability": p} for label, p in probs])

@@ -8,7 +8,9 @@ so that a photo is embedded the same way whatever container it arrived in.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import IO
@@ -17,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from clipsearch.retrieval.errors import ImageDecodeError
+
+log = logging.getLogger(__name__)
 
 # Pillow warns from MAX_IMAGE_PIXELS and refuses from twice that. We refuse from the
 # warning band already: a 90-megapixel product photo is far more likely an attack or a
@@ -41,7 +45,9 @@ def load_image(
 ) -> Image.Image:
     """Decode an image from a path, raw bytes, a binary file object, or a PIL image.
 
-    Returns a fully decoded, EXIF-oriented RGB image. Raises :class:`ImageDecodeError`
+    Returns a fully decoded, EXIF-oriented RGB image. This is the one place EXIF
+    orientation is applied (encoders' ``to_rgb`` / ``prepare_image`` do not apply it
+    again); broken EXIF is ignored, the pixels still decode. Raises :class:`ImageDecodeError`
     (naming the source) for empty, truncated, corrupt, non-image, oversized files.
     ``min_side``: the image is only needed with both sides at least this long (in
     pixels), so a JPEG may be decoded at a reduced scale; None decodes at full size.
@@ -49,7 +55,7 @@ def load_image(
     ``clipsearch.retrieval.encoders.base.decode_side``), so one file always gives one embedding.
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(apply_exif_orientation(source))
     name = _describe(source)
     try:
         if isinstance(source, bytes):
@@ -66,12 +72,14 @@ def load_image(
         with warnings.catch_warnings():
             # Escalate Pillow's DecompressionBombWarning band to an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Broken EXIF is ignored (apply_exif_orientation); Pillow warns as it parses.
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             with Image.open(fp) as im:
                 _check_size(im, name, max_pixels)
                 if min_side is not None and im.format == "JPEG":
                     im.draft("RGB", (min_side, min_side))
                 im.load()
-                return to_rgb(im)
+                return to_rgb(apply_exif_orientation(im))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -104,13 +112,29 @@ def _check_size(im: Image.Image, name: str, max_pixels: int) -> None:
         )
 
 
+def apply_exif_orientation(im: Image.Image) -> Image.Image:
+    """``im`` turned upright by its EXIF orientation tag; unchanged when EXIF is absent or broken.
+
+    Real photos carry malformed EXIF (a block that is not TIFF, truncated entries) that
+    Pillow decodes fine but cannot parse: their pixels are still good, so the orientation
+    is skipped (logged at debug level) rather than the image rejected.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data" as it parses
+            return ImageOps.exif_transpose(im) or im
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error) as e:
+        log.debug("ignoring unreadable EXIF orientation: %s: %s", type(e).__name__, e)
+        return im
+
+
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
-    """Any PIL image -> 8-bit RGB, EXIF orientation applied, alpha composited on ``background``.
+    """Any PIL image -> 8-bit RGB, alpha composited on ``background``.
 
     Handles palette images with transparency, LA/RGBA/PA, CMYK, 16-bit and 32-bit integer
-    and float grayscale (scaled by their actual range), 1-bit, and YCbCr/LAB/HSV.
+    and float grayscale (scaled by their actual range), 1-bit, and YCbCr/LAB/HSV. EXIF
+    orientation is not applied here: :func:`load_image` applies it, once.
     """
-    im = ImageOps.exif_transpose(im) or im
     if im.mode == "RGB":
         return im
     if im.mode == "P":

@@ -10,6 +10,7 @@ positions into the searched rows, ``k' = min(k, rows)``: no -1 padding, no -inf 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -296,13 +297,15 @@ def as_float32(block: np.ndarray) -> np.ndarray:
 
     numpy converts half floats one at a time in software (5.5 ms for 5000 x 512);
     torch's cast uses the CPU's F16C instructions (0.2 ms), exactly (every float16 is a
-    float32). Float32 input is returned as is, other dtypes are cast by numpy.
+    float32). Float32 input is returned as is, other dtypes are cast by numpy. torch is
+    used only when the process has already imported it (a torch encoder): a process
+    answering with the ONNX encoder never pays torch's import for a faster cast.
     """
     if block.dtype == np.float32:
         return block
-    if block.dtype != np.float16 or block.size <= TORCH_CAST_FROM:
+    torch = sys.modules.get("torch")  # only when loaded anyway: importing it costs ~2 s
+    if block.dtype != np.float16 or block.size <= TORCH_CAST_FROM or torch is None:
         return block.astype(np.float32)
-    import torch
 
     m, d = block.shape
     if not (block.flags.writeable and block.flags.c_contiguous):
@@ -382,18 +385,20 @@ def single_threaded_worker() -> None:
     are per calling thread, so the application's own threads keep their settings.
     ``torch.set_num_threads`` would change every thread, so torch's OpenMP runtime is
     told directly, after torch has initialised this thread (which resets the count).
+    torch is touched only when the process has already imported it.
     """
     import faiss
 
     faiss.omp_set_num_threads(1)
+    torch = sys.modules.get("torch")
+    if torch is None:  # not loaded (ONNX or fake encoder): nothing to limit, nothing to import
+        return
     try:
-        import torch
-
         torch.get_num_threads()  # runs torch's per-thread init, which sets the count
         lib = _torch_openmp()
         if lib is not None:
             lib.omp_set_num_threads(1)
-    except (ImportError, OSError) as e:  # torch-less installs convert with numpy
+    except (AttributeError, OSError) as e:  # a partial or unusual torch build
         log.debug("torch OpenMP not limited in shard worker: %s", e)
 
 

@@ -9,6 +9,7 @@ dicts (bare and wrapped in {"state_dict": ...}), to load back by path.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,3 +76,46 @@ def put_in_hf_cache(cache: Path, repo_id: str, filename: str, data: bytes) -> No
     (repo / "refs" / "main").write_text(rev)
     (repo / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
     (repo / "snapshots" / rev / filename).write_bytes(data)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_clipsearch_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point clipsearch's cache (ONNX exports, precision probes) at a fresh folder.
+
+    No test then depends on, or writes to, the user's ~/.cache/clipsearch.
+    """
+    import os
+
+    folder = tmp_path_factory.mktemp("clipsearch-cache")
+    old = os.environ.get("CLIPSEARCH_CACHE")
+    os.environ["CLIPSEARCH_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("CLIPSEARCH_CACHE", None)
+    else:
+        os.environ["CLIPSEARCH_CACHE"] = old
+
+
+@dataclass(frozen=True)
+class TinyOnnx:
+    """The tiny model exported to ONNX, and the torch (fp32) encoder it was checked against."""
+
+    folder: Path
+    torch_encoder: object
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(
+    tiny_checkpoints: TinyCheckpoints, tmp_path_factory: pytest.TempPathFactory
+) -> TinyOnnx:
+    pytest.importorskip("onnxruntime")
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("tiny-onnx") / "export"
+    weights = str(tiny_checkpoints.safetensors)
+    export_onnx(tiny_checkpoints.arch, weights, out_dir=folder)
+    enc = load_encoder(
+        tiny_checkpoints.arch, weights, device="cpu", precision="fp32", backend="torch"
+    )
+    return TinyOnnx(folder, enc)

@@ -22,12 +22,13 @@ from clipsearch.retrieval.encoders.base import (
     load_image_for,
 )
 from clipsearch.retrieval.encoders.fake import FakeEncoder
-from clipsearch.retrieval.errors import ConfigError, FingerprintMismatchError
+from clipsearch.retrieval.errors import ConfigError, FingerprintMismatchError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
 
 __all__ = [
+    "BACKENDS",
     "PRESETS",
     "BaseEncoder",
     "Encoder",
@@ -86,6 +87,9 @@ PRESETS: dict[str, Preset] = {
 _FAKE = re.compile(r"^fake(?:-(\d+))?$")
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
 def load_encoder(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = None,
@@ -93,20 +97,33 @@ def load_encoder(
     device: str = "auto",
     precision: str = "auto",
     batch_size: int | None = None,
+    backend: str = "auto",
+    allow_random: bool = False,
+    threads: int | None = None,
 ) -> Encoder:
     """Load an encoder by name.
 
     Args:
         model: a preset name (``clipsearch-demo``, ``vit-b-32``...), any open_clip
-            architecture (``ViT-B-32``), or ``fake`` / ``fake-<dim>`` for the test encoder.
+            architecture (``ViT-B-32``), an ONNX export folder, or ``fake`` /
+            ``fake-<dim>`` for the test encoder.
         pretrained: pretrained tag, local checkpoint path (``.safetensors``, ``.pt``,
             ``.bin``) or ``hf-hub:org/name``; defaults to the preset's weights. For fakes,
             an integer seed.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``.
-        precision: ``auto`` (fp16 on GPU, bf16 on CPUs that support it, else fp32),
-            ``fp32``, ``fp16``, ``bf16``.
+        precision: ``auto`` (measured per machine and model, see ``precision.py``),
+            ``fp32``, ``fp16``, ``bf16``, ``bf16-weights``. Torch only.
         batch_size: items per forward pass; None picks a default per device.
+        backend: ``onnx`` (an export: the folder given as ``model``, or the cached
+            export of the model, see ``clipsearch models export``), ``torch``, or
+            ``auto``: ONNX when an export exists (the bundled demo model ships one) and
+            onnxruntime is installed, else torch.
+        allow_random: an open_clip architecture without weights is refused (its vectors
+            are random) unless this is True.
+        threads: ONNX intra-op threads (None: onnxruntime's default, every core).
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     m = _FAKE.match(model)
     if m:
         try:
@@ -116,15 +133,33 @@ def load_encoder(
                 f"the fake encoder takes an integer seed as pretrained, got {pretrained!r}"
             ) from e
         return FakeEncoder(int(m.group(1) or 64), seed=seed, batch_size=batch_size or 64)
+    from clipsearch.retrieval.encoders import onnx
+
+    if backend != "torch" and onnx.is_export_dir(model):
+        if pretrained:
+            raise ConfigError(f"{model} is an ONNX export with its own weights; drop --pretrained")
+        return onnx.OnnxEncoder(model, device=device, batch_size=batch_size, threads=threads)
+    arch, weights = resolve_model_name(model, pretrained)
+    if backend != "torch":
+        found = onnx.find_export_by_name(arch, weights)
+        if found is not None and (backend == "onnx" or onnx.onnxruntime_available()):
+            return onnx.OnnxEncoder(found, device=device, batch_size=batch_size, threads=threads)
+        if backend == "onnx":
+            raise ModelNotFoundError(
+                f"no ONNX export of {model!r}{f' / {pretrained!r}' if pretrained else ''} in "
+                f"{onnx.onnx_cache_root()}; create it with `clipsearch models export {model}"
+                f"{f' --pretrained {pretrained}' if pretrained else ''} --format onnx`, or pass "
+                "an export folder as the model"
+            )
     from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
 
-    arch, weights = resolve_model_name(model, pretrained)
     return OpenClipEncoder(
         arch,
         pretrained=weights,
         device=device,
         precision=precision,
         batch_size=batch_size,
+        allow_random=allow_random,
     )
 
 
@@ -146,18 +181,50 @@ def resolve_model_name(model: str, pretrained: str | None = None) -> tuple[str, 
 
 
 def encoder_from_fingerprint(
-    fp: EncoderFingerprint, *, device: str = "auto", precision: str = "auto"
+    fp: EncoderFingerprint,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    threads: int | None = None,
 ) -> Encoder:
-    """Re-create the encoder an index was built with, from its manifest fingerprint."""
+    """Re-create the encoder an index was built with, from its manifest fingerprint.
+
+    ``backend="auto"`` answers from a cached ONNX export of the same model when there is
+    one (its fingerprint was checked against torch when exported; ``backend`` is
+    recorded, not compared), else loads torch. ``threads``: ONNX intra-op threads.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if fp.kind == "fake":
         seed_part = fp.pretrained.split(";")[0]
         seed = int(seed_part.removeprefix("seed="))
         enc = FakeEncoder(fp.dim, seed=seed, context_length=fp.context_length)
-        if enc.fingerprint != fp:
+        if enc.fingerprint.diff(fp):
             raise ConfigError(f"cannot re-create fake encoder from fingerprint {fp.to_dict()}")
         return enc
     if fp.kind == "open_clip":
-        loaded = load_encoder(fp.arch, fp.pretrained, device=device, precision=precision)
+        if backend != "torch":
+            from clipsearch.retrieval.encoders import onnx
+
+            found = onnx.find_export(fp)
+            if found is not None and (backend == "onnx" or onnx.onnxruntime_available()):
+                return onnx.OnnxEncoder(found, device=device, threads=threads)
+            if backend == "onnx":
+                raise ModelNotFoundError(
+                    f"no ONNX export of {fp.arch!r} / {fp.pretrained!r} (weights sha256 "
+                    f"{(fp.weights_sha256 or '?')[:16]}) in {onnx.onnx_cache_root()}; create it "
+                    f"with `clipsearch models export {fp.arch} --pretrained {fp.pretrained} "
+                    "--format onnx`, or use --backend torch"
+                )
+        loaded = load_encoder(
+            fp.arch,
+            fp.pretrained,
+            device=device,
+            precision=precision,
+            backend="torch" if backend == "torch" else "auto",
+            allow_random=fp.pretrained == "",  # the index was built from random weights
+        )
         changed = fp.diff(loaded.fingerprint)
         if changed:
             detail = "; ".join(f"{k}: index has {a!r}, now {b!r}" for k, (a, b) in changed.items())

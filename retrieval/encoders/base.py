@@ -15,18 +15,21 @@ import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from clipsearch.retrieval.errors import ConfigError
-from clipsearch.retrieval.images import DRAFT_FACTOR, ImageInput, load_image, to_rgb
+from clipsearch.retrieval.images import DRAFT_FACTOR, ImageInput, load_image
 
 if TYPE_CHECKING:
     from PIL import Image
 
 log = logging.getLogger(__name__)
+
+# Fingerprint fields that say how vectors were computed, not which vectors come out.
+RECORDED_ONLY = ("backend",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +62,10 @@ class EncoderFingerprint:
     # Tokenizer identity (e.g. "clip-bpe") and the text context length in tokens.
     tokenizer: str
     context_length: int
+    # What computed the vectors: "torch", "onnx" or "numpy" (the fake). Recorded, but not
+    # compared (like precision): an ONNX export is checked against its torch model at
+    # cosine >= 0.999 when exported, so either backend answers an index built by the other.
+    backend: str = field(default="torch", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -72,7 +79,8 @@ class EncoderFingerprint:
         """Inverse of :meth:`to_dict`; unknown keys are an error (they mean a newer format)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
-        missing = names - set(d)
+        # Manifests written before backends were recorded lack "backend": torch made them.
+        missing = names - set(d) - {"backend"}
         if unknown or missing:
             raise ConfigError(
                 f"encoder fingerprint has unknown fields {sorted(unknown)} and lacks {sorted(missing)}; "
@@ -84,9 +92,12 @@ class EncoderFingerprint:
         return cls(**d)
 
     def diff(self, other: EncoderFingerprint) -> dict[str, tuple[Any, Any]]:
-        """Fields that differ, as ``{name: (self_value, other_value)}``; empty when equal."""
+        """Fields that differ, as ``{name: (self_value, other_value)}``; empty when equal.
+
+        Only fields that change the vectors count: ``backend`` is recorded, not compared.
+        """
         a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in RECORDED_ONLY}
 
 
 @dataclass(frozen=True)
@@ -163,10 +174,12 @@ class BaseEncoder(ABC):
         """Texts -> vectors plus the truncation report."""
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 ``[n, dim]``; each goes through ``load_image`` (EXIF
+        orientation, RGB) unless it already did (its orientation tag is then gone)."""
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            batch = np.stack([self.prepare_image(to_rgb(im)) for im in chunk])
+            batch = np.stack([self.prepare_image(load_image(im)) for im in chunk])
             out.append(self.encode_prepared(batch))
         return np.concatenate(out)
 

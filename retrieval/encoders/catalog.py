@@ -115,10 +115,23 @@ def _cached_hub_models(cache_dir: str | None) -> list[str]:
 
 
 def describe_model(
-    model: str, pretrained: str | None = None, *, device: str = "auto", precision: str = "auto"
+    model: str,
+    pretrained: str | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    allow_random: bool = False,
 ) -> dict[str, Any]:
     """Load a model and report its fingerprint, size and the device/precision chosen."""
-    encoder = load_encoder(model, pretrained, device=device, precision=precision)
+    encoder = load_encoder(
+        model,
+        pretrained,
+        device=device,
+        precision=precision,
+        backend=backend,
+        allow_random=allow_random,
+    )
     return describe_encoder(encoder, model=model)
 
 
@@ -134,6 +147,8 @@ def describe_encoder(encoder: Encoder, *, model: str = "") -> dict[str, Any]:
         "device": str(getattr(encoder, "device", "cpu")),
         "precision": str(getattr(encoder, "precision", "fp32")),
         "batch_size": int(getattr(encoder, "batch_size", 0)),
+        "backend": fp.backend,
+        "precision_reason": str(getattr(encoder, "precision_reason", "")),
         "context_length": fp.context_length,
         "fingerprint": fp.to_dict(),
     }

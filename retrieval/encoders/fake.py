@@ -103,6 +103,7 @@ class FakeEncoder(BaseEncoder):
             resize_mode="squash",
             tokenizer="fake-words",
             context_length=context_length,
+            backend="numpy",
         )
 
     def prepare_image(self, image: Image.Image) -> np.ndarray:

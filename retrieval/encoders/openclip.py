@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+# "bf16" is autocast (weights stay fp32); "bf16-weights" casts the weights themselves.
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16-weights")
+# What ``precision="auto"`` resolves to before a measurement decides (bf16-capable CPUs).
+MEASURE = "measure"
 # Items per forward pass. GPUs want large batches to fill the device; on CPU the
 # throughput curve is flat past ~32 while memory and latency keep growing.
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32, "mps": 64}
@@ -52,6 +55,7 @@ class OpenClipEncoder(BaseEncoder):
         normalize: bool = True,
         cache_dir: str | None = None,
         download: bool = True,
+        allow_random: bool = False,
     ) -> None:
         """
         Args:
@@ -60,12 +64,17 @@ class OpenClipEncoder(BaseEncoder):
             pretrained: tag, checkpoint path, ``hf-hub:`` id, ``bundled``, or ``""`` for a
                 seeded random initialisation (tests, benchmarks).
             device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda[:n]``, ``mps``.
-            precision: ``auto`` (fp16 on GPU, bf16 on CPUs with native bf16, else fp32),
-                or ``fp32`` / ``fp16`` / ``bf16`` (autocast; weights stay fp32).
+            precision: ``auto`` (fp16 on GPU; on CPUs with native bf16 the fastest of
+                fp32 / bf16 / bf16-weights by a cached probe, see ``precision.py``; else
+                fp32), ``fp32``, ``fp16``, ``bf16`` (autocast; weights stay fp32) or
+                ``bf16-weights`` (weights cast to bf16). ``precision_reason`` says why.
             batch_size: items per forward pass; None picks a default per device.
             normalize: L2-normalise outputs (then cosine == inner product).
             cache_dir: weights cache; None uses the HuggingFace / open_clip defaults.
             download: fetch missing weights when online; False raises instead.
+            allow_random: permit ``pretrained=""`` (random weights, random vectors); without
+                it a missing ``pretrained`` is a ConfigError, so no index is silently built
+                from noise.
         """
         import open_clip
         import torch
@@ -75,11 +84,19 @@ class OpenClipEncoder(BaseEncoder):
         register()
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.precision_reason = _reason(precision, self.precision, self.device)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.device.split(":")[0], 32)
         self.normalize = normalize
         self.weights = resolve_weights(arch, pretrained, cache_dir=cache_dir, download=download)
+        if self.weights.path is None and not allow_random:
+            raise ConfigError(
+                f"model {arch!r} has no weights: without --pretrained its vectors are random. "
+                "Pass --pretrained TAG (`clipsearch models list` shows the tags), a preset "
+                "such as vit-b-32, or --random-weights (allow_random=True) if random vectors "
+                "are what you want"
+            )
         self.model = _create_model(self.weights)
         self._torch_device = torch.device(self.device)
         self.model.to(self._torch_device).eval()
@@ -97,6 +114,13 @@ class OpenClipEncoder(BaseEncoder):
         self.context_length = int(self.tokenizer.context_length)
         self.n_parameters = sum(p.numel() for p in self.model.parameters())
         self._fingerprint = self._make_fingerprint(cfg)
+        if self.precision == MEASURE:
+            from clipsearch.retrieval.encoders.precision import choose_cpu_precision
+
+            self.precision = "fp32"  # the probe runs the fp32 model
+            self.precision, self.precision_reason, _ = choose_cpu_precision(self)
+        if self.precision == "bf16-weights":
+            self.model.to(torch.bfloat16)
         log.info("loaded %r (%s parameters)", self, f"{self.n_parameters:,}")
 
     def __repr__(self) -> str:
@@ -148,8 +172,10 @@ class OpenClipEncoder(BaseEncoder):
                 "prepare images with this encoder's prepare_image"
             )
         out = [np.zeros((0, self.dim), np.float32)]
+        dtype = torch.bfloat16 if self.precision == "bf16-weights" else torch.float32
         for start in range(0, len(batch), self.batch_size):
-            x = torch.from_numpy(batch[start : start + self.batch_size]).to(self._torch_device)
+            x = torch.from_numpy(batch[start : start + self.batch_size])
+            x = x.to(self._torch_device, dtype=dtype)
             with self._inference():
                 out.append(self._finish(self.model.encode_image(x)))
         return np.concatenate(out)
@@ -274,6 +300,12 @@ def _tokenizer_id(tok: Any) -> str:
         return "clip-bpe"
     inner = getattr(tok, "tokenizer", None)
     source = getattr(inner, "name_or_path", "") or ""
+    if source:
+        from clipsearch.retrieval.models import portable_path
+
+        # A tokenizer shipped inside the package: record "bundled:<folder>", not the
+        # install path, so an index stays valid when the package moves.
+        source = portable_path(source)
     return f"{name}:{source}" if source else name
 
 
@@ -296,19 +328,34 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise."""
+    """``auto`` -> fp16 on CUDA, ``"measure"`` on CPUs with native bf16, fp32 otherwise.
+
+    ``"measure"`` means: time fp32 against bf16 autocast and bf16 weights once the model
+    is loaded (``precision.choose_cpu_precision``); native bf16 alone does not make bf16
+    faster (autocast measured 0.6-0.9x fp32 for ViT-B-32 on an AVX512-BF16 CPU).
+    """
     if precision == "auto":
         kind = device.split(":")[0]
         if kind == "cuda":
             return "fp16"
         if kind == "cpu" and cpu_supports_bf16():
-            return "bf16"
+            return MEASURE
         return "fp32"
     if precision not in PRECISIONS:
         raise ConfigError(
             f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}"
         )
     return precision
+
+
+def _reason(requested: str, resolved: str, device: str) -> str:
+    if requested != "auto":
+        return "requested"
+    if resolved == "fp16":
+        return "auto: fp16 on CUDA"
+    if resolved == MEASURE:
+        return "auto: to be measured"
+    return "auto: fp32 (no native bf16 on this CPU)" if device == "cpu" else "auto"
 
 
 @functools.cache

@@ -176,3 +176,56 @@ def test_min_side_never_goes_below_the_requested_side_and_keeps_orientation() ->
     assert min(out.size) >= 200 and out.size == (250, 600)  # decoded 600x250, then rotated
     # PNG has no DCT scaling: min_side leaves it at full size
     assert load_image(_encode(_photo(800, 600)), min_side=100).size == (800, 600)
+
+
+def _jpeg_with_app1(payload: bytes) -> bytes:
+    """A valid 40x20 red JPEG whose EXIF (APP1) segment is ``payload``."""
+    import struct
+
+    data = _encode(Image.new("RGB", (40, 20), (220, 20, 20)), "JPEG", quality=95)
+    segment = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return data[:2] + segment + data[2:]
+
+
+# Like Pillow's own invalid-exif.jpg ("not a TIFF file") and truncated_exif_dpi.jpg
+# ("unpack requires a buffer"): the pixels are fine, the EXIF block is not.
+BROKEN_EXIF = {
+    "not a tiff": b"Exif\x00\x00garbage-that-is-not-a-tiff-header",
+    "truncated ifd": b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01",
+    "ifd offset past the end": b"Exif\x00\x00MM\x00*\x00\x00\xff\xff",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_EXIF))
+def test_broken_exif_is_ignored_and_the_image_still_embeds(name: str) -> None:
+    from clipsearch.retrieval.encoders import FakeEncoder, load_image_for
+    from clipsearch.retrieval.queries import encode_queries
+
+    data = _jpeg_with_app1(BROKEN_EXIF[name])
+    out = load_image(data)
+    assert out.size == (40, 20) and out.mode == "RGB"
+    assert np.asarray(out)[10, 20, 0] > 180  # red pixels decoded
+    enc = FakeEncoder(32)
+    # The index path (decode, then prepare) and the query path both embed it.
+    vec = enc.encode_images([load_image_for(enc, data)])
+    assert vec.shape == (1, 32) and np.isfinite(vec).all()
+    q = encode_queries(enc, [data], 32)
+    np.testing.assert_allclose(q, vec, atol=1e-6)
+
+
+def test_exif_orientation_is_applied_once_on_the_encoder_path() -> None:
+    """load_image turns the photo upright; the encoder's own steps must not turn it again."""
+    from clipsearch.retrieval.encoders import FakeEncoder
+
+    im = Image.new("RGB", (40, 20), "blue")
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(im, "JPEG", exif=exif, quality=95)
+    upright = load_image(data)
+    assert load_image(upright).size == (20, 40)  # a second pass changes nothing
+    enc = FakeEncoder(32)
+    once = enc.encode_images([upright])
+    plain = Image.fromarray(np.asarray(upright))  # same pixels, no EXIF at all
+    np.testing.assert_allclose(once, enc.encode_images([plain]), atol=1e-6)
+    assert to_rgb(upright).size == (20, 40)

@@ -61,7 +61,10 @@ def test_normalize_false_keeps_raw_norms(tiny_checkpoints: TinyCheckpoints) -> N
 
 def test_batch_equals_single(tiny_checkpoints: TinyCheckpoints) -> None:
     enc = OpenClipEncoder(
-        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), batch_size=2
+        tiny_checkpoints.arch,
+        pretrained=str(tiny_checkpoints.safetensors),
+        batch_size=2,
+        precision="fp32",  # the CPU's bf16 path is tested on its own below
     )
     images = _images()
     batched = enc.encode_images(images)
@@ -142,7 +145,8 @@ def test_encoder_from_fingerprint_detects_replaced_weights(tiny_arch: str, tmp_p
 
 
 def test_random_init_is_seeded(tiny_arch: str) -> None:
-    a, b = OpenClipEncoder(tiny_arch), OpenClipEncoder(tiny_arch)
+    a = OpenClipEncoder(tiny_arch, allow_random=True, precision="fp32")
+    b = OpenClipEncoder(tiny_arch, allow_random=True, precision="fp32")
     assert a.fingerprint == b.fingerprint and a.fingerprint.weights_sha256 is None
     np.testing.assert_allclose(a.encode_texts(TEXTS), b.encode_texts(TEXTS), atol=1e-6)
 
@@ -186,14 +190,73 @@ def test_bf16_precision_close_to_fp32(
     assert cos.min() > 0.99
 
 
+@pytest.mark.parametrize("precision", ["bf16", "bf16-weights"])
+def test_bf16_paths_batch_like_single_and_stay_close_to_fp32(
+    tiny_checkpoints: TinyCheckpoints, tiny: OpenClipEncoder, precision: str
+) -> None:
+    """Both bf16 paths, forced, whatever this CPU supports (emulated where not native)."""
+    enc = OpenClipEncoder(
+        tiny_checkpoints.arch,
+        pretrained=str(tiny_checkpoints.safetensors),
+        precision=precision,
+        batch_size=2,
+    )
+    assert (enc.precision, enc.precision_reason) == (precision, "requested")
+    images = _images()
+    batched = enc.encode_images(images)
+    single = np.concatenate([enc.encode_images([im]) for im in images])
+    assert batched.dtype == np.float32
+    np.testing.assert_allclose(batched, single, atol=2e-2)  # bf16 keeps ~3 digits
+    assert (batched * tiny.encode_images(images)).sum(axis=1).min() > 0.99
+    assert (enc.encode_texts(TEXTS) * tiny.encode_texts(TEXTS)).sum(axis=1).min() > 0.99
+
+
+def test_auto_precision_is_measured_once_per_machine_and_model(
+    tiny_checkpoints: TinyCheckpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipsearch.retrieval.encoders import precision as prec
+
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: True)
+    calls = []
+
+    def fake_probe(encoder: object) -> dict[str, float]:
+        calls.append(encoder)
+        return {"bf16": 0.7, "bf16-weights": 1.4}
+
+    monkeypatch.setattr(prec, "probe", fake_probe)
+    weights = str(tiny_checkpoints.safetensors)
+    first = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
+    assert first.precision == "bf16-weights" and len(calls) == 1
+    assert (
+        "measured now" in first.precision_reason and "bf16-weights 1.40x" in first.precision_reason
+    )
+    again = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
+    assert again.precision == "bf16-weights" and len(calls) == 1  # cached
+    assert "measured earlier" in again.precision_reason
+    assert json.loads((tmp_path / "precision.json").read_text())
+    # Below MIN_GAIN (noise margin) fp32 stays.
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(prec, "probe", lambda e: {"bf16": 0.6, "bf16-weights": 1.05})
+    assert OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights).precision == "fp32"
+    # Without native bf16 nothing is measured.
+    monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: False)
+    plain = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
+    assert (plain.precision, plain.precision_reason) == (
+        "fp32",
+        "auto: fp32 (no native bf16 on this CPU)",
+    )
+
+
 def test_precision_and_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert oc.resolve_precision("auto", "cuda") == "fp16"
     assert oc.resolve_precision("auto", "cuda:1") == "fp16"
     monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: True)
-    assert oc.resolve_precision("auto", "cpu") == "bf16"
+    assert oc.resolve_precision("auto", "cpu") == "measure"  # native bf16 is not always faster
     monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: False)
     assert oc.resolve_precision("auto", "cpu") == "fp32"
     assert oc.resolve_precision("fp32", "cuda") == "fp32"
+    assert oc.resolve_precision("bf16-weights", "cpu") == "bf16-weights"
     with pytest.raises(ConfigError, match="unknown precision 'int8'"):
         oc.resolve_precision("int8", "cpu")
     with pytest.raises(ConfigError, match="unknown device"):

@@ -1,0 +1,91 @@
+"""The demo model's shipped ONNX export: small, picked by default, torch-free queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clipsearch.indexer.demo.generate import generate_catalog
+from clipsearch.retrieval.models import MODELS_DIR
+
+pytest.importorskip("onnxruntime")
+
+
+def test_shipped_onnx_export_is_small_and_picked_by_auto() -> None:
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.encoders.onnx import shipped_export
+
+    folder = shipped_export("clipsearch-demo")
+    assert folder is not None and folder.parent == MODELS_DIR
+    # The export reads the token embedding from the bundled safetensors: ~6 MB, not 35.
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 8 * 2**20
+    enc = load_encoder("clipsearch-demo")
+    assert enc.fingerprint.backend == "onnx"
+    assert load_encoder("clipsearch-demo", backend="torch").fingerprint.backend == "torch"
+
+
+def test_shipped_onnx_export_matches_torch_on_demo_products() -> None:
+
+    from clipsearch.indexer.demo.catalog import make_product
+    from clipsearch.indexer.demo.render import render_photo
+    from clipsearch.retrieval.encoders import load_encoder
+
+    onnx_enc = load_encoder("clipsearch-demo", backend="onnx")
+    torch_enc = load_encoder("clipsearch-demo", backend="torch", precision="fp32")
+    photos = [render_photo(make_product(i, 0), "front", i, 0) for i in range(6)]
+    texts = ["a red striped t-shirt", "black boot", "红色连衣裙", "blue " * 40]
+    for a, b in (
+        (onnx_enc.encode_images(photos), torch_enc.encode_images(photos)),
+        (onnx_enc.encode_texts(texts), torch_enc.encode_texts(texts)),
+    ):
+        assert (a * b).sum(axis=1).min() >= 0.999
+
+
+def test_a_stale_shipped_export_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped export reads tensors from the bundled weights: new weights without a
+    re-export must not silently mix two models."""
+    import shutil
+
+    import clipsearch.retrieval.models as models
+    from clipsearch.retrieval.encoders.onnx import shipped_export
+
+    shutil.copytree(MODELS_DIR / "clipsearch-demo-onnx", tmp_path / "clipsearch-demo-onnx")
+    retrained = bytearray((MODELS_DIR / "clipsearch-demo.safetensors").read_bytes())
+    retrained[-1] ^= 0xFF
+    (tmp_path / "clipsearch-demo.safetensors").write_bytes(bytes(retrained))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    assert shipped_export("clipsearch-demo") is None
+    (tmp_path / "clipsearch-demo.safetensors").write_bytes(
+        (MODELS_DIR / "clipsearch-demo.safetensors").read_bytes()
+    )
+    assert shipped_export("clipsearch-demo") == tmp_path / "clipsearch-demo-onnx"
+
+
+def test_demo_text_search_imports_neither_torch_nor_open_clip(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from clipsearch.indexer.demo.run import build_demo_index
+    from clipsearch.retrieval.encoders import load_encoder
+
+    generate_catalog(tmp_path / "catalog", products=12, seed=5)
+    build_demo_index(tmp_path / "catalog", tmp_path / "index", load_encoder("clipsearch-demo"))
+    code = (
+        "import json, sys\n"
+        "from clipsearch.cli.app import app\n"
+        f"argv = ['search', {str(tmp_path / 'index')!r}, '--text', 'red dress', '--json']\n"
+        "try:\n"
+        "    app(argv)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)\n"
+        "print(json.dumps(heavy), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+    hits = json.loads(out.stdout)["hits"]
+    assert hits and all(h["doc_id"].startswith("SKU-") for h in hits)
