@@ -757,6 +757,10 @@ class _Ingest:
         self._discard_orphans()
         try:
             self._checkpoint()
+            # The interrupt may have landed while the journal was being replaced, after
+            # the in-memory journal gained its entry: write it again.
+            if self.chunks:
+                self._save_journal()
         except BaseException as e:  # a second Ctrl-C, or the disk: keep what is journaled
             log.warning("could not save the last items before stopping: %s", e)
         kept = self.chunks[-1].cursor if self.chunks else 0

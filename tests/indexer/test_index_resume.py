@@ -191,3 +191,29 @@ def test_changed_option_starts_over_harmless_change_resumes(
     summary = build([corpus["first"]], out, encoder=ENC, options=replace(OPTS, workers=1))
     assert summary.items_resumed == 13
     _same(out, corpus["clean"])
+
+
+def test_ctrl_c_while_the_journal_is_replaced_keeps_what_it_reports(
+    tmp_path: Path, corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipsearch.indexer import fsutil
+
+    real = fsutil.fsync_file
+    journal_writes = [0]
+
+    def fsync(path: Path) -> None:
+        if path.name.startswith("journal.json"):
+            journal_writes[0] += 1
+            if journal_writes[0] == 2:  # the second checkpoint's journal, before its rename
+                raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(fsutil, "fsync_file", fsync)
+    out = tmp_path / "idx"
+    with pytest.raises(IngestInterrupted) as e:
+        build([corpus["first"]], out, encoder=ENC, options=OPTS)
+    monkeypatch.undo()
+    assert e.value.items_kept >= 10
+    summary = build([corpus["first"]], out, encoder=ENC, options=OPTS)
+    assert summary.items_resumed == e.value.items_kept  # what Ctrl-C said was kept, was
+    _same(out, corpus["clean"])
