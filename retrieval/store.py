@@ -142,9 +142,13 @@ def resolve_in_root(root: Path, rel: str) -> Path:
     return real
 
 
-def _map_checked(root: Path, f: FileRecord, level: VerifyLevel) -> mmap.mmap | bytes:
-    """Open ``f`` once: check its size and (per ``level``) its content, and return the
-    read-only mapping the caller parses, so what is parsed is what was checked."""
+def _map_checked(
+    root: Path, f: FileRecord, level: VerifyLevel, *, mapped: bool = True
+) -> mmap.mmap | bytes:
+    """Open ``f`` once: check its size and (per ``level``) its content, and return what
+    the caller parses, so what is parsed is what was checked: a read-only mapping, or
+    with ``mapped=False`` the bytes (for files whose parsed form may keep pointing into
+    the buffer, e.g. Parquet, so a later overwrite in place cannot reach them)."""
     path = resolve_in_root(root, f.path)
     try:
         with open(path, "rb") as fh:
@@ -153,7 +157,10 @@ def _map_checked(root: Path, f: FileRecord, level: VerifyLevel) -> mmap.mmap | b
                 raise _FileProblem(
                     f.path, f"has {size} bytes, the manifest says {f.bytes} (truncated or replaced)"
                 )
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            if not mapped or not size:
+                buf: mmap.mmap | bytes = fh.read(size)
+            else:
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError as e:
         raise _FileProblem(f.path, "is missing", missing=True) from e
     except (OSError, ValueError) as e:
@@ -456,7 +463,9 @@ def _load_shard(root: Path, s: ShardRecord, level: VerifyLevel) -> tuple[Any, np
     each file read once and checked per ``level``; raises _FileProblem."""
     index = _faiss_from_buffer(_map_checked(root, s.faiss, level), s.faiss.path)
     vectors = _npy_from_buffer(_map_checked(root, s.vectors, level), s.vectors.path)
-    metadata = _parquet_from_buffer(_map_checked(root, s.metadata, level), s.metadata.path)
+    metadata = _parquet_from_buffer(
+        _map_checked(root, s.metadata, level, mapped=False), s.metadata.path
+    )
     problems = _shape_problems(s, index, vectors, metadata)
     if problems:
         raise _FileProblem(f"shard {s.name}:", "; ".join(problems))
@@ -482,7 +491,7 @@ def _read_tombstones(root: Path, manifest: Manifest, level: VerifyLevel) -> np.n
     if manifest.tombstones is None:
         return np.zeros(0, dtype=np.int64)
     f = manifest.tombstones
-    table = _parquet_from_buffer(_map_checked(root, f, level), f.path)
+    table = _parquet_from_buffer(_map_checked(root, f, level, mapped=False), f.path)
     if "row_id" not in table.column_names:
         raise _FileProblem(f.path, "lacks the row_id column")
     return np.sort(table.column("row_id").to_numpy().astype(np.int64))
