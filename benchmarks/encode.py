@@ -1,4 +1,9 @@
-"""Encoder throughput: fp32 against the automatic precision, on a ViT-B-32-shaped model.
+"""Encoder throughput: fp32 against every precision and what ``auto`` picks.
+
+``auto`` on a CPU with native bf16 times a short probe (``precision.py``) and keeps the
+fastest of fp32 / bf16 autocast / bf16 weights; this benchmark prints its choice, the
+probe's ratios and the ratio it measures itself over longer runs, so the two can be
+compared.
 
 Random-initialised weights (nothing is downloaded): speed does not depend on the weight
 values, and agreement between precisions is measured as the cosine between the fp32 and
@@ -8,7 +13,7 @@ through ``encode_texts`` (tokenising included). Every rate is measured in this p
 so the ratios compare like with like.
 
     nice python benchmarks/encode.py            # writes benchmarks/results/encode.json
-    python benchmarks/encode.py --precisions fp32 auto bf16 --batches 3
+    python benchmarks/encode.py --precisions fp32 auto bf16 bf16-weights --batches 3
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def main() -> None:
     ap.add_argument("--arch", default="ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=3, help="timed rounds (one batch each)")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto", "bf16", "bf16-weights"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -64,7 +69,9 @@ def main() -> None:
         args.precisions.insert(0, "fp32")
 
     encoders = {
-        p: OpenClipEncoder(args.arch, device=args.device, precision=p, batch_size=bs)
+        p: OpenClipEncoder(
+            args.arch, device=args.device, precision=p, batch_size=bs, allow_random=True
+        )
         for p in args.precisions
     }
     vectors = {}
@@ -86,6 +93,7 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {
         name: {
             "precision": enc.precision,
+            "precision_reason": enc.precision_reason,
             "device": enc.device,
             "images_per_s": round(n / spent[name][0], 2),
             "texts_per_s": round(n / spent[name][1], 2),
@@ -113,7 +121,13 @@ def main() -> None:
         "runs": runs,
     }
     for name, run in runs.items():
-        print(f"{name:>5} -> {run['precision']}: {run}")
+        print(f"{name:>12} -> {run['precision']}: {run}")
+    if "auto" in runs:
+        auto = runs["auto"]
+        print(
+            f"auto picked {auto['precision']} ({auto['precision_reason']}); measured here: "
+            f"images {auto['image_speedup_vs_fp32']}x, texts {auto['text_speedup_vs_fp32']}x fp32"
+        )
     _write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -14,8 +14,13 @@ The goal is ``build / raw >= 0.85`` (pipeline overhead under 15%). Models have r
 weights (nothing is downloaded; speed does not depend on weight values): a
 ViT-B-32-shaped model and the demo architecture (bundled weights when present).
 
+Each model runs on both backends, torch (``precision="auto"``, i.e. measured) and ONNX
+Runtime (the demo model's shipped export; the ViT-B-32-shaped model is exported into a
+temporary folder first), and the table gives ONNX's rate over torch's. ``--backend
+auto`` uses ONNX whenever an export exists; this run is the measurement behind that rule.
+
     nice python benchmarks/ingest.py                      # writes benchmarks/results/ingest.{json,md}
-    python benchmarks/ingest.py --images 64 --models ViT-B-32
+    python benchmarks/ingest.py --images 64 --models ViT-B-32 --backends onnx
 """
 
 from __future__ import annotations
@@ -57,26 +62,37 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> None
         Image.fromarray(pixels).save(folder / f"photo{i:05d}.jpg", quality=90)
 
 
-def load_model(name: str, batch_size: int) -> tuple[Any, str]:
+def load_model(name: str, batch_size: int, backend: str, scratch: Path) -> tuple[Any, str]:
     from clipsearch.retrieval.encoders import load_encoder
-    from clipsearch.retrieval.errors import ModelNotFoundError
 
+    weights = "bundled weights" if name == "clipsearch-demo" else "random init"
+    pretrained = None if name == "clipsearch-demo" else ""
+    if backend == "torch":
+        enc = load_encoder(
+            name, pretrained, device="cpu", batch_size=batch_size, backend="torch",
+            allow_random=True,
+        )  # fmt: skip
+        return enc, f"{weights}, torch {enc.precision}"  # type: ignore[attr-defined]
     if name == "clipsearch-demo":
-        try:
-            return load_encoder(name, device="cpu", batch_size=batch_size), "bundled weights"
-        except (ModelNotFoundError, FileNotFoundError, RuntimeError):
-            return load_encoder(name, "", device="cpu", batch_size=batch_size), "random init"
-    return load_encoder(name, "", device="cpu", batch_size=batch_size), "random init"
+        return load_encoder(name, device="cpu", batch_size=batch_size, backend="onnx"), (
+            f"{weights}, onnx (shipped export)"
+        )
+    from clipsearch.retrieval.encoders.onnx_export import export_onnx
+
+    folder = scratch / f"{name}-onnx"
+    if not folder.exists():
+        export_onnx(name, "", out_dir=folder, allow_random=True)
+    return load_encoder(str(folder), device="cpu", batch_size=batch_size), f"{weights}, onnx"
 
 
 def bench_model(
-    name: str, folder: Path, batch_size: int, workers: int, repeats: int
+    name: str, backend: str, folder: Path, batch_size: int, workers: int, repeats: int
 ) -> dict[str, Any]:
     from clipsearch.indexer.ann import IndexOptions
     from clipsearch.indexer.build import BuildOptions, build
     from clipsearch.retrieval.encoders import load_image_for
 
-    encoder, weights = load_model(name, batch_size)
+    encoder, weights = load_model(name, batch_size, backend, folder.parent)
     paths = sorted(folder.glob("*.jpg"))
     n = len(paths)
     # Warm-up (first forward passes allocate, JIT-select kernels).
@@ -117,6 +133,7 @@ def bench_model(
     raw, seq, end2end = n / raw_s, n / seq_s, n / build_s
     return {
         "model": name,
+        "backend": backend,
         "weights": weights,
         "dim": encoder.dim,
         "image_size": encoder.fingerprint.image_size,
@@ -138,6 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--models", nargs="+", default=["ViT-B-32", "clipsearch-demo"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnx"])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved raw/build rounds")
@@ -158,11 +176,24 @@ def main() -> None:
         folder = Path(tmp) / "photos"
         make_jpegs(folder, args.images)
         for name in args.models:
-            result = bench_model(name, folder, args.batch_size, args.workers, args.repeats)
-            print(json.dumps(result))
-            runs.append(result)
+            for backend in args.backends:
+                result = bench_model(
+                    name, backend, folder, args.batch_size, args.workers, args.repeats
+                )
+                print(json.dumps(result), flush=True)
+                runs.append(result)
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        by_model.setdefault(r["model"], {})[r["backend"]] = r
+    for pair in by_model.values():
+        if {"torch", "onnx"} <= set(pair):
+            for key in ("raw_encode_per_s", "build_per_s"):
+                pair["onnx"][f"{key.removesuffix('_per_s')}_onnx_over_torch"] = round(
+                    pair["onnx"][key] / pair["torch"][key], 3
+                )
     doc = {
         "benchmark": "ingest",
+        "load_average": os.getloadavg(),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
@@ -180,13 +211,18 @@ def main() -> None:
         f"{args.images} JPEGs 640x480, batch {args.batch_size}, {args.workers} decode workers, "
         f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}.",
         "",
-        "| model | weights | raw encode | sequential | index build | build/raw | goal >= 0.85 |",
-        "|---|---|---:|---:|---:|---:|---|",
+        f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        "",
+        "| model | backend | weights | raw encode | sequential | index build | build/raw "
+        "| goal >= 0.85 | ONNX/torch raw | ONNX/torch build |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['model']} | {r['weights']} | {r['raw_encode_per_s']} | {r['sequential_per_s']} "
-            f"| {r['build_per_s']} | {r['build_over_raw']} | {'yes' if r['goal_met'] else 'no'} |"
+            f"| {r['model']} | {r['backend']} | {r['weights']} | {r['raw_encode_per_s']} "
+            f"| {r['sequential_per_s']} | {r['build_per_s']} | {r['build_over_raw']} "
+            f"| {'yes' if r['goal_met'] else 'no'} | {r.get('raw_encode_onnx_over_torch', '')} "
+            f"| {r.get('build_onnx_over_torch', '')} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

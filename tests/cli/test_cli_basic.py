@@ -205,3 +205,38 @@ def test_embed_errors_are_clean(tmp_path: Path) -> None:
     assert broken.exit_code == 1
     assert "bad.jpg: cannot decode image" in broken.output
     assert "Traceback" not in broken.output
+
+
+def test_models_export_onnx_then_embed_and_info_use_it(
+    tiny_checkpoints: TinyCheckpoints, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    weights = str(tiny_checkpoints.safetensors)
+    out = tmp_path / "tiny-onnx"
+    args = ["models", "export", tiny_checkpoints.arch, "--pretrained", weights, "--out", str(out)]
+    result = runner.invoke(app, [*args, "--format", "onnx", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["text_min_cosine"] >= 0.999 and report["image_min_cosine"] >= 0.999
+    assert (out / "image.onnx").is_file() and (out / "clipsearch-onnx.json").is_file()
+    again = runner.invoke(app, [*args, "--format", "onnx"])
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    bad = runner.invoke(app, [*args, "--format", "tflite", "--overwrite"])
+    assert bad.exit_code != 0 and "unknown format 'tflite'" in bad.output
+    info = json.loads(runner.invoke(app, ["models", "info", str(out), "--json"]).output)
+    assert info["backend"] == "onnx" and info["dim"] == 32
+    embedded = runner.invoke(app, ["embed", "--model", str(out), "--text", "a red shirt", "--json"])
+    assert embedded.exit_code == 0, embedded.output
+    assert json.loads(embedded.output)["encoder"]["backend"] == "onnx"
+
+
+def test_models_without_weights_need_random_weights_flag(tiny_arch: str) -> None:
+    refused = runner.invoke(app, ["embed", "--model", tiny_arch, "--text", "a red shirt"])
+    assert refused.exit_code != 0
+    assert "--random-weights" in refused.output and "Traceback" not in refused.output
+    args = ["embed", "--model", tiny_arch, "--text", "a red shirt", "--random-weights", "--json"]
+    allowed = runner.invoke(app, [*args, "--backend", "torch", "--precision", "fp32"])
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.output)["encoder"]["pretrained"] == ""
+    info = runner.invoke(app, ["models", "info", tiny_arch])
+    assert info.exit_code != 0 and "--random-weights" in info.output

@@ -361,3 +361,41 @@ def test_table_without_a_title_column_shows_the_source(photos_index: Path) -> No
     header, rows = _table(res.stdout)
     assert header == ["#", "score", "doc_id", "source"]
     assert [r[2] for r in rows] == ["d0", "d1"]
+
+
+def test_backend_option_is_checked(index: Path) -> None:
+    bad = runner.invoke(app, ["search", str(index), "--text", "red", "--backend", "tensorrt"])
+    assert bad.exit_code != 0 and "tensorrt" in bad.output
+    # The fake encoder has one runtime: any explicit backend re-creates it.
+    ok = runner.invoke(app, ["search", str(index), "--text", "red", "--backend", "torch", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["hits"][0]["metadata"]["title"] == "red shirt"
+
+
+def test_search_backends_agree_on_a_tiny_open_clip_index(
+    tiny_onnx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index built with torch answers the same from ONNX (the export was checked)."""
+    import shutil
+
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    from clipsearch.retrieval.encoders.onnx import cache_dir_for
+
+    torch_enc = tiny_onnx.torch_encoder
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (40, 30), rgb).save(folder / f"{name}.png")
+    build([folder], tmp_path / "idx", encoder=torch_enc, options=BuildOptions(workers=1))
+    argv = ["search", str(tmp_path / "idx"), "--image", str(folder / "red.png"), "--json"]
+    missing = runner.invoke(app, [*argv, "--backend", "onnx"])
+    assert missing.exit_code != 0 and "clipsearch models export" in missing.output
+    # Put the export where --backend auto/onnx look for it: the cache folder of the model.
+    shutil.copytree(tiny_onnx.folder, cache_dir_for(torch_enc.fingerprint))
+    runs = {}
+    for backend in ("torch", "onnx", "auto"):
+        result = runner.invoke(app, [*argv, "--backend", backend])
+        assert result.exit_code == 0, result.output
+        runs[backend] = [h["doc_id"] for h in json.loads(result.output)["hits"]]
+    assert runs["torch"] == runs["onnx"] == runs["auto"]
+    assert "red" in runs["onnx"][0]  # the query image itself comes first
