@@ -1,7 +1,11 @@
 """Guarded HTTP(S) GETs: the server-side-request-forgery guard shared by every URL fetch.
 
-A URL must be http or https without credentials; its host is resolved and *every*
-address must be allowed (by default: globally routable unicast only, judging IPv4
+A URL must be http or https without credentials. A host that is an address literal in
+any spelling (``127.0.0.1.``, ``2130706433``, ``0177.1``, ``0x7f.1``,
+``[::ffff:127.0.0.1]``) is judged as that address without asking the resolver, and a
+host that is neither a literal nor a valid DNS name (an IPv6 zone id such as
+``[fe80::1%25lo]``, a numeric last label, odd characters) is refused before any DNS
+query. Other hosts are resolved and *every* address must be allowed (by default: globally routable unicast only, judging IPv4
 wrapped in IPv6 -- mapped, 6to4 -- as the IPv4 address it reaches, and refusing Teredo).
 The connection then goes to the address that was checked, so a DNS answer that changes
 between check and connect (rebinding) cannot redirect it. Redirects are followed by hand
@@ -9,13 +13,15 @@ and every hop is checked again. The body is capped in bytes and the whole fetch 
 
 Stdlib only (``http.client`` + ``ssl``); blocking, so callers run it in worker threads.
 The indexer fetches catalog image URLs through it (:mod:`clipsearch.indexer.fetch`);
-the service's query-image fetch applies the same rules.
+the service's query-image fetch (:mod:`clipsearch.retrieval.service.fetch`) maps its
+errors onto HTTP answers.
 """
 
 from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -30,6 +36,10 @@ Resolver = Callable[[str, int], list[IPAddress]]
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 SCHEMES = ("http", "https")
+# One DNS label (RFC 1123): letters, digits and inner hyphens, 1..63 characters.
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# One part of an inet_aton-style IPv4 literal: decimal, octal (leading 0) or hex (0x).
+_NUMERIC_PART = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
 class NetFetchError(ClipsearchError, ValueError):
@@ -94,6 +104,65 @@ def public_or_loopback(ip: IPAddress) -> bool:
     return blocked_reason(ip) is None or ip.is_loopback
 
 
+def host_address(host: str) -> IPAddress | None:
+    """The address a URL host names literally, or None for a DNS name worth resolving.
+
+    Literals come in many spellings the system resolver would accept: a trailing dot,
+    brackets, and the inet_aton forms (``2130706433``, ``0177.0.0.1``, ``0x7f.1``,
+    ``127.1``); all of them are parsed here, so checking them never reaches DNS.
+    Raises NetFetchError (``not_allowed``) for a host that is neither a literal nor a
+    valid DNS name: IPv6 zone ids (``fe80::1%lo``), labels with odd characters, a
+    numeric last label (no top-level domain is numeric), names over 253 characters.
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if "%" in name:
+        raise NetFetchError("URL hosts with an IPv6 zone id are not allowed", kind="not_allowed")
+    name = name.rstrip(".")
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if all(_NUMERIC_PART.match(label) for label in labels):
+        ip = _inet_aton(labels)
+        if ip is None:
+            raise NetFetchError(f"URL host {host!r} is not a valid address", kind="not_allowed")
+        return ip
+    if (
+        len(name) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or _NUMERIC_PART.match(labels[-1])
+    ):
+        raise NetFetchError(f"URL host {host!r} is not a valid host name", kind="not_allowed")
+    return None
+
+
+def _inet_aton(parts: list[str]) -> ipaddress.IPv4Address | None:
+    """inet_aton's reading of 1..4 numeric parts (the last fills the remaining bytes)."""
+    if not 1 <= len(parts) <= 4:
+        return None
+    values: list[int] = []
+    for part in parts:
+        try:
+            if part.startswith("0x"):
+                values.append(int(part[2:] or "0", 16))
+            elif len(part) > 1 and part.startswith("0"):
+                values.append(int(part, 8))
+            else:
+                values.append(int(part, 10))
+        except ValueError:  # "09" is not octal
+            return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number += v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
+
+
 def resolve_host(host: str, port: int) -> list[IPAddress]:
     """Every address ``host`` resolves to (deduplicated, in resolver order)."""
     try:
@@ -144,7 +213,8 @@ def guarded_get(
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
             raise NetFetchError(f"URL {url!r}: bad port", kind="not_allowed") from e
-        addresses = resolve(parts.hostname, port)
+        literal = host_address(parts.hostname)
+        addresses = [literal] if literal is not None else resolve(parts.hostname, port)
         if not addresses:
             raise NetFetchError(f"host {parts.hostname!r} does not resolve", kind="unresolved")
         for ip in addresses:
