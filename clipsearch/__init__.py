@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "FilterError": "clipsearch.retrieval.errors",
     "QueryError": "clipsearch.retrieval.errors",
     "InvalidOptionError": "clipsearch.retrieval.errors",
+    "IndexWriteError": "clipsearch.retrieval.errors",
     "SourceError": "clipsearch.retrieval.errors",
 }
 # Names whose defining function is called something else there.
@@ -88,6 +89,7 @@ __all__ = [
     "IndexLockedError",
     "IndexNotFoundError",
     "IndexOptions",
+    "IndexWriteError",
     "IngestSummary",
     "InvalidOptionError",
     "ModelNotFoundError",
@@ -150,6 +152,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing here runs
         IndexFormatError,
         IndexLockedError,
         IndexNotFoundError,
+        IndexWriteError,
         InvalidOptionError,
         ModelNotFoundError,
         QueryError,

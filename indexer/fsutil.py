@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from clipsearch.retrieval.errors import ClipsearchError
+from clipsearch.retrieval.errors import IndexWriteError
 
 TMP_MARKER = ".tmp-"
 
@@ -49,22 +49,6 @@ _WRITE_ERRORS = {
     ),
     errno.EIO: ("input/output error", "check the disk (dmesg) and re-run"),
 }
-
-
-class IndexWriteError(ClipsearchError, OSError):
-    """Writing an index file failed (disk full, read-only filesystem, no permission).
-
-    An ``OSError`` (``errno`` and ``filename`` are set) whose message says what failed,
-    where, and how to fix it. The operation wrote nothing under a final name that a
-    committed version depends on, so the previous version stays live.
-    """
-
-    def __init__(self, message: str, *, code: int, path: Path | str) -> None:
-        super().__init__(code, message, str(path))
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def write_error(e: OSError, path: Path | str, action: str = "writing") -> OSError:

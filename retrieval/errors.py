@@ -7,6 +7,8 @@ Messages say what went wrong, where, and how to fix it.
 
 from __future__ import annotations
 
+import os
+
 
 class ClipsearchError(Exception):
     """Base class of every error clipsearch raises on purpose."""
@@ -64,3 +66,19 @@ class InvalidOptionError(QueryError):
         super().__init__(message)
         # The SearchOptions field (or the unknown name) the error is about.
         self.option = option
+
+
+class IndexWriteError(ClipsearchError, OSError):
+    """Writing an index file failed (disk full, read-only filesystem, no permission).
+
+    An ``OSError`` (``errno`` and ``filename`` are set) whose message says what failed,
+    where, and how to fix it. The operation wrote nothing under a final name that a
+    committed version depends on, so the previous version stays live.
+    """
+
+    def __init__(self, message: str, *, code: int, path: str | os.PathLike[str]) -> None:
+        super().__init__(code, message, str(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

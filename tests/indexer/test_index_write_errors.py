@@ -13,9 +13,10 @@ import pytest
 
 from clipsearch.indexer import fsutil
 from clipsearch.indexer.build import STAGING_DIR, BuildOptions, add, build
-from clipsearch.indexer.fsutil import TMP_MARKER, IndexWriteError
+from clipsearch.indexer.fsutil import TMP_MARKER
 from clipsearch.indexer.maintenance import compact, delete
 from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.errors import IndexWriteError
 from clipsearch.retrieval.manifest import read_current
 from tests.indexer.helpers import canonical, make_images, snapshot_rows
 
