@@ -36,6 +36,7 @@ from clipsearch.retrieval.encoders.base import (
     l2_normalize,
 )
 from clipsearch.retrieval.encoders.bpe import ClipTokenizer
+from clipsearch.retrieval.encoders.hf_tokenizer import HfTokenizer
 from clipsearch.retrieval.encoders.preprocess import ImagePreprocess
 from clipsearch.retrieval.errors import ConfigError, ModelNotFoundError
 
@@ -261,14 +262,7 @@ class OnnxEncoder(BaseEncoder):
         self._fingerprint = replace(stored, backend="onnx")
         self.normalize = stored.normalize
         self.logit_scale = float(manifest.get("logit_scale") or 0.0) or None
-        tok = manifest["tokenizer"]
-        if tok.get("kind") != "clip-bpe":
-            raise ConfigError(f"{self.export_dir}: unsupported tokenizer {tok.get('kind')!r}")
-        self.tokenizer = ClipTokenizer(
-            self.export_dir / tok["vocab"],
-            context_length=int(tok["context_length"]),
-            clean=str(tok.get("clean", "lower")),
-        )
+        self.tokenizer = _tokenizer(self.export_dir, manifest["tokenizer"])
         self.context_length = self.tokenizer.context_length
         pre = manifest["preprocess"]
         self._preprocess = ImagePreprocess(
@@ -414,6 +408,26 @@ def read_safetensors(
             f"weights {p} lack tensors {sorted(keys - set(out))[:3]}; reinstall clipsearch"
         )
     return out
+
+
+def _tokenizer(folder: Path, settings: dict[str, Any]) -> ClipTokenizer | HfTokenizer:
+    kind = settings.get("kind")
+    if kind == "clip-bpe":
+        return ClipTokenizer(
+            folder / settings["vocab"],
+            context_length=int(settings["context_length"]),
+            clean=str(settings.get("clean", "lower")),
+        )
+    if kind == "hf-tokenizers":
+        strip = settings.get("strip_sep_id")
+        return HfTokenizer(
+            folder / settings["file"],
+            context_length=int(settings["context_length"]),
+            clean=str(settings.get("clean", "whitespace")),
+            pad_id=int(settings.get("pad_id", 0)),
+            strip_sep_id=None if strip is None else int(strip),
+        )
+    raise ConfigError(f"{folder}: unsupported tokenizer {kind!r}; re-export with this clipsearch")
 
 
 def _providers(ort: Any, device: str) -> tuple[str, list[Any]]:

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.retrieval.encoders.bpe import VOCAB_FILE
+from clipsearch.retrieval.encoders.bpe import CLEAN_MODES, VOCAB_FILE
+from clipsearch.retrieval.encoders.hf_tokenizer import TOKENIZER_FILE
 from clipsearch.retrieval.encoders.onnx import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -155,24 +156,47 @@ def export_onnx(
 
 
 def _tokenizer_settings(enc: Any) -> dict[str, Any]:
+    """What the torch-free tokenizer needs to reproduce ``enc.tokenizer`` exactly."""
     tok = enc.tokenizer
-    if type(tok).__name__ != "SimpleTokenizer" or getattr(tok, "reduction_fn", None):
-        raise ConfigError(
-            f"{enc.fingerprint.arch!r} uses tokenizer {type(tok).__name__}, which the ONNX "
-            "backend does not reimplement (only CLIP's BPE tokenizer); use --backend torch"
-        )
-    clean = getattr(tok.clean_fn, "__name__", "_clean_lower").removeprefix("_clean_")
-    clean = {"canonicalize": "canonicalize", "lower": "lower", "whitespace": "whitespace"}.get(
-        clean
-    )
-    if clean is None:
+    name = type(tok).__name__
+    clean = getattr(getattr(tok, "clean_fn", None), "__name__", "").removeprefix("_clean_")
+    if clean not in CLEAN_MODES:
         raise ConfigError(f"unknown text cleaning {tok.clean_fn!r} in {enc.fingerprint.arch!r}")
-    return {
-        "kind": "clip-bpe",
-        "vocab": VOCAB_FILE,
-        "context_length": int(tok.context_length),
-        "clean": clean,
-    }
+    if name == "SimpleTokenizer" and not getattr(tok, "reduction_fn", None):
+        return {
+            "kind": "clip-bpe",
+            "vocab": VOCAB_FILE,
+            "context_length": int(tok.context_length),
+            "clean": clean,
+        }
+    inner = getattr(tok, "tokenizer", None)
+    if (
+        name == "HFTokenizer"
+        and not getattr(tok, "tokenizer_mode", "")
+        and getattr(inner, "backend_tokenizer", None) is not None
+    ):
+        return {
+            "kind": "hf-tokenizers",
+            "file": TOKENIZER_FILE,
+            "context_length": int(tok.context_length),
+            "clean": clean,
+            "pad_id": int(inner.pad_token_id or 0),
+            "strip_sep_id": int(inner.sep_token_id) if tok.strip_sep_token else None,
+        }
+    raise ConfigError(
+        f"{enc.fingerprint.arch!r} uses tokenizer {name}, which the ONNX backend does not "
+        "reproduce (it supports CLIP's BPE and Hugging Face fast tokenizers in their "
+        "standard mode); use --backend torch"
+    )
+
+
+def _save_tokenizer(enc: Any, settings: dict[str, Any], out: Path) -> None:
+    if settings["kind"] == "clip-bpe":
+        from open_clip.tokenizer import default_bpe
+
+        shutil.copyfile(default_bpe(), out / VOCAB_FILE)
+    else:
+        enc.tokenizer.tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
 
 
 def _write_export(
@@ -180,7 +204,6 @@ def _write_export(
 ) -> dict[str, Any]:
     import onnxruntime
     import torch
-    from open_clip.tokenizer import default_bpe
 
     fp = enc.fingerprint
     model = enc.model.float().eval()
@@ -208,7 +231,7 @@ def _write_export(
             _quantize_int8(path)
         else:
             linked[name] = _compact(path, link_to)
-    shutil.copyfile(default_bpe(), out / VOCAB_FILE)
+    _save_tokenizer(enc, tokenizer, out)
     scale = getattr(model, "logit_scale", None)
     return {
         "format": EXPORT_FORMAT,
