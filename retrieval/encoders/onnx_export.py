@@ -169,9 +169,10 @@ def _tokenizer_settings(enc: Any) -> dict[str, Any]:
             "context_length": int(tok.context_length),
             "clean": clean,
         }
-    inner = getattr(tok, "tokenizer", None)
+    inner: Any = getattr(tok, "tokenizer", None)
     if (
         name == "HFTokenizer"
+        and inner is not None
         and not getattr(tok, "tokenizer_mode", "")
         and getattr(inner, "backend_tokenizer", None) is not None
     ):
