@@ -34,7 +34,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -86,6 +86,13 @@ STAGING_DIR = ".staging"
 ERROR_COLUMNS = ("source", "doc_id", "stage", "reason", "action")
 # Skip reasons shown in summaries and errors (the report holds them all).
 TOP_REASONS = 5
+
+
+# Replaces :func:`clipsearch.indexer.pipeline.embed_items` (same arguments, same ordered
+# outcomes), e.g. to embed on a cluster (:mod:`clipsearch.indexer.distributed`).
+EmbedFn = Callable[..., Generator[Embedded, None, None]]
+# Replaces :func:`clipsearch.indexer.writer.write_shard` (same arguments and record).
+ShardWriteFn = Callable[..., ShardRecord]
 
 
 class IngestInterrupted(KeyboardInterrupt):
@@ -272,6 +279,8 @@ def build(
     encoder: Encoder,
     options: BuildOptions | None = None,
     progress: ProgressCallback | None = None,
+    embedder: EmbedFn | None = None,
+    shard_writer: ShardWriteFn | None = None,
 ) -> IngestSummary:
     """Index ``sources`` into ``out`` as a new version holding only these sources.
 
@@ -282,8 +291,20 @@ def build(
     failed and unchanged ones), per shard written "train index" / "fill index" /
     "tune index" (see :func:`clipsearch.indexer.ann.build_ann`) and "write shard" (files),
     interleaved with "embed", and last "commit" (versions).
+
+    ``embedder`` and ``shard_writer`` replace the local embed pipeline and shard writer
+    (the distributed build runs them on a Ray cluster); the journal, resume and commit
+    stay here.
     """
-    return _run("build", Path(out), sources, encoder, options or BuildOptions(), progress)
+    return _run(
+        "build",
+        Path(out),
+        sources,
+        encoder,
+        options or BuildOptions(),
+        progress,
+        hooks=(embedder, shard_writer),
+    )
 
 
 def add(
@@ -293,6 +314,8 @@ def add(
     encoder: Encoder | None = None,
     options: BuildOptions | None = None,
     progress: ProgressCallback | None = None,
+    embedder: EmbedFn | None = None,
+    shard_writer: ShardWriteFn | None = None,
 ) -> IngestSummary:
     """Append ``sources`` to the index at ``root`` as new shards.
 
@@ -300,6 +323,7 @@ def add(
     item whose document is indexed with different content replaces the old row (the
     old row is tombstoned). ``encoder`` defaults to the index's own. ``progress`` gets
     the stages of :func:`build`; "embed" also has ``detail["unchanged"]``.
+    ``embedder`` and ``shard_writer``: as in :func:`build`.
     """
     from clipsearch.retrieval.encoders import encoder_from_fingerprint
     from clipsearch.retrieval.manifest import read_current
@@ -315,7 +339,15 @@ def add(
             f"{root}: the encoder differs from the one the index was built with ({fields}); "
             "use the same --model/--pretrained, or rebuild with `clipsearch index build`"
         )
-    return _run("add", root, sources, encoder, options or BuildOptions(), progress)
+    return _run(
+        "add",
+        root,
+        sources,
+        encoder,
+        options or BuildOptions(),
+        progress,
+        hooks=(embedder, shard_writer),
+    )
 
 
 def _run(
@@ -325,6 +357,8 @@ def _run(
     encoder: Encoder,
     options: BuildOptions,
     progress: ProgressCallback | None,
+    *,
+    hooks: tuple[EmbedFn | None, ShardWriteFn | None] = (None, None),
 ) -> IngestSummary:
     t0 = time.perf_counter()
     if progress:
@@ -341,6 +375,7 @@ def _run(
         if operation == "add" and base is None:
             raise ConfigError(f"{root}: no index to add to; run `clipsearch index build` first")
         ingest = _Ingest(operation, root, scan, encoder, options, base, progress)
+        ingest.embedder, ingest.shard_writer = hooks
         summary = ingest.run()
     return replace(summary, seconds=time.perf_counter() - t0)
 
@@ -538,10 +573,8 @@ class _Ingest:
                     out.setdefault(doc, []).append((mod, h, rid))
         return out
 
-    def _skip(self, item: Item, digest: str) -> bool:
-        return any(
-            m == item.modality and h == digest for m, h, _ in self.existing.get(item.doc_id, ())
-        )
+    embedder: EmbedFn | None = None
+    shard_writer: ShardWriteFn | None = None
 
     # -- main loop -----------------------------------------------------------------
 
@@ -591,13 +624,13 @@ class _Ingest:
             max_pixels=self.options.max_image_pixels,
             fetcher=self.fetcher,
         )
-        stream: Generator[Embedded, None, None] = embed_items(
+        stream: Generator[Embedded, None, None] = (self.embedder or embed_items)(
             items,
             self.encoder,
             start=self.cursor,
             batch_size=batch,
             workers=self.options.workers,
-            skip=self._skip if self.existing else None,
+            skip=UnchangedRows(self.existing) if self.existing else None,
             limits=limits,
         )
         last_checkpoint = time.monotonic()
@@ -716,7 +749,7 @@ class _Ingest:
             base_shard = self.base.next_shard if self.base else 0
             name = shard_name(base_shard + n_prev)
             self._writing = name
-            record = write_shard(
+            record = (self.shard_writer or write_shard)(
                 self.root,
                 name=name,
                 modality=str(parts_t[0].column("modality")[0].as_py()),
@@ -942,6 +975,21 @@ class _Ingest:
                 if m == mod and (doc, m, h) not in keep:
                     out.append((rid, doc))
         return out
+
+
+@dataclass(frozen=True)
+class UnchangedRows:
+    """The skip test of ``add``: True for an item whose (doc_id, modality, content hash)
+    is already live. A plain object (not a bound method), so a distributed embedder can
+    ship it to its workers."""
+
+    # doc_id -> [(modality, content_hash, row_id)] of the base version's live rows.
+    existing: dict[str, list[tuple[str, str, int]]]
+
+    def __call__(self, item: Item, digest: str) -> bool:
+        return any(
+            m == item.modality and h == digest for m, h, _ in self.existing.get(item.doc_id, ())
+        )
 
 
 _NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(\.\d+)?(?![\w.])")
