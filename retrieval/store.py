@@ -473,6 +473,18 @@ def _load_shard(root: Path, s: ShardRecord, level: VerifyLevel) -> tuple[Any, np
     return index, vectors, metadata
 
 
+def load_shard(
+    root: Path, manifest: Manifest, s: ShardRecord, *, verify: VerifyLevel = "fast"
+) -> tuple[Any, np.ndarray, pa.Table]:
+    """One shard of ``manifest`` as :func:`open_snapshot` loads it (FAISS index with its
+    search params, fp16 vectors, metadata as stored), for hosts that serve only some
+    shards. Raises IndexFormatError (as an open does) when a file is damaged."""
+    try:
+        return _load_shard(root, s, verify)
+    except _FileProblem as p:
+        raise IndexFormatError(damage_message(root, manifest, str(p))) from p
+
+
 def shard_problems(root: Path, s: ShardRecord, *, verify_hashes: bool) -> list[str]:
     """Everything wrong with one shard: files, FAISS ntotal/dim, vector and metadata shapes."""
     problems = [p for f in s.files if (p := check_file(root, f, verify_hash=False))]
