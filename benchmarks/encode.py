@@ -14,6 +14,13 @@ so the ratios compare like with like.
 
     nice python benchmarks/encode.py            # writes benchmarks/results/encode.json
     python benchmarks/encode.py --precisions fp32 auto bf16 bf16-weights --batches 3
+    nice python benchmarks/encode.py --int8     # the demo model's ONNX export, fp32 vs int8
+
+``--int8`` measures dynamic int8 quantisation of the demo model's ONNX export instead:
+images/s and texts/s (against the fp32 export and torch fp32, interleaved), cosine to
+fp32, recall@10 of int8 text->image rankings against fp32 ones on a held-out demo
+catalog, and the demo quality metrics (``indexer.demo.evaluate``) of both. Written to
+``benchmarks/results/encode.json`` under ``"onnx_int8"``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,17 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "auto", "bf16", "bf16-weights"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--int8", action="store_true", help="measure int8 ONNX (demo model) instead")
+    ap.add_argument("--products", type=int, default=300, help="held-out catalog size (--int8)")
     args = ap.parse_args()
+    if args.int8:
+        result = bench_int8(args.products, args.batches)
+        doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        doc["onnx_int8"] = result
+        _write_json(args.out, doc)
+        print(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+        return
 
     import torch
 
@@ -128,8 +145,90 @@ def main() -> None:
             f"auto picked {auto['precision']} ({auto['precision_reason']}); measured here: "
             f"images {auto['image_speedup_vs_fp32']}x, texts {auto['text_speedup_vs_fp32']}x fp32"
         )
+    if args.out.is_file():  # keep the --int8 section of an earlier run
+        old = json.loads(args.out.read_text())
+        if "onnx_int8" in old:
+            result["onnx_int8"] = old["onnx_int8"]
     _write_json(args.out, result)
     print(f"wrote {args.out}")
+
+
+def bench_int8(products: int, rounds: int) -> dict[str, Any]:
+    """fp32 vs int8 ONNX (and torch fp32) for the demo model; see the module docstring."""
+    from clipsearch.indexer.demo.evaluate import evaluate_catalog
+    from clipsearch.indexer.demo.generate import generate_catalog
+    from clipsearch.retrieval.encoders import load_encoder, load_image_for
+    from clipsearch.retrieval.encoders.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        int8 = export_onnx("clipsearch-demo", out_dir=Path(tmp) / "int8", quantize="int8")
+        int8_bytes = sum(f.stat().st_size for f in int8.out_dir.glob("*.onnx"))
+        encoders = {
+            "torch fp32": load_encoder("clipsearch-demo", backend="torch", precision="fp32"),
+            "onnx fp32": load_encoder("clipsearch-demo", backend="onnx"),
+            "onnx int8": load_encoder(str(int8.out_dir)),
+        }
+        catalog = generate_catalog(Path(tmp) / "catalog", products=products, seed=4242)
+        paths = sorted((catalog.out_dir / "images").rglob("*.jpg"))[:512]
+        base = encoders["onnx fp32"]
+        prepared = np.stack([base.prepare_image(load_image_for(base, p)) for p in paths])
+        rng = np.random.default_rng(0)
+        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(256)]
+        vectors = {
+            n: (e.encode_prepared(prepared), e.encode_texts(texts)) for n, e in encoders.items()
+        }
+        spent = {n: [0.0, 0.0] for n in encoders}
+        for _ in range(rounds):
+            for n, e in encoders.items():
+                t0 = time.perf_counter()
+                e.encode_prepared(prepared)
+                t1 = time.perf_counter()
+                e.encode_texts(texts)
+                t2 = time.perf_counter()
+                spent[n][0] += t1 - t0
+                spent[n][1] += t2 - t1
+        quality = {n: evaluate_catalog(encoders[n], catalog.out_dir)["metrics"]
+                   for n in ("onnx fp32", "onnx int8")}  # fmt: skip
+    img32, txt32 = vectors["onnx fp32"]
+    img8, txt8 = vectors["onnx int8"]
+    top32 = np.argsort(-(txt32 @ img32.T), axis=1)[:, :10]
+    top8 = np.argsort(-(txt8 @ img8.T), axis=1)[:, :10]
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top32, top8, strict=True)]))
+    n_img, n_txt = len(paths) * rounds, len(texts) * rounds
+    runs = {
+        n: {
+            "images_per_s": round(n_img / spent[n][0], 1),
+            "texts_per_s": round(n_txt / spent[n][1], 1),
+        }
+        for n in encoders
+    }
+    for run in runs.values():
+        run["image_speed_vs_onnx_fp32"] = round(
+            run["images_per_s"] / runs["onnx fp32"]["images_per_s"], 3
+        )
+        run["text_speed_vs_onnx_fp32"] = round(
+            run["texts_per_s"] / runs["onnx fp32"]["texts_per_s"], 3
+        )
+    return {
+        "model": "clipsearch-demo",
+        "images": len(paths),
+        "texts": len(texts),
+        "rounds": rounds,
+        "load_average": os.getloadavg(),
+        "runs": runs,
+        "int8_image_cosine_to_fp32": {
+            "min": round(float((img8 * img32).sum(1).min()), 5),
+            "mean": round(float((img8 * img32).sum(1).mean()), 5),
+        },
+        "int8_text_cosine_to_fp32": {
+            "min": round(float((txt8 * txt32).sum(1).min()), 5),
+            "mean": round(float((txt8 * txt32).sum(1).mean()), 5),
+        },
+        "int8_recall@10_vs_fp32_text_to_image": round(recall, 4),
+        "int8_graph_bytes": int8_bytes,
+        "quality": quality,
+        "verdict": "int8 stays optional (not default) unless its quality metrics match fp32",
+    }
 
 
 def _machine() -> dict[str, Any]:
