@@ -104,3 +104,22 @@ def test_missing_metadata_file_is_reported(index: Path) -> None:
     report = verify_index(index)
     assert "s000000" in report.problems and "missing" in report.problems["s000000"][0]
     assert report.to_dict()["ok"] is False
+
+
+def test_open_reads_each_shard_file_once(index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked and parsed from one read: every shard file is opened exactly once."""
+    import builtins
+    from collections import Counter
+
+    opened: Counter[str] = Counter()
+    real_open = builtins.open
+
+    def counting_open(file: object, *args: object, **kwargs: object) -> object:
+        if isinstance(file, (str, Path)) and Path(file).is_relative_to(index.resolve()):
+            opened[Path(file).relative_to(index.resolve()).as_posix()] += 1
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    snap = open_snapshot(index)
+    shard_files = {f.path for s in snap.manifest.shards for f in s.files}
+    assert {p: opened[p] for p in shard_files} == dict.fromkeys(shard_files, 1)
