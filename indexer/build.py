@@ -75,6 +75,7 @@ from clipsearch.retrieval.manifest import (
     version_name,
 )
 from clipsearch.retrieval.progress import Progress, ProgressCallback
+from clipsearch.retrieval.schema import check_add_schema
 from clipsearch.retrieval.store import check_file, read_metadata, read_tombstones
 
 if TYPE_CHECKING:
@@ -374,6 +375,9 @@ def _run(
         base = read_manifest(root, base_version) if base_version is not None else None
         if operation == "add" and base is None:
             raise ConfigError(f"{root}: no index to add to; run `clipsearch index build` first")
+        if operation == "add" and base is not None:
+            # A column whose type clashes with the index's is refused before any embedding.
+            check_add_schema(root, base, scan.schema, where=", ".join(map(str, sources)))
         ingest = _Ingest(operation, root, scan, encoder, options, base, progress)
         ingest.embedder, ingest.shard_writer = hooks
         summary = ingest.run()

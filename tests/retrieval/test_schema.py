@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from clipsearch.indexer.maintenance import delete
 from clipsearch.indexer.sources import SourceOptions
 from clipsearch.indexer.writer import write_shard
 from clipsearch.retrieval.encoders import FakeEncoder
+from clipsearch.retrieval.encoders.base import TextEncoding
 from clipsearch.retrieval.engine import SearchEngine
 from clipsearch.retrieval.errors import IndexFormatError, SourceError
 from clipsearch.retrieval.manifest import read_current, shard_name
@@ -116,6 +118,25 @@ def test_add_with_a_clashing_column_type_is_refused(evolving: Path) -> None:
     assert (
         check_add_schema(evolving, read_current(evolving), ok).field("rating").type == pa.float64()
     )
+
+
+def test_index_add_refuses_a_clashing_column_before_embedding(
+    evolving: Path, tmp_path: Path
+) -> None:
+    clash = _csv(tmp_path / "c.csv", "id,title,rating", ["c1,green mug,good", "c2,grey mug,bad"])
+    before = read_current(evolving).version
+
+    class Counting(FakeEncoder):
+        calls = 0
+
+        def encode_texts_detailed(self, texts: Sequence[str]) -> TextEncoding:
+            Counting.calls += 1
+            return super().encode_texts_detailed(texts)
+
+    with pytest.raises(SourceError, match=r"'rating'.*a number.*text"):
+        add(evolving, [clash], encoder=Counting(16), options=OPTIONS)
+    assert Counting.calls == 0
+    assert read_current(evolving).version == before
 
 
 def _commit_text_shard(root: Path, metadata: pa.Table) -> None:
