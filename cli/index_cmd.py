@@ -192,6 +192,20 @@ _FETCH_CONCURRENCY = typer.Option(
     8, "--fetch-concurrency", help="Image URLs fetched at once (http(s) image columns)."
 )
 _FETCH_TIMEOUT = typer.Option(20.0, "--fetch-timeout", help="Seconds per image URL attempt.")
+_RAY = typer.Option(
+    None,
+    "--ray",
+    metavar="ADDRESS",
+    help="Embed and write shards on a Ray cluster: 'local' starts one here, 'auto' joins "
+    "the one `ray start` started, or host:port / ray://host:10001 (needs clipsearch[ray]).",
+)
+_RAY_ENCODERS = typer.Option(
+    None,
+    "--ray-encoders",
+    help="Encoder actors with --ray (default: one per GPU, or one CPU actor).",
+)
+
+
 _FETCH_CACHE = typer.Option(
     None, "--fetch-cache", help="Cache of fetched images (default ~/.cache/clipsearch/images)."
 )
@@ -224,6 +238,8 @@ def build_cmd(
     fetch_concurrency: int = _FETCH_CONCURRENCY,
     fetch_timeout: float = _FETCH_TIMEOUT,
     fetch_cache: Path | None = _FETCH_CACHE,
+    ray: str | None = _RAY,
+    ray_encoders: int | None = _RAY_ENCODERS,
     as_json: bool = _JSON,
 ) -> None:
     """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
@@ -241,7 +257,18 @@ def build_cmd(
         )  # fmt: skip
         encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
         with progress_bars(quiet=as_json) as progress:
-            summary = build(list(sources), out, encoder=encoder, options=opts, progress=progress)
+            if ray is not None:
+                from clipsearch.indexer.distributed import RayOptions, build_on_ray
+
+                ray_opts = RayOptions(address=ray, encoders=ray_encoders)
+                summary = build_on_ray(
+                    list(sources), out, encoder=encoder, options=opts, ray_options=ray_opts,
+                    progress=progress,
+                )  # fmt: skip
+            else:
+                summary = build(
+                    list(sources), out, encoder=encoder, options=opts, progress=progress
+                )
     if as_json:
         print_json(summary.to_dict())
     else:
@@ -269,6 +296,8 @@ def add_cmd(
     fetch_concurrency: int = _FETCH_CONCURRENCY,
     fetch_timeout: float = _FETCH_TIMEOUT,
     fetch_cache: Path | None = _FETCH_CACHE,
+    ray: str | None = _RAY,
+    ray_encoders: int | None = _RAY_ENCODERS,
     as_json: bool = _JSON,
 ) -> None:
     """Append SOURCES as new shards; unchanged items are skipped, changed ones replaced."""
@@ -287,9 +316,18 @@ def add_cmd(
         )  # fmt: skip
         encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
         with progress_bars(quiet=as_json) as progress:
-            summary = add(
-                index_dir, list(sources), encoder=encoder, options=opts, progress=progress
-            )
+            if ray is not None:
+                from clipsearch.indexer.distributed import RayOptions, add_on_ray
+
+                ray_opts = RayOptions(address=ray, encoders=ray_encoders)
+                summary = add_on_ray(
+                    index_dir, list(sources), encoder=encoder, options=opts,
+                    ray_options=ray_opts, progress=progress,
+                )  # fmt: skip
+            else:
+                summary = add(
+                    index_dir, list(sources), encoder=encoder, options=opts, progress=progress
+                )
     if as_json:
         print_json(summary.to_dict())
     else:

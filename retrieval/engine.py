@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +59,7 @@ class _State:
     snapshot: Snapshot
     shards: tuple[ShardSearcher, ...]
     schema: pa.Schema
-    masks: _MaskCache
+    masks: MaskCache
     # Numeric field -> (min, max) over every row (nulls as 0), filled on first use by a
     # boosted query: bounds how far a boost can lift a row the pool has not fetched.
     field_ranges: dict[str, tuple[float, float]]
@@ -69,7 +69,7 @@ class _State:
         return self.snapshot.version
 
 
-class _MaskCache:
+class MaskCache:
     """Thread-safe LRU: canonical filter text -> what each shard allows (mask, count,
     rows and their gathered vectors; see AllowedRows), sharing one gather budget."""
 
@@ -238,12 +238,10 @@ class SearchEngine:
         """
         t0 = time.perf_counter()
         opts = resolve_options(options, overrides)
-        k, offset = opts.k, opts.offset
         state = self._state
         if not queries:
             return []
         target = _target(state, opts.modality)
-        stages = default_pipeline(opts, mmr_limit=offset + k)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
@@ -253,40 +251,17 @@ class SearchEngine:
         allowed = self._allowed(state, shards, opts.where)
         total = _allowed_total(shards, allowed)
         timings["filter"] = _ms(tick)
-        pool = max(RERANK_WINDOW, offset + k) if opts.reranks else offset + k
-        while True:
-            tick = time.perf_counter()
-            merged, plans = self._search_shards(shards, allowed, xq, pool)
-            timings["search"] = timings.get("search", 0.0) + _ms(tick)
-            tick = time.perf_counter()
-            ranked = [
-                run_pipeline(_candidates(state, shards, m, xq[qi], opts.mmr is not None), stages)
-                for qi, m in enumerate(merged)
-            ]
-            timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
-            if pool >= min(total, MAX_POOL):
-                break
-            if not _needs_more(ranked, merged, opts, _boost_headroom(state, opts)):
-                break
-            pool = min(MAX_POOL, pool * 4)
-        tick = time.perf_counter()
-        out = []
-        for c in ranked:
-            page, first_rank = paginate(c, offset, k)
-            out.append(_hits(page, first_rank))
-        timings["fetch"] = _ms(tick)
-        timings["total"] = _ms(t0)
-        version = state.version
-        return [
-            SearchResults(
-                hits=hits,
-                timings=dict(timings),
-                index_version=version,
-                total_matches=total if opts.where is not None else None,
-                plans=plans,
-            )
-            for hits in out
-        ]
+        ranked, plans = rank_queries(
+            opts,
+            total=total,
+            search=lambda pool: self._search_shards(shards, allowed, xq, pool),
+            candidates=lambda merged, vectors: [
+                _candidates(state, shards, m, xq[qi], vectors) for qi, m in enumerate(merged)
+            ],
+            headroom=lambda: _boost_headroom(state, opts),
+            timings=timings,
+        )
+        return page_results(ranked, opts, total, plans, timings, t0, state.version)
 
     def classify(self, image: Any, labels: Sequence[str]) -> list[tuple[str, float]]:
         """Zero-shot label probabilities for an image, highest first (CLIP recipe)."""
@@ -307,19 +282,7 @@ class SearchEngine:
     ) -> tuple[AllowedRows | None, ...]:
         """Per shard, the rows the query may return (None: every row). A filter's
         AllowedRows are cached per version (``MASK_CACHE_SIZE``), with the rows' copy."""
-        if where is None:
-            return tuple(s.unfiltered for s in shards)
-        compiled: CompiledFilter = compile_filter(where, state.schema)
-        key = to_text(compiled.node) + "|" + ",".join(s.record.name for s in shards)
-        cached = state.masks.get(key)
-        if cached is None:
-            out = []
-            for s in shards:
-                m = compiled.mask(s.metadata)
-                out.append(AllowedRows(m if s.live is None else m & s.live, state.masks.budget))
-            cached = tuple(out)
-            state.masks.put(key, cached)
-        return cached
+        return allowed_rows(shards, where, state.schema, state.masks)
 
     def _search_shards(
         self,
@@ -342,18 +305,126 @@ class SearchEngine:
         futures = {i: self._pool.submit(one, i) for i in ann}
         results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
         plans = {s.record.name: r[2] for s, r in zip(shards, results, strict=True)}
-        merged = []
-        for qi in range(xq.shape[0]):
-            lists = [
-                [
-                    (-float(d), s.record.row_id_start + int(j), si, int(j))
-                    for d, j in zip(r[0][qi], r[1][qi], strict=True)
-                ]
-                for si, (s, r) in enumerate(zip(shards, results, strict=True))
+        starts = [s.record.row_id_start for s in shards]
+        return merge_shard_tops(starts, [(r[0], r[1]) for r in results], pool), plans
+
+
+# --------------------------------------------------------------- shared query pieces
+# The steps of a query that do not depend on where shards live: the local engine above
+# and the distributed coordinator (clipsearch.retrieval.distributed) both run them.
+
+# Per query, the merged best rows as (score, shard position, local row), best first.
+Merged = list[list[tuple[float, int, int]]]
+
+
+def allowed_rows(
+    shards: Sequence[ShardSearcher],
+    where: str | dict[str, Any] | None,
+    schema: pa.Schema,
+    masks: MaskCache,
+) -> tuple[AllowedRows | None, ...]:
+    """Per shard, the rows a query with filter ``where`` may return (None: every row;
+    tombstoned rows are never allowed). A filter's AllowedRows are cached in ``masks``
+    (keyed by the canonical filter and the shard names), with the rows' copy."""
+    if where is None:
+        return tuple(s.unfiltered for s in shards)
+    compiled: CompiledFilter = compile_filter(where, schema)
+    key = to_text(compiled.node) + "|" + ",".join(s.record.name for s in shards)
+    cached = masks.get(key)
+    if cached is None:
+        out = []
+        for s in shards:
+            m = compiled.mask(s.metadata)
+            out.append(AllowedRows(m if s.live is None else m & s.live, masks.budget))
+        cached = tuple(out)
+        masks.put(key, cached)
+    return cached
+
+
+def merge_shard_tops(
+    row_starts: Sequence[int], results: Sequence[tuple[np.ndarray, np.ndarray]], pool: int
+) -> Merged:
+    """Merge per-shard top lists with a heap into the best ``pool`` per query.
+
+    ``results[i]`` is shard i's (scores ``[nq, <=pool]`` descending, local rows); ties
+    break on the global row id (``row_starts[i]`` + local row), so the order does not
+    depend on which shard answered first.
+    """
+    n_queries = results[0][0].shape[0] if results else 0
+    merged: Merged = []
+    for qi in range(n_queries):
+        lists = [
+            [
+                (-float(d), start + int(j), si, int(j))
+                for d, j in zip(r[0][qi], r[1][qi], strict=True)
             ]
-            best = itertools.islice(heapq.merge(*lists), pool)
-            merged.append([(-neg, si, j) for neg, _, si, j in best])
-        return merged, plans
+            for si, (start, r) in enumerate(zip(row_starts, results, strict=True))
+        ]
+        best = itertools.islice(heapq.merge(*lists), pool)
+        merged.append([(-neg, si, j) for neg, _, si, j in best])
+    return merged
+
+
+def rank_queries(
+    opts: SearchOptions,
+    *,
+    total: int,
+    search: Callable[[int], tuple[Merged, dict[str, str]]],
+    candidates: Callable[[Merged, bool], list[Candidates]],
+    headroom: Callable[[], float],
+    timings: dict[str, float],
+) -> tuple[list[Candidates], dict[str, str]]:
+    """Search, rerank and grow the candidate pool until no page can change.
+
+    ``search(pool)`` gives the merged best ``pool`` per query and the per-shard plans;
+    ``candidates(merged, with_vectors)`` their rows as :class:`Candidates`;
+    ``headroom()`` the most boosts can add (:func:`_boost_headroom`). ``total``: rows the
+    queries may return. Adds "search" and "rerank" to ``timings``.
+    """
+    stages = default_pipeline(opts, mmr_limit=opts.offset + opts.k)
+    pool = max(RERANK_WINDOW, opts.offset + opts.k) if opts.reranks else opts.offset + opts.k
+    while True:
+        tick = time.perf_counter()
+        merged, plans = search(pool)
+        timings["search"] = timings.get("search", 0.0) + _ms(tick)
+        tick = time.perf_counter()
+        ranked = [run_pipeline(c, stages) for c in candidates(merged, opts.mmr is not None)]
+        timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
+        if pool >= min(total, MAX_POOL):
+            break
+        if not _needs_more(ranked, merged, opts, headroom()):
+            break
+        pool = min(MAX_POOL, pool * 4)
+    return ranked, plans
+
+
+def page_results(
+    ranked: list[Candidates],
+    opts: SearchOptions,
+    total: int,
+    plans: dict[str, str],
+    timings: dict[str, float],
+    t0: float,
+    version: int,
+) -> list[SearchResults]:
+    """The requested page of each ranked list as :class:`SearchResults`."""
+    tick = time.perf_counter()
+    out = []
+    for c in ranked:
+        page, first_rank = paginate(c, opts.offset, opts.k)
+        out.append(_hits(page, first_rank))
+    timings["fetch"] = _ms(tick)
+    timings["total"] = _ms(t0)
+    return [
+        SearchResults(
+            hits=hits,
+            timings=dict(timings),
+            index_version=version,
+            total_matches=total if opts.where is not None else None,
+            plans=plans,
+        )
+        for hits in out
+    ]
 
 
 def check_fingerprint(manifest: Manifest, encoder: Encoder) -> None:
@@ -382,7 +453,7 @@ def _build_state(snapshot: Snapshot, placer: ShardPlacer, config: PlannerConfig)
         # One schema for every shard (the union of their columns; the snapshot pads each
         # shard's table to it), so a filter on a column only newer shards have works.
         schema=snapshot.schema,
-        masks=_MaskCache(MASK_CACHE_SIZE, config.gather_cache_bytes),
+        masks=MaskCache(MASK_CACHE_SIZE, config.gather_cache_bytes),
         field_ranges={},
     )
 
@@ -396,6 +467,30 @@ def _candidates(
 ) -> Candidates:
     """The merged rows of one query with their metadata (and vectors, for MMR), all read
     from ``state``: the version the query started on."""
+
+    def take(si: int, local: np.ndarray) -> tuple[pa.Table, np.ndarray | None]:
+        s = shards[si]
+        return s.metadata.take(pa.array(local)), (
+            np.asarray(s.vectors[local], np.float32) if vectors else None
+        )
+
+    starts = [s.record.row_id_start for s in shards]
+    return build_candidates(merged, query, vectors, starts, take, state.schema)
+
+
+def build_candidates(
+    merged: list[tuple[float, int, int]],
+    query: np.ndarray,
+    vectors: bool,
+    row_starts: Sequence[int],
+    take: Callable[[int, np.ndarray], tuple[pa.Table, np.ndarray | None]],
+    schema: pa.Schema,
+) -> Candidates:
+    """One query's merged rows as :class:`Candidates`, in merged order.
+
+    ``take(shard position, local rows)`` returns those rows' metadata (in ``schema``)
+    and, when ``vectors``, their float32 vectors; it is called once per shard.
+    """
     n = len(merged)
     scores = np.array([m[0] for m in merged], np.float32)
     tables, row_ids, vecs = [], np.empty(n, np.int64), []
@@ -406,10 +501,11 @@ def _candidates(
     order = []
     for si, poss in by_shard.items():
         local = np.array([merged[p][2] for p in poss], np.int64)
-        tables.append(shards[si].metadata.take(pa.array(local)))
-        row_ids[poss] = shards[si].record.row_id_start + local
-        if vectors:
-            vecs.append(np.asarray(shards[si].vectors[local], np.float32))
+        table, v = take(si, local)
+        tables.append(table)
+        row_ids[poss] = row_starts[si] + local
+        if vectors and v is not None:
+            vecs.append(v)
         order.extend(poss)
     dim = query.shape[0]
     if tables:
@@ -419,7 +515,7 @@ def _candidates(
         meta = meta.take(pa.array(inverse))
         v = np.concatenate(vecs)[inverse] if vectors else np.zeros((n, 0), np.float32)
     else:
-        meta = state.schema.empty_table()
+        meta = schema.empty_table()
         v = np.zeros((0, dim if vectors else 0), np.float32)
     return Candidates(scores=scores, row_ids=row_ids, metadata=meta, vectors=v, query=query)
 
@@ -458,9 +554,15 @@ def _hits(page: Candidates, first_rank: int) -> tuple[Hit, ...]:
 def _boost_headroom(state: _State, opts: SearchOptions) -> float:
     """The most that ``opts.boosts`` can add to any row's score: sum over boosted fields
     of max(weight * value) over every row of the version (null counts 0, as in Boost)."""
+    return boost_headroom(opts, lambda name: _field_range(state, name))
+
+
+def boost_headroom(opts: SearchOptions, field_range: Callable[[str], tuple[float, float]]) -> float:
+    """The most ``opts.boosts`` can add to a score, given each boosted field's
+    ``field_range(name)`` = (min, max) over every row (see :func:`field_range`)."""
     headroom = 0.0
     for name, weight in opts.boosts:
-        lo, hi = _field_range(state, name)
+        lo, hi = field_range(name)
         headroom += max(weight * lo, weight * hi)
     return headroom
 
@@ -471,10 +573,19 @@ def _field_range(state: _State, name: str) -> tuple[float, float]:
     cached = state.field_ranges.get(name)
     if cached is not None:
         return cached
+    lo, hi = field_range(state.shards, name)
+    state.field_ranges[name] = (lo, hi)  # idempotent: a racing query computes the same
+    return lo, hi
+
+
+def field_range(shards: Sequence[ShardSearcher], name: str) -> tuple[float, float]:
+    """(min, max) of a numeric field over every row of ``shards``, with 0 included (nulls
+    count 0); (0, 0) when the field is not numeric. The union of two ranges is the range
+    of the union, so hosts of some shards can each report theirs."""
     import pyarrow.compute as pc
 
     lo = hi = 0.0
-    for s in state.shards:
+    for s in shards:
         if name not in s.metadata.column_names or not s.rows:
             continue
         col = s.metadata.column(name)
@@ -482,7 +593,6 @@ def _field_range(state: _State, name: str) -> tuple[float, float]:
             continue
         values = np.asarray(pc.fill_null(col, 0).to_numpy(), dtype=np.float64)
         lo, hi = min(lo, float(np.nanmin(values))), max(hi, float(np.nanmax(values)))
-    state.field_ranges[name] = (lo, hi)  # idempotent: a racing query computes the same
     return lo, hi
 
 
