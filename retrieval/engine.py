@@ -275,6 +275,19 @@ class SearchEngine:
         shards = [s for s in state.shards if modality is None or s.record.modality == modality]
         return _allowed_total(shards, self._allowed(state, shards, where))
 
+    def allowed_rows(
+        self, where: str | dict[str, Any] | None = None, modality: str | None = None
+    ) -> tuple[Snapshot, dict[str, AllowedRows | None]]:
+        """The pinned snapshot and, per shard name of the rows a query with ``modality``
+        searches (:meth:`target_modality`), what ``where`` allows there: tombstones removed,
+        None = every row. Taken from the filter cache queries share (read-only: facet
+        counts, :mod:`clipsearch.retrieval.facets`)."""
+        state = self._state
+        target = _target(state, modality)
+        shards = [s for s in state.shards if s.record.modality == target]
+        allowed = self._allowed(state, shards, where)
+        return state.snapshot, {s.record.name: a for s, a in zip(shards, allowed, strict=True)}
+
     # ------------------------------------------------------------------ internals
 
     def _allowed(
