@@ -30,6 +30,7 @@ index. Ray is imported only here, inside the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -163,7 +164,7 @@ def add_on_ray(
 def ray_session(address: str) -> Iterator[None]:
     """Ray initialised for the body: an existing session is used as it is; otherwise
     ``address`` is joined ("local": a private cluster), and left again afterwards."""
-    import ray
+    ray = import_ray()
 
     if ray.is_initialized():
         yield
@@ -182,6 +183,19 @@ def ray_session(address: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or ConfigError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # the build needs Ray Data, not only Ray core
+    except ImportError as e:
+        raise ConfigError(
+            f"running on Ray needs the ray extra ({e}); install it with "
+            "`pip install 'clipsearch[ray]'` (ray[data])"
+        ) from e
+    return ray
 
 
 # ---------------------------------------------------------------------------- encoders
@@ -497,9 +511,10 @@ class RayEmbedder:
             n_encoders,
             gpus,
         )
-        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        decode: Any = decode_items
+        ds: Any = ray.data.from_items(rows, override_num_blocks=n_blocks)
         ds = ds.map_batches(
-            decode_items,
+            decode,
             fn_kwargs={"settings": settings},
             batch_size=None,
             batch_format="numpy",
@@ -595,7 +610,7 @@ class RayShardWriter:
             self._remote = ray.remote(num_cpus=1, max_retries=self.options.write_retries)(
                 _write_shard_remote
             )
-        detail = {"shard": name, "rows": len(vectors)}
+        detail: dict[str, int | str] = {"shard": name, "rows": len(vectors)}
         if progress:
             progress(Progress("write shard", 0, 3, "files", detail=detail))
         kwargs = {
@@ -610,10 +625,12 @@ class RayShardWriter:
         problems = [p for f in record.files if (p := check_file(root, f, verify_hash=False))]
         if problems:
             raise IndexWriteError(
-                f"shard {name} was written by a Ray worker but the driver does not see it at "
+                code=errno.ENOENT,
+                path=root / "shards",
+                message=f"shard {name} was written by a Ray worker but the driver does not see it at "
                 f"{root} ({'; '.join(problems)}); the index must live on a filesystem every "
                 "node mounts at the same path (NFS, CephFS, EFS...), or build with "
-                "remote_writes=False"
+                "remote_writes=False",
             )
         if progress:
             progress(Progress("write shard", 3, 3, "files", detail=detail))
