@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections import Counter
@@ -28,7 +29,7 @@ from clipsearch.indexer.crash import crash_point
 from clipsearch.indexer.fsutil import remove_temp_files
 from clipsearch.indexer.lock import IndexLock
 from clipsearch.indexer.writer import write_shard
-from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.errors import ClipsearchError, ConfigError
 from clipsearch.retrieval.manifest import (
     ERRORS_DIR,
     MANIFEST_DIR,
@@ -193,24 +194,44 @@ def compact(
         version = base.version
         rewritten, removed = 0, 0
         if len(dead):
-            shards, rewritten, removed = _rewrite_shards(root, base, dead, report)
-            version = next_version(root)
-            manifest = replace(
-                base,
-                version=version,
-                parent_version=base.version,
-                operation="compact",
-                shards=shards,
-                tombstones=None,
-                n_tombstones=0,
-                next_row_id=_next_row(base, shards),
-                next_shard=base.next_shard + rewritten,
-            )
-            report(Progress("commit", 0, 1, "versions"))
-            commit(root, manifest)
+            try:
+                shards, rewritten, removed = _rewrite_shards(root, base, dead, report)
+                version = next_version(root)
+                manifest = replace(
+                    base,
+                    version=version,
+                    parent_version=base.version,
+                    operation="compact",
+                    shards=shards,
+                    tombstones=None,
+                    n_tombstones=0,
+                    next_row_id=_next_row(base, shards),
+                    next_shard=base.next_shard + rewritten,
+                )
+                report(Progress("commit", 0, 1, "versions"))
+                commit(root, manifest)
+            except BaseException:  # disk full, Ctrl-C, a bug: leave no half-written shard
+                _discard_new_shards(root, base)
+                raise
             report(Progress("commit", 1, 1, "versions", detail={"version": version}))
         files, freed, gone = _collect_garbage(root, keep_versions, report)
     return CompactSummary(version, rewritten, removed, files, freed, gone)
+
+
+def _discard_new_shards(root: Path, base: Manifest) -> None:
+    """Remove the shard files a failed compact wrote (names from ``base.next_shard`` on),
+    unless its commit went through after all (then the live manifest lists them)."""
+    try:
+        if read_current(root).version != base.version:
+            return
+    except ClipsearchError:
+        return  # cannot tell; a later compact collects unreferenced files
+    for path in (root / SHARD_DIR).glob("s*.*"):
+        stem = path.name.split(".", 1)[0]
+        if stem[1:].isdigit() and int(stem[1:]) >= base.next_shard:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("removed %s left by the failed compact", path)
 
 
 def _next_row(base: Manifest, shards: tuple[ShardRecord, ...]) -> int:

@@ -131,6 +131,33 @@ def test_delete_and_compact_report_disk_full(
     assert [p for p in idx.rglob("*") if TMP_MARKER in p.name] == []
 
 
+def test_compact_failing_at_any_write_leaves_no_shard_files(
+    tmp_path: Path, corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compact rewriting several shards fails at every write it makes: each time the
+    live version is untouched and no rewritten shard's files stay behind."""
+    idx = tmp_path / "idx"
+    build([corpus["a"]], idx, encoder=ENC, options=OPTS)
+    delete(idx, ids=["img0001.jpg", "img0005.jpg", "img0009.jpg"])
+    before = canonical(snapshot_rows(idx)[0])
+    files_before = sorted(p.name for p in (idx / "shards").iterdir())
+    n_writes = _writes(lambda: compact(idx), monkeypatch)
+    # _writes ran one compact to count; rebuild the same starting point for each trial.
+    for n in range(1, n_writes + 1):
+        trial = tmp_path / f"trial{n}"
+        build([corpus["a"]], trial, encoder=ENC, options=OPTS)
+        delete(trial, ids=["img0001.jpg", "img0005.jpg", "img0009.jpg"])
+        version = read_current(trial).version
+        _fail_nth_write(monkeypatch, n, errno.ENOSPC)
+        with pytest.raises(IndexWriteError, match="no space left"):
+            compact(trial)
+        monkeypatch.undo()
+        if read_current(trial).version != version:
+            continue  # the failure hit the garbage collection after the commit
+        assert canonical(snapshot_rows(trial)[0]) == before
+        assert sorted(p.name for p in (trial / "shards").iterdir()) == files_before
+
+
 def test_read_only_index_folder_fails_at_the_lock_with_a_clear_message(
     tmp_path: Path, corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
