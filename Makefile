@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "clipsearch needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,serve,onnx,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,serve,onnx,ray,hybrid]"
 	touch $(STAMP)
 
 install: $(STAMP)
