@@ -67,6 +67,35 @@ def train_cmd(
         help="Attribute columns that also supervise the image tower (e.g. kind), via heads dropped at export.",
     ),
     label_weight: float = typer.Option(1.0, "--label-weight", help="Weight of the label losses."),
+    text_tower: str = typer.Option(
+        "",
+        "--text-tower",
+        help="Pretrained text tower (LiT): 'minilm' (all-MiniLM-L6-v2, needs the train extra) "
+        "or a Hugging Face BERT folder; the image tower of --model learns to meet it.",
+    ),
+    add_tokens: str = typer.Option(
+        "", "--add-tokens", help="Tokens to add to the tower: 'zh-common' or a file (one a line)."
+    ),
+    embed_dim: int | None = typer.Option(
+        None, "--embed-dim", help="Embedding size with --text-tower (default: the tower's width)."
+    ),
+    text_lr: float | None = typer.Option(
+        None, "--text-lr", help="Learning rate of the text transformer; 0 locks it (default: --lr)."
+    ),
+    text_proj_lr: float | None = typer.Option(
+        None, "--text-proj-lr", help="Learning rate of the text projection; 0 locks it."
+    ),
+    translation_set: str | None = typer.Option(
+        None,
+        "--translation-set",
+        help="Translated caption templates: 'shop-zh' (Chinese captions of the demo catalog).",
+    ),
+    distill_steps: int = typer.Option(
+        0, "--distill-steps", help="Steps teaching added tokens on the translation pairs first."
+    ),
+    negative_images: int = typer.Option(
+        0, "--negative-images", help="Synthetic non-product images per batch (negatives of all)."
+    ),
     steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(128, "--batch-size", help="Examples per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
@@ -100,6 +129,7 @@ def train_cmd(
     """Train or fine-tune a CLIP model (symmetric InfoNCE); re-running resumes from the last checkpoint."""
     from clipsearch.indexer.training import TrainConfig, train
     from clipsearch.indexer.training import template_set as named_templates
+    from clipsearch.indexer.training.config import translation_set as named_translations
 
     with cli_errors():
         templates = tuple(template) + (named_templates(template_set) if template_set else ())
@@ -117,6 +147,14 @@ def train_cmd(
             hard_negative_fraction=hard_negatives,
             label_columns=_split(label_columns),
             label_weight=label_weight,
+            text_tower=text_tower,
+            add_tokens=add_tokens,
+            embed_dim=embed_dim,
+            text_lr=text_lr,
+            text_proj_lr=text_proj_lr,
+            translations=named_translations(translation_set) if translation_set else (),
+            distill_steps=distill_steps,
+            negative_images=negative_images,
             steps=steps,
             batch_size=batch_size,
             lr=lr,

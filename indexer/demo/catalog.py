@@ -58,6 +58,53 @@ BRANDS: tuple[str, ...] = (
     "Tidewater",
 )
 
+# Shopper words for training captions: other ways people name each kind, colour and
+# pattern. Each product carries one of each (``kind_alt``, ...) so that training sees
+# varied wording and learns the concept, not one word. The evaluation's unseen synonyms
+# (indexer/demo/phrasings.py) are a separate list that shares no word with these.
+KIND_ALTS: dict[str, tuple[str, ...]] = {
+    "t-shirt": ("tshirt", "top", "crew neck shirt"),
+    "dress": ("sundress", "maxi dress", "summer dress"),
+    "sneaker": ("sneakers", "kicks", "athletic footwear"),
+    "boot": ("boots", "ankle boot", "chelsea boot"),
+    "hat": ("fedora", "sunhat", "headwear"),
+    "bag": ("purse", "shoulder bag", "satchel"),
+    "watch": ("watches", "analog watch", "chronograph"),
+    "mug": ("tea mug", "beaker", "stein"),
+    "lamp": ("desk lamp", "lantern", "floor lamp"),
+    "chair": ("stool", "dining chair", "recliner"),
+}
+COLOUR_ALTS: dict[str, tuple[str, ...]] = {
+    "red": ("ruby", "cherry", "brick red"),
+    "orange": ("apricot", "pumpkin", "burnt orange"),
+    "yellow": ("golden", "canary", "sunflower"),
+    "green": ("lime", "forest green", "sage"),
+    "blue": ("sapphire", "indigo", "royal blue"),
+    "purple": ("plum", "lavender", "grape"),
+    "pink": ("blush", "salmon", "magenta"),
+    "brown": ("mocha", "chestnut", "caramel"),
+    "black": ("onyx", "charcoal", "midnight black"),
+    "white": ("cream", "pearl", "chalk white"),
+}
+PATTERN_ALTS: dict[str, tuple[str, ...]] = {
+    "plain": ("unpatterned", "monochrome", "single tone"),
+    "striped": ("stripes", "banded", "lined"),
+    "dotted": ("dots", "speckled", "pindot"),
+    "checked": ("checkered", "chequered", "tartan"),
+}
+# Shopper phrasings over the alternative words (templates of the "shop" set).
+SHOPPER_TEMPLATES: tuple[str, ...] = (
+    "{colour_alt} {pattern_alt} {kind_alt}",
+    "i want a {colour_alt} {kind_alt}, {pattern_alt}",
+    "show me {pattern_alt} {kind_alt} in {colour_alt}",
+    "buy {colour_alt} {pattern_alt} {kind_alt}",
+    "{kind_alt} {colour_alt} {pattern_alt}",
+    "{kind_alt}",
+    "{colour_alt} {kind}",
+    "{pattern_alt} {kind}",
+    "{colour} {pattern} {kind_alt}",
+)
+
 # Caption templates over the product's attributes. Subsets of the attributes appear on
 # purpose: shoppers type "red mug" as often as "a red striped mug".
 CAPTION_TEMPLATES: tuple[str, ...] = (
@@ -79,6 +126,71 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {kind}",
     "a photo of a {kind}",
     "{kind}",
+    *SHOPPER_TEMPLATES,
+)
+
+# Simplified Chinese for every kind, colour and pattern, with the measure word a shopper
+# puts before the kind ("一件T恤", "一双运动鞋"). The training captions use these words;
+# the evaluation's unseen Chinese phrasings (indexer/demo/phrasings.py) use others.
+KINDS_ZH: dict[str, str] = {
+    "t-shirt": "T恤",
+    "dress": "连衣裙",
+    "sneaker": "运动鞋",
+    "boot": "靴子",
+    "hat": "帽子",
+    "bag": "包",
+    "watch": "手表",
+    "mug": "马克杯",
+    "lamp": "台灯",
+    "chair": "椅子",
+}
+MEASURE_ZH: dict[str, str] = {
+    "t-shirt": "件",
+    "dress": "条",
+    "sneaker": "双",
+    "boot": "双",
+    "hat": "顶",
+    "bag": "个",
+    "watch": "块",
+    "mug": "个",
+    "lamp": "盏",
+    "chair": "把",
+}
+COLOURS_ZH: dict[str, str] = {
+    "red": "红色",
+    "orange": "橙色",
+    "yellow": "黄色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "purple": "紫色",
+    "pink": "粉色",
+    "brown": "棕色",
+    "black": "黑色",
+    "white": "白色",
+}
+PATTERNS_ZH: dict[str, str] = {
+    "plain": "纯色",
+    "striped": "条纹",
+    "dotted": "波点",
+    "checked": "格子",
+}
+
+# Bilingual caption templates: (Chinese, English with the same meaning). The Chinese side
+# is sampled as a training caption like the English templates; the pairs also teach the
+# text tower's new Chinese tokens (training distils each Chinese caption onto the
+# embedding of its English twin, see indexer/training/multilingual.py).
+TRANSLATION_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("{colour_zh}{pattern_zh}{kind_zh}", "a {colour} {pattern} {kind}"),
+    ("{colour_zh}的{pattern_zh}{kind_zh}", "a {colour} {pattern} {kind}"),
+    ("一{measure_zh}{colour_zh}{pattern_zh}{kind_zh}", "a {colour} {pattern} {kind}"),
+    ("{pattern_zh}{colour_zh}{kind_zh}", "a {pattern} {colour} {kind}"),
+    ("{colour_zh}{kind_zh}", "a {colour} {kind}"),
+    ("{pattern_zh}{kind_zh}", "a {pattern} {kind}"),
+    ("{kind_zh}", "a {kind}"),
+    ("{colour_zh}", "{colour}"),
+    ("{pattern_zh}", "{pattern}"),
+    ("{brand} {colour_zh}{pattern_zh}{kind_zh}", "{brand} {colour} {pattern} {kind}"),
+    ("{title_zh}", "{title}"),
 )
 
 _EPOCH = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
@@ -115,6 +227,10 @@ class Product:
     created_at: dt.datetime
     # Photo views: ("front",) or ("front", "back").
     views: tuple[str, ...]
+    # This product's shopper words for its kind, colour and pattern (see KIND_ALTS...).
+    kind_alt: str = ""
+    colour_alt: str = ""
+    pattern_alt: str = ""
 
     @property
     def title(self) -> str:
@@ -131,6 +247,17 @@ class Product:
         )
 
     @property
+    def title_zh(self) -> str:
+        """The title in Simplified Chinese: ``Northwind 红色条纹T恤``."""
+        pattern = "" if self.pattern == "plain" else PATTERNS_ZH[self.pattern]
+        return f"{self.brand} {COLOURS_ZH[self.colour]}{pattern}{KINDS_ZH[self.kind]}"
+
+    @property
+    def caption_zh(self) -> str:
+        """The attribute caption in Simplified Chinese: ``红色条纹T恤``."""
+        return attribute_caption_zh(self.kind, self.colour, self.pattern)
+
+    @property
     def caption(self) -> str:
         """The canonical attribute caption, e.g. ``a red striped t-shirt``."""
         return attribute_caption(self.kind, self.colour, self.pattern)
@@ -139,6 +266,11 @@ class Product:
 def attribute_caption(kind: str, colour: str, pattern: str) -> str:
     """``a red striped mug`` / ``an orange plain hat``: the form the quality bar uses."""
     return f"{article(colour)} {colour} {pattern} {kind}"
+
+
+def attribute_caption_zh(kind: str, colour: str, pattern: str) -> str:
+    """``红色条纹马克杯``: colour, pattern, kind, the order a Chinese shopper types them."""
+    return f"{COLOURS_ZH[colour]}{PATTERNS_ZH[pattern]}{KINDS_ZH[kind]}"
 
 
 def article(word: str) -> str:
@@ -163,6 +295,8 @@ def make_product(seed: int, index: int, *, two_view_fraction: float = 0.25) -> P
     in_stock = bool(rng.random() < 0.8)
     created_at = _EPOCH + dt.timedelta(seconds=int(rng.integers(_SPAN_S)))
     views = ("front", "back") if rng.random() < two_view_fraction else ("front",)
+    # A generator of its own, so that adding these words kept every earlier attribute.
+    alt = np.random.default_rng([seed, index, 1])
     return Product(
         sku=f"SKU-{index:06d}",
         category=category,
@@ -176,4 +310,7 @@ def make_product(seed: int, index: int, *, two_view_fraction: float = 0.25) -> P
         in_stock=in_stock,
         created_at=created_at,
         views=views,
+        kind_alt=KIND_ALTS[kind][int(alt.integers(len(KIND_ALTS[kind])))],
+        colour_alt=COLOUR_ALTS[colour][int(alt.integers(len(COLOUR_ALTS[colour])))],
+        pattern_alt=PATTERN_ALTS[pattern][int(alt.integers(len(PATTERN_ALTS[pattern])))],
     )

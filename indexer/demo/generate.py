@@ -21,7 +21,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsearch.indexer.demo.catalog import COLOURS, KINDS, PATTERNS, Product, make_product
+from clipsearch.indexer.demo.catalog import (
+    COLOURS,
+    COLOURS_ZH,
+    KINDS,
+    KINDS_ZH,
+    MEASURE_ZH,
+    PATTERNS,
+    PATTERNS_ZH,
+    Product,
+    make_product,
+)
 from clipsearch.indexer.demo.render import encode_jpeg, render_photo
 from clipsearch.indexer.fsutil import (
     atomic_write_bytes,
@@ -139,10 +149,19 @@ def _row(product: Product, view: str, image_path: str) -> dict[str, object]:
         "title": product.title,
         "description": product.description,
         "caption": product.caption,
+        "title_zh": product.title_zh,
+        "caption_zh": product.caption_zh,
         "category": product.category,
         "kind": product.kind,
         "colour": product.colour,
         "pattern": product.pattern,
+        "kind_zh": KINDS_ZH[product.kind],
+        "colour_zh": COLOURS_ZH[product.colour],
+        "pattern_zh": PATTERNS_ZH[product.pattern],
+        "measure_zh": MEASURE_ZH[product.kind],
+        "kind_alt": product.kind_alt,
+        "colour_alt": product.colour_alt,
+        "pattern_alt": product.pattern_alt,
         "brand": product.brand,
         "material": product.material,
         "price": product.price,
@@ -164,10 +183,19 @@ def _write_manifest(path: Path, rows: list[dict[str, object]]) -> None:
             ("title", pa.string()),
             ("description", pa.string()),
             ("caption", pa.string()),
+            ("title_zh", pa.string()),
+            ("caption_zh", pa.string()),
             ("category", pa.string()),
             ("kind", pa.string()),
             ("colour", pa.string()),
             ("pattern", pa.string()),
+            ("kind_zh", pa.string()),
+            ("colour_zh", pa.string()),
+            ("pattern_zh", pa.string()),
+            ("measure_zh", pa.string()),
+            ("kind_alt", pa.string()),
+            ("colour_alt", pa.string()),
+            ("pattern_alt", pa.string()),
             ("brand", pa.string()),
             ("material", pa.string()),
             ("price", pa.float64()),

@@ -33,8 +33,14 @@ log = logging.getLogger(__name__)
 DEMO_SEED = 7
 DEMO_PRODUCTS = 3000
 INDEX_DIR = "index"
-# Questions run_demo asks (seven searches and one zero-shot classification).
-_N_QUESTIONS = 8
+# Questions run_demo asks (ten searches and one zero-shot classification).
+_N_QUESTIONS = 11
+# What the demo says when the best answer is below the model's relevance threshold.
+NO_GOOD_MATCH = "no good match"
+DEMO_SHOP_ONLY = (
+    "the demo model only knows the demo shop (t-shirts, dresses, sneakers, boots, hats, "
+    "bags, watches, mugs, lamps and chairs in ten colours and four patterns)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,13 @@ class DemoQuery:
     # Rows passing the filter (None without a filter), and milliseconds taken.
     matches: int | None
     ms: float
+    # Sort field applied after the relevance cutoff, e.g. "price".
+    sort: str | None = None
+    # The model's calibrated relevance threshold for this query's direction (None: the
+    # model has none); hits below it carry ``low_confidence: True``.
+    threshold: float | None = None
+    # True when no hit reaches the threshold: the demo says "no good match".
+    no_good_match: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +90,11 @@ class DemoReport:
                     "kind": q.kind,
                     "query": q.query,
                     "filter": q.filter,
+                    "sort": q.sort,
                     "matches": q.matches,
                     "ms": round(q.ms, 1),
+                    "threshold": q.threshold,
+                    "no_good_match": q.no_good_match,
                     "hits": q.hits,
                 }
                 for q in self.queries
@@ -122,26 +138,60 @@ def search_demo_index(
     k: int = 5,
     where: str | None = None,
     modality: str = "image",
+    threshold: float | None = None,
+    sort: str | None = None,
 ) -> tuple[list[dict[str, Any]], int | None]:
     """Top ``k`` products for a text or image (path) query: best row per ``sku``.
 
     Returns (hits, rows passing ``where`` or None). A hit is rank, score (cosine), the
-    row's source, and its product metadata.
+    row's source, its product metadata, and ``low_confidence`` (score below
+    ``threshold``, the model's calibrated relevance threshold; False without one).
+    With ``sort`` (a metadata field), hits below the threshold are cut first and the rest
+    sorted, so "red striped t-shirt" by price lists red striped t-shirts, cheapest first.
     """
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
-    res = engine.search(query, k=k, where=where, modality=modality, group_by_doc=True)
+    options: dict[str, Any] = {}
+    if sort is not None:
+        options["sort"] = sort
+        if threshold is not None:
+            options["min_score"] = threshold
+    res = engine.search(query, k=k, where=where, modality=modality, group_by_doc=True, **options)
     hits = [
-        {"rank": h.rank, "score": round(h.score, 4), "sku": h.doc_id, "source": h.source}
+        {
+            "rank": h.rank,
+            "score": round(h.score, 4),
+            "low_confidence": threshold is not None and h.score < threshold,
+            "sku": h.doc_id,
+            "source": h.source,
+        }
         | h.metadata
         for h in res.hits
     ]
     return hits, res.total_matches
 
 
+def demo_thresholds(encoder: Encoder) -> dict[str, float]:
+    """The encoder's calibrated relevance thresholds by direction (``text->image``...);
+    empty when its model has no calibration for these very weights."""
+    from clipsearch.retrieval.models import DIRECTIONS, calibrated_threshold
+
+    found = {d: calibrated_threshold(encoder.fingerprint, d) for d in DIRECTIONS}
+    return {d: v for d, v in found.items() if v is not None}
+
+
 def what_is_this(engine: SearchEngine, image: Path, *, k: int = 3) -> list[dict[str, Any]]:
-    """Zero-shot: rank every attribute caption for a photo; top ``k`` with probabilities."""
-    ranked = engine.classify(image, [c[0] for c in all_captions()])[:k]
+    """Zero-shot: rank every attribute caption for a photo; top ``k`` with probabilities.
+
+    Each caption is its own prompt (no prompt-template ensemble: the captions already read
+    "a red striped mug"), so the 400 labels cost one batch of 400 short texts.
+    """
+    from clipsearch.retrieval.queries import classify
+
+    if engine.encoder is None:
+        raise QueryError("the zero-shot question needs the index's encoder")
+    ranked = classify(engine.encoder, image, [c[0] for c in all_captions()], templates=("{}",))
+    ranked = ranked[:k]
     return [
         {"rank": r + 1, "caption": label, "probability": round(float(p), 4)}
         for r, (label, p) in enumerate(ranked)
@@ -181,25 +231,45 @@ def run_demo(
     queries: list[DemoQuery] = []
     report(Progress("queries", 0, _N_QUESTIONS, "questions"))
 
+    thresholds = demo_thresholds(encoder)
+
     def ask(
-        title: str, query: str | Path, where: str | None = None, modality: str = "image"
+        title: str,
+        query: str | Path,
+        where: str | None = None,
+        modality: str = "image",
+        sort: str | None = None,
     ) -> None:
         t0 = time.monotonic()
-        hits, matches = search_demo_index(engine, query, where=where, modality=modality)
-        kind = ("image" if isinstance(query, Path) else "text") + (
-            "->text" if modality == "text" else ""
+        source = "image" if isinstance(query, Path) else "text"
+        threshold = thresholds.get(f"{source}->{modality}")
+        hits, matches = search_demo_index(
+            engine, query, where=where, modality=modality, threshold=threshold, sort=sort
         )
+        kind = source + ("->text" if modality == "text" else "")
         shown = str(query.relative_to(out_dir)) if isinstance(query, Path) else query
         ms = 1000 * (time.monotonic() - t0)
         queries.append(
             DemoQuery(
-                title=title, kind=kind, query=shown, filter=where, hits=hits, matches=matches, ms=ms
+                title=title,
+                kind=kind,
+                query=shown,
+                filter=where,
+                hits=hits,
+                matches=matches,
+                ms=ms,
+                sort=sort,
+                threshold=threshold,
+                no_good_match=threshold is not None
+                and not any(not h["low_confidence"] for h in hits),
             )
         )
         report(Progress("queries", len(queries), _N_QUESTIONS, "questions"))
 
     with engine:
         ask("Plain text search", "red striped t-shirt")
+        ask("The same in Chinese", "红色条纹T恤")
+        ask("Sorted by price, after the relevance cutoff", "red striped t-shirt", sort="price")
         ask("Shopping assistant", "red striped t-shirt", where="price < 30 and in_stock")
         ask("Plain text search", "a white dotted mug")
         ask("Text with filters", "blue checked dress", where="price < 60 and in_stock")
@@ -208,6 +278,7 @@ def run_demo(
         # The probe is a back photo: find the product among the front photos.
         ask("Image query: which product is this?", probe, where="view = 'front'")
         ask("Image -> text: closest product titles", probe, modality="text")
+        ask("A photo from outside the shop", _out_of_domain_photo(out_dir))
         t0 = time.monotonic()
         guesses = what_is_this(engine, probe)
         queries.append(
@@ -234,6 +305,23 @@ def run_demo(
         out_dir / "demo_report.json", json.dumps(demo.to_dict(), indent=2, default=str) + "\n"
     )
     return demo
+
+
+def _out_of_domain_photo(out_dir: Path) -> Path:
+    """A synthetic non-product photo (smooth colour blobs) written to ``out_dir``: real
+    photos of cats or rockets do not ship with clipsearch."""
+    import io
+
+    import numpy as np
+
+    from clipsearch.indexer.fsutil import atomic_write_bytes
+    from clipsearch.indexer.training.junk import junk_image
+
+    path = out_dir / "not-a-product.png"
+    buf = io.BytesIO()
+    junk_image("blobs", np.random.default_rng(DEMO_SEED)).save(buf, "PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def _probe_photo(catalog: CatalogSummary) -> Path:

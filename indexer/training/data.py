@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Streams of the per-step generator, so adding a random choice never shifts the others.
-_ORDER, _HARD, _CAPTION, _AUGMENT = 0, 1, 2, 3
+_ORDER, _HARD, _CAPTION, _AUGMENT, _JUNK = 0, 1, 2, 3, 4
 _ARTICLE = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
@@ -266,8 +266,8 @@ class BatchPlan:
 
 
 def step_rng(seed: int, step: int, stream: str) -> np.random.Generator:
-    """The generator of one random stream ("caption" or "augment") at one step."""
-    code = {"caption": _CAPTION, "augment": _AUGMENT}[stream]
+    """The generator of one random stream ("caption", "augment", "junk") at one step."""
+    code = {"caption": _CAPTION, "augment": _AUGMENT, "junk": _JUNK}[stream]
     return np.random.default_rng([seed, step, code])
 
 

@@ -12,11 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from clipsearch.indexer.fsutil import atomic_write_path, atomic_write_text
 from clipsearch.indexer.training.config import TrainConfig
+from clipsearch.indexer.training.text_tower import PreparedTower, copy_tower_files
 
 if TYPE_CHECKING:
     import torch
 
 WEIGHTS_NAME = "model.safetensors"
+# The run folder's copy of a pretrained text tower's config and tokenizer files.
+TOWER_DIR = "text_tower"
+# open_clip config of a run with a pretrained text tower (loadable with its folder).
+CONFIG_NAME = "open_clip_config.json"
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
 
@@ -28,11 +33,18 @@ def export_model(
     out_dir: Path,
     export_path: Path | None,
     card: dict[str, Any],
+    architecture_config: dict[str, Any] | None = None,
+    tower: PreparedTower | None = None,
 ) -> tuple[Path, Path]:
     """Write ``model.safetensors`` (in ``cfg.export_dtype``) and the model card to ``out_dir``.
 
     With ``export_path``, the weights are also copied there (and the Markdown card beside
-    it as ``<stem>.md``). Returns (weights path, JSON card path).
+    it as ``<stem>.md``). With a pretrained text ``tower``, ``out_dir`` also gets
+    ``open_clip_config.json`` and ``text_tower/``; an ``export_path`` then becomes a
+    bundled model: ``<stem>.json`` (its open_clip config, naming the tower
+    ``bundled:<folder>``) and the folder ``<stem with _>/`` (tokenizer, BERT config,
+    ``model_card.json``), as :mod:`clipsearch.retrieval.models` loads them.
+    Returns (weights path, JSON card path).
     """
     import open_clip
     import torch
@@ -58,13 +70,24 @@ def export_model(
     n_params = sum(int(p.numel()) for p in model.parameters())
     full = {
         "architecture": cfg.model,
-        "architecture_config": open_clip.get_model_config(cfg.model),
+        "architecture_config": architecture_config or open_clip.get_model_config(cfg.model),
         "parameters": n_params,
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha,
         "weights_bytes": weights.stat().st_size,
         "weights_dtype": cfg.export_dtype,
         "initialised_from": cfg.pretrained or "random (trained from scratch)",
+        "text_tower": None
+        if tower is None
+        else {
+            "origin": tower.source,
+            "licence": tower.licence,
+            "base_vocab": tower.base_vocab,
+            "vocab_size": tower.vocab_size,
+            "added_tokens": tower.vocab_size - tower.base_vocab,
+            "text_lr": cfg.text_lr,
+            "text_proj_lr": cfg.text_proj_lr,
+        },
         "data": {
             "manifest": str(cfg.manifest),
             "image_column": cfg.image_column,
@@ -84,10 +107,35 @@ def export_model(
     atomic_write_text(card_json, json.dumps(full, indent=2, default=str) + "\n")
     markdown = render_card(full)
     atomic_write_text(out_dir / CARD_MD, markdown)
+    if tower is not None:
+        config = dict(architecture_config or {})
+        atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     if export_path is not None:
         atomic_write_path(export_path, lambda tmp: shutil.copyfile(weights, tmp))
         atomic_write_text(export_path.with_suffix(".md"), markdown)
+        if tower is not None:
+            _export_bundled(export_path, architecture_config or {}, tower, full)
     return weights, card_json
+
+
+def _export_bundled(
+    export_path: Path, config: dict[str, Any], tower: PreparedTower, card: dict[str, Any]
+) -> None:
+    """Beside ``export_path``: the bundled open_clip config and the companion folder."""
+    companion = export_path.parent / export_path.stem.replace("-", "_")
+    copy_tower_files(tower.folder, companion)
+    init = companion / "__init__.py"
+    if not init.exists():
+        # A package (data only) so that setuptools ships the files as package data.
+        atomic_write_text(
+            init, f'"""Tokenizer, text-tower config and model card of {export_path.stem}."""\n'
+        )
+    bundled = json.loads(json.dumps(config))
+    ref = "bundled:" + companion.name
+    bundled["text_cfg"]["hf_model_name"] = ref
+    bundled["text_cfg"]["hf_tokenizer_name"] = ref
+    atomic_write_text(export_path.with_suffix(".json"), json.dumps(bundled, indent=4) + "\n")
+    atomic_write_text(companion / "model_card.json", json.dumps(card, indent=2, default=str) + "\n")
 
 
 def render_card(card: dict[str, Any]) -> str:

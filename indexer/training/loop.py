@@ -31,12 +31,23 @@ from clipsearch.indexer.training.data import (
     Example,
     ImageBank,
     augment,
+    fix_articles,
     load_examples,
     split_examples,
     step_rng,
 )
-from clipsearch.indexer.training.export import export_model
+from clipsearch.indexer.training.export import TOWER_DIR, export_model
+from clipsearch.indexer.training.junk import junk_batch
 from clipsearch.indexer.training.metrics import retrieval_metrics
+from clipsearch.indexer.training.multilingual import cjk_token_ids, distill_tokens
+from clipsearch.indexer.training.text_side import TextSide, is_hf_tower
+from clipsearch.indexer.training.text_tower import (
+    PreparedTower,
+    open_clip_config,
+    prepare_tower,
+    read_token_list,
+    text_state_dict,
+)
 from clipsearch.retrieval.errors import ConfigError
 from clipsearch.retrieval.progress import Progress, ProgressCallback, ignore, within
 
@@ -103,7 +114,11 @@ def contrastive_loss(
 
     logits = logit_scale.exp() * image_features @ text_features.T
     target = positives.float()
-    i2t = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    # Images without any positive (synthetic junk, ``[n_images, n_texts]`` with extra
+    # rows) only serve as negatives of every text: they take part in text->image.
+    has = target.sum(1) > 0
+    row = target[has] / target[has].sum(1, keepdim=True)
+    i2t = -(row * F.log_softmax(logits[has], dim=1)).sum(1).mean()
     t2i = -(target.T / target.T.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return (i2t + t2i) / 2
 
@@ -159,7 +174,14 @@ def _train(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, size, mean, std = _create_model(cfg)
+    built = _create_model(cfg)
+    model, tokenizer, size, mean, std = (
+        built.model,
+        built.tokenizer,
+        built.size,
+        built.mean,
+        built.std,
+    )
     device = torch.device(cfg.device)
     examples = load_examples(cfg)
     train_set, val_set = split_examples(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -178,8 +200,11 @@ def _train(
         val_progress = within(report, offset=len(train_set), total=total_images)
         val_bank = ImageBank([e.image for e in val_set], size, progress=val_progress)
     plan = BatchPlan(train_set, cfg)
-    sampler = CaptionSampler(cfg.templates)
+    sampler = CaptionSampler(cfg.templates + tuple(t for t, _ in cfg.translations))
     labels, heads = _label_heads(cfg, train_set, model)
+    if cfg.text_proj_lr == 0 and is_hf_tower(model):
+        model.text.proj.requires_grad_(False)
+    text_side = TextSide(model, tokenizer, locked=cfg.text_lr == 0, device=device)
     # One module holding the CLIP model and the label heads: optimised, checkpointed and
     # resumed together; only ``model`` is exported.
     trainee = torch.nn.ModuleDict({"model": model, "heads": heads}).to(device)
@@ -190,8 +215,11 @@ def _train(
     metrics: dict[str, float] = {}
     start = 0
     ckpt_path = latest_checkpoint(cfg.out_dir)
+    distilled: dict[str, float] = {}
     if ckpt_path is not None:
         start, losses, metrics = _resume(ckpt_path, cfg, trainee, optimizer, scaler)
+    elif cfg.distill_steps and built.tower is not None:
+        distilled = _distill(cfg, model, tokenizer, train_set, progress)
     norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
     groups = [e.group for e in train_set]
     end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
@@ -201,26 +229,32 @@ def _train(
     validations = 0
     report(Progress("train", start, cfg.steps, "steps"))
     model.train()
+    text_side.train_mode()
     for step in range(start, end):
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         idx = plan.indices(step)
         cap_rng = step_rng(cfg.seed, step, "caption")
         captions = [sampler.sample(train_set[i], cap_rng) for i in idx]
         pixels = bank.images[torch.from_numpy(idx)].float() / 255.0
         if cfg.augment:
             pixels = augment(pixels, step_rng(cfg.seed, step, "augment"))
+        positives = _positives(captions, [groups[i] for i in idx])
+        if cfg.negative_images:
+            junk = junk_batch(cfg.negative_images, step_rng(cfg.seed, step, "junk"), size=size)
+            pixels = torch.cat([pixels, torch.from_numpy(junk).float() / 255.0])
+            none = torch.zeros(cfg.negative_images, len(captions), dtype=torch.bool)
+            positives = torch.cat([positives, none])
         pixels = ((pixels - norm[0]) / norm[1]).to(device)
-        tokens = tokenizer(captions).to(device)
-        positives = _positives(captions, [groups[i] for i in idx]).to(device)
+        positives = positives.to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             img = model.encode_image(pixels, normalize=True)
-            txt = model.encode_text(tokens, normalize=True)
+            txt = text_side.encode(captions)
             loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, positives)
             if labels:
                 loss = loss + cfg.label_weight * _label_loss(
-                    heads, img.float(), labels, idx, device
+                    heads, img[: len(idx)].float(), labels, idx, device
                 )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -242,6 +276,7 @@ def _train(
         if val_bank is not None and (done % cfg.val_every == 0 or done == cfg.steps):
             metrics = validate(model, tokenizer, val_bank, val_set, sampler, norm, device)
             model.train()
+            text_side.train_mode()
             log.info("step %d: %s", done, _fmt(metrics))
             validations += 1
             report(
@@ -277,7 +312,10 @@ def _train(
         cfg,
         out_dir=cfg.out_dir,
         export_path=export_path,
+        architecture_config=built.config,
+        tower=built.tower,
         card={
+            "distillation": distilled,
             "train_examples": len(train_set),
             "val_examples": len(val_set),
             "final_loss": losses[-1] if losses else None,
@@ -299,8 +337,25 @@ def _train(
     )
 
 
-def _create_model(cfg: TrainConfig) -> tuple[Any, Any, int, tuple[float, ...], tuple[float, ...]]:
-    """The open_clip model (from scratch or from ``cfg.pretrained``), tokenizer and preprocessing."""
+@dataclass(frozen=True, kw_only=True)
+class BuiltModel:
+    """The model a run trains, and how to feed it."""
+
+    model: Any
+    tokenizer: Any
+    # Square input side and per-channel normalisation of the image tower.
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # The open_clip config the model was created from (recorded in the model card).
+    config: dict[str, Any]
+    # The prepared pretrained text tower, when --text-tower was given.
+    tower: PreparedTower | None = None
+
+
+def _create_model(cfg: TrainConfig) -> BuiltModel:
+    """The open_clip model (from scratch, from ``cfg.pretrained``, and/or with a
+    pretrained text tower), its tokenizer and preprocessing."""
     import open_clip
 
     from clipsearch.retrieval.encoders.weights import resolve_weights
@@ -309,16 +364,95 @@ def _create_model(cfg: TrainConfig) -> tuple[Any, Any, int, tuple[float, ...], t
     register()
     resolved = resolve_weights(cfg.model, cfg.pretrained)
     weights = str(resolved.path) if resolved.path is not None else None
-    model = open_clip.create_model(resolved.model_name, pretrained=weights, device="cpu")
-    if weights is None:
-        model.logit_scale.data.fill_(cfg.init_logit_scale)
-    tokenizer = open_clip.get_tokenizer(resolved.model_name)
+    tower = None
+    if cfg.text_tower:
+        model, name, tower = _create_with_tower(cfg, resolved.model_name, weights)
+    else:
+        name = resolved.model_name
+        model = open_clip.create_model(name, pretrained=weights, device="cpu")
+        if weights is None:
+            model.logit_scale.data.fill_(cfg.init_logit_scale)
+    tokenizer = open_clip.get_tokenizer(name)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", 224)
     side = int(size if isinstance(size, int) else size[0])
     mean = tuple(float(x) for x in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(x) for x in pp.get("std", open_clip.OPENAI_DATASET_STD))
-    return model, tokenizer, side, mean, std
+    config = open_clip.get_model_config(name) or {}
+    return BuiltModel(
+        model=model,
+        tokenizer=tokenizer,
+        size=side,
+        mean=mean,
+        std=std,
+        config=config,
+        tower=tower,
+    )
+
+
+def _create_with_tower(
+    cfg: TrainConfig, arch: str, weights: str | None
+) -> tuple[Any, str, PreparedTower]:
+    """``arch``'s image tower (its ``weights``' visual part, if any) with the pretrained
+    text tower ``cfg.text_tower``, registered with open_clip as ``<arch>+text``."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from clipsearch.retrieval.models import register_config
+
+    base = open_clip.get_model_config(arch)
+    if base is None:
+        raise ConfigError(
+            f"unknown architecture {cfg.model!r}; `clipsearch models list` shows them"
+        )
+    tower = prepare_tower(
+        cfg.text_tower, cfg.out_dir / TOWER_DIR, add_tokens=read_token_list(cfg.add_tokens)
+    )
+    dim = cfg.embed_dim or tower.width
+    config = open_clip_config(
+        vision_cfg=base["vision_cfg"], embed_dim=dim, tower_ref=str(tower.folder.resolve())
+    )
+    name = f"{arch}+text"
+    register_config(name, config)
+    model = open_clip.create_model(name, device="cpu", pretrained_hf=False)
+    state = text_state_dict(tower, dim)
+    if weights is not None:
+        own = load_file(weights) if weights.endswith(".safetensors") else {}
+        state.update({k: v for k, v in own.items() if k.startswith("visual.")})
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith("text.")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"text tower {cfg.text_tower!r} does not fit: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    model.logit_scale.data.fill_(cfg.init_logit_scale)
+    return model, name, tower
+
+
+def _distill(
+    cfg: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    train_set: Sequence[Example],
+    progress: ProgressCallback | None,
+) -> dict[str, float]:
+    """Teach the new tokens on the translation pairs of the training examples."""
+    pairs = {
+        (fix_articles(t.format(**e.fields)), fix_articles(s.format(**e.fields)))
+        for e in train_set
+        for t, s in cfg.translations
+    }
+    return distill_tokens(
+        model,
+        tokenizer,
+        sorted(pairs),
+        token_ids=cjk_token_ids(tokenizer),
+        steps=cfg.distill_steps,
+        lr=cfg.distill_lr,
+        seed=cfg.seed,
+        progress=progress,
+    )
 
 
 # Label heads see unit-norm features; this fixed scale lets them reach confident logits
@@ -365,18 +499,26 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     """AdamW; gains, biases and the temperature get no weight decay (as in CLIP)."""
     import torch
 
-    decay, no_decay = [], []
+    # (weight decay, lr scale) -> parameters; the text tower may learn slower than the rest.
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        scale = 1.0
+        if ".text.transformer." in f".{name}" and cfg.text_lr is not None:
+            scale = cfg.text_lr / cfg.lr
+        elif ".text.proj." in f".{name}" and cfg.text_proj_lr is not None:
+            scale = cfg.text_proj_lr / cfg.lr
+        decays = not (p.ndim < 2 or "logit_scale" in name or name.endswith(".bias"))
+        groups.setdefault((decays, scale), []).append(p)
     return torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if decays else 0.0,
+                "lr_scale": scale,
+            }
+            for (decays, scale), params in sorted(groups.items())
         ],
         lr=cfg.lr,
         betas=(0.9, 0.98),

@@ -114,3 +114,52 @@ def test_cli_demo_data_writes_the_catalog(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "catalog.json").read_text())["images"] == summary["images"]
     bad = CliRunner().invoke(app, ["demo-data", "--products", "0", "--out", str(tmp_path)])
     assert bad.exit_code == 1 and "--products" in bad.output
+
+
+def test_chinese_columns_name_every_attribute_in_chinese(tmp_path: Path) -> None:
+    from clipsearch.indexer.demo.catalog import COLOURS_ZH, KINDS_ZH, PATTERNS_ZH
+
+    assert set(KINDS_ZH) == set(KINDS) and set(COLOURS_ZH) == set(COLOURS)
+    assert set(PATTERNS_ZH) == set(PATTERNS)
+    summary = generate_catalog(tmp_path, products=40, seed=2)
+    for r in pq.read_table(summary.manifest).to_pylist():
+        zh = COLOURS_ZH[r["colour"]] + PATTERNS_ZH[r["pattern"]] + KINDS_ZH[r["kind"]]
+        assert r["caption_zh"] == zh
+        assert r["title_zh"].startswith(r["brand"] + " " + COLOURS_ZH[r["colour"]])
+        assert r["title_zh"].endswith(KINDS_ZH[r["kind"]])
+        assert (r["kind_zh"], r["colour_zh"]) == (KINDS_ZH[r["kind"]], COLOURS_ZH[r["colour"]])
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return {w for w in re.split(r"[\s,.:;/!?]+", text.lower()) if w}
+
+
+def test_evaluation_paraphrases_use_no_word_of_the_training_captions(tmp_path: Path) -> None:
+    """The unseen-synonym evaluation is only meaningful if training never saw its words."""
+    from clipsearch.indexer.demo import phrasings
+    from clipsearch.indexer.demo.catalog import TRANSLATION_TEMPLATES
+    from clipsearch.indexer.training import template_set
+    from clipsearch.indexer.training.data import fix_articles
+
+    summary = generate_catalog(tmp_path, products=400, seed=1)
+    rows = pq.read_table(summary.manifest).to_pylist()
+    templates = [*template_set("shop"), *(t for pair in TRANSLATION_TEMPLATES for t in pair)]
+    seen: set[str] = set()
+    for r in rows:
+        fields = {k: str(v) for k, v in r.items()}
+        seen |= _words(r["caption"]) | _words(r["title"])
+        for t in templates:
+            seen |= _words(fix_articles(t.format(**fields)))
+    unseen: set[str] = set()
+    for table in (phrasings.COLOUR_SYNONYMS, phrasings.PATTERN_SYNONYMS, phrasings.KIND_SYNONYMS):
+        for synonyms in table.values():
+            for s in synonyms:
+                unseen |= _words(s)
+    for p in phrasings.PHRASINGS:
+        unseen |= _words(p.format(kind="", colour="", pattern=""))
+    assert unseen and not unseen & seen, sorted(unseen & seen)
+    for p in phrasings.PHRASINGS_ZH:
+        frame = p.format(kind_zh="", colour_zh="", pattern_zh="")
+        assert frame and not any(frame in c for c in seen), frame
