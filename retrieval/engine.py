@@ -253,7 +253,7 @@ class SearchEngine:
         timings["filter"] = _ms(tick)
         ranked, plans = rank_queries(
             opts,
-            total=total,
+            total=lambda: total,
             search=lambda pool: self._search_shards(shards, allowed, xq, pool),
             candidates=lambda merged, vectors: [
                 _candidates(state, shards, m, xq[qi], vectors) for qi, m in enumerate(merged)
@@ -319,7 +319,8 @@ class SearchEngine:
         results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
         plans = {s.record.name: r[2] for s, r in zip(shards, results, strict=True)}
         starts = [s.record.row_id_start for s in shards]
-        return merge_shard_tops(starts, [(r[0], r[1]) for r in results], pool), plans
+        merged = merge_shard_tops(starts, [(r[0], r[1]) for r in results], xq.shape[0], pool)
+        return merged, plans
 
 
 # --------------------------------------------------------------- shared query pieces
@@ -355,7 +356,10 @@ def allowed_rows(
 
 
 def merge_shard_tops(
-    row_starts: Sequence[int], results: Sequence[tuple[np.ndarray, np.ndarray]], pool: int
+    row_starts: Sequence[int],
+    results: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_queries: int,
+    pool: int,
 ) -> Merged:
     """Merge per-shard top lists with a heap into the best ``pool`` per query.
 
@@ -363,7 +367,6 @@ def merge_shard_tops(
     break on the global row id (``row_starts[i]`` + local row), so the order does not
     depend on which shard answered first.
     """
-    n_queries = results[0][0].shape[0] if results else 0
     merged: Merged = []
     for qi in range(n_queries):
         lists = [
@@ -381,7 +384,7 @@ def merge_shard_tops(
 def rank_queries(
     opts: SearchOptions,
     *,
-    total: int,
+    total: Callable[[], int],
     search: Callable[[int], tuple[Merged, dict[str, str]]],
     candidates: Callable[[Merged, bool], list[Candidates]],
     headroom: Callable[[], float],
@@ -391,8 +394,9 @@ def rank_queries(
 
     ``search(pool)`` gives the merged best ``pool`` per query and the per-shard plans;
     ``candidates(merged, with_vectors)`` their rows as :class:`Candidates`;
-    ``headroom()`` the most boosts can add (:func:`_boost_headroom`). ``total``: rows the
-    queries may return. Adds "search" and "rerank" to ``timings``.
+    ``headroom()`` the most boosts can add (:func:`_boost_headroom`); ``total()`` the
+    rows the queries may return (asked after the first search, which may count them).
+    Adds "search" and "rerank" to ``timings``.
     """
     stages = default_pipeline(opts, mmr_limit=opts.offset + opts.k)
     pool = max(RERANK_WINDOW, opts.offset + opts.k) if opts.reranks else opts.offset + opts.k
@@ -403,7 +407,7 @@ def rank_queries(
         tick = time.perf_counter()
         ranked = [run_pipeline(c, stages) for c in candidates(merged, opts.mmr is not None)]
         timings["rerank"] = timings.get("rerank", 0.0) + _ms(tick)
-        if pool >= min(total, MAX_POOL):
+        if pool >= min(total(), MAX_POOL):
             break
         if not _needs_more(ranked, merged, opts, headroom()):
             break
