@@ -7,6 +7,13 @@ takes up to ``max_batch_size`` of them once the oldest has waited ``max_wait_s``
 once when a full batch is waiting), runs them in one dedicated worker thread, and
 resolves each job's future with its own result.
 
+Pipelined (``prepare`` given): a batch runs in two stages on two worker threads,
+``prepare`` (encode the queries) then ``run_batch`` (search them). While one batch is
+searched, the next one is gathered and encoded, so the encoder and the index work at
+the same time, and everything that arrived while a stage was busy forms the next batch
+at once (no extra wait): under load, batches grow with the queue up to
+``max_batch_size``. At most one batch waits between the stages, so memory stays bounded.
+
 The queue bound is the service's admission control: when it is full, :meth:`submit`
 raises :class:`QueueFullError` at once (the HTTP layer turns it into a fast 429), and a
 job whose deadline passed before its batch started is dropped without being run.
@@ -22,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +59,14 @@ class MicroBatcher(Generic[P, R]):
 
     def __init__(
         self,
-        run_batch: Callable[[Sequence[P]], Sequence[R | BaseException]],
+        run_batch: Callable[[Any], Sequence[R | BaseException]],
         *,
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
         max_queue: int = 64,
         max_queue_delay_s: float | None = None,
         on_batch: Callable[[int], None] | None = None,
+        prepare: Callable[[Sequence[P]], object] | None = None,
     ) -> None:
         """
         Args:
@@ -71,6 +79,9 @@ class MicroBatcher(Generic[P, R]):
                 queue hold seconds of work when queries are slow; this bounds the wait
                 itself, so admitted requests stay fast and the rest get a fast 429.
             on_batch: called with the size of every batch run (metrics).
+            prepare: first stage (payloads -> anything), run in its own thread; then
+                ``run_batch`` receives its output instead of the payloads. An exception
+                from it fails the batch's jobs with that exception.
         """
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -78,11 +89,16 @@ class MicroBatcher(Generic[P, R]):
         self.max_queue = max_queue
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
+        self._prepare = prepare
         self._pending: collections.deque[_Job[P, R]] = collections.deque()
         self._running = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._prepare_executor: ThreadPoolExecutor | None = None
+        # One batch searching + one waiting between the stages, at most.
+        self._stage_slots: asyncio.Semaphore | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self.jobs_run = 0
 
@@ -97,6 +113,11 @@ class MicroBatcher(Generic[P, R]):
             self._executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="clipsearch-batch"
             )
+            if self._prepare is not None:
+                self._prepare_executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="clipsearch-prepare"
+                )
+                self._stage_slots = asyncio.Semaphore(2)
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
     async def stop(self) -> None:
@@ -106,13 +127,18 @@ class MicroBatcher(Generic[P, R]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._finishing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
                 job.future.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        for executor in (self._prepare_executor, self._executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._executor = self._prepare_executor = None
 
     async def submit(self, payload: P, *, deadline: float) -> R:
         """Queue ``payload`` and wait for its result until ``deadline`` (time.monotonic()).
@@ -171,27 +197,75 @@ class MicroBatcher(Generic[P, R]):
                 wait = oldest.enqueued_at + self.max_wait_s - time.monotonic()
             batch = self._take_batch()
             del oldest
-            if batch:
+            if batch and self._prepare is not None:
+                await self._run_pipelined(loop, batch)
+            elif batch:
                 await self._run(loop, batch)
             # Drop the batch before waiting for the next one: its payloads (decoded
             # query images, tens of MB each) must not outlive their requests.
             del batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]) -> None:
-        self._running = len(batch)
+        self._running += len(batch)
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._run_batch, [j.payload for j in batch]
+            results = await self._call(loop, self._executor, self._run_batch, batch, None)
+        finally:
+            self._running -= len(batch)
+        self._resolve(batch, results)
+
+    async def _run_pipelined(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]
+    ) -> None:
+        """Stage 1 now (the dispatcher waits for it), stage 2 in a task, so the
+        dispatcher gathers and prepares the next batch while this one runs."""
+        assert self._stage_slots is not None and self._prepare is not None
+        self._running += len(batch)
+        try:
+            prepared: object = await loop.run_in_executor(
+                self._prepare_executor, self._prepare, [j.payload for j in batch]
             )
+        except Exception as e:
+            log.exception("preparing a batch of %d failed", len(batch))
+            self._running -= len(batch)
+            self._resolve(batch, [e] * len(batch))
+            return
+        await self._stage_slots.acquire()
+        task = loop.create_task(self._finish(loop, batch, prepared))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]], prepared: object
+    ) -> None:
+        assert self._stage_slots is not None
+        try:
+            results = await self._call(loop, self._executor, self._run_batch, batch, prepared)
+            self._resolve(batch, results)
+        finally:
+            self._running -= len(batch)
+            self._stage_slots.release()
+
+    async def _call(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        executor: ThreadPoolExecutor | None,
+        fn: Callable[[Any], Sequence[R | BaseException]],
+        batch: list[_Job[P, R]],
+        prepared: object,
+    ) -> Sequence[R | BaseException]:
+        arg = prepared if self._prepare is not None else [j.payload for j in batch]
+        try:
+            results = await loop.run_in_executor(executor, fn, arg)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"run_batch returned {len(results)} results for {len(batch)} jobs"
                 )
         except Exception as e:  # a bug in run_batch fails this batch, not the service
             log.exception("batch of %d failed", len(batch))
-            results = [e] * len(batch)
-        finally:
-            self._running = 0
+            return [e] * len(batch)
+        return results
+
+    def _resolve(self, batch: list[_Job[P, R]], results: Sequence[R | BaseException]) -> None:
         self.batches_run += 1
         self.jobs_run += len(batch)
         if self._on_batch is not None:

@@ -83,6 +83,11 @@ class ServiceConfig:
     image_roots: tuple[str, ...] = ()
     # Origins allowed to call the API from a browser (CORS); empty = same origin only.
     cors_origins: tuple[str, ...] = ()
+    # Score (cosine) at or above which a result counts as relevant when the query gives
+    # no min_score: facets then count the relevant rows only, and hits carry
+    # ``relevant``. None = the model's calibrated threshold when it has one, else no
+    # cutoff (facets count every product the filter allows).
+    relevance_cutoff: float | None = None
 
     def __post_init__(self) -> None:
         positive_ints = {
@@ -139,6 +144,11 @@ class ServiceConfig:
                 f"ServiceConfig.decode_pixel_budget ({self.decode_pixel_budget:,}) cannot be "
                 f"below max_image_pixels ({self.max_image_pixels:,}): the largest admitted "
                 "image would never fit"
+            )
+        if self.relevance_cutoff is not None and not -1.0 <= self.relevance_cutoff <= 1.0:
+            raise ConfigError(
+                "ServiceConfig.relevance_cutoff is a cosine score in [-1, 1] (or None for "
+                f"the model's calibrated threshold), got {self.relevance_cutoff}"
             )
         if self.api_key is not None and len(self.api_key) < 8:
             raise ConfigError(

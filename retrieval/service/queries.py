@@ -25,12 +25,7 @@ from clipsearch.retrieval.service.catalog import ItemRow, item_rows, resolve_ima
 from clipsearch.retrieval.service.decoding import decode_image_async
 from clipsearch.retrieval.service.errors import ApiError
 from clipsearch.retrieval.service.fetch import FetchLimits, fetch_url
-from clipsearch.retrieval.service.schemas import (
-    OPTION_FIELDS,
-    HitOut,
-    SearchRequest,
-    SearchResponse,
-)
+from clipsearch.retrieval.service.schemas import OPTION_FIELDS, SearchRequest
 from clipsearch.retrieval.service.schemas import ItemRow as ItemRowOut
 
 if TYPE_CHECKING:
@@ -47,6 +42,50 @@ class Query:
     options: SearchOptions
     # For "more like this": the doc the query came from, dropped from its own results.
     exclude_doc: str | None = None
+    # "text" or "image": what the query is (for the calibrated relevance threshold).
+    query_modality: str = "text"
+    # Columns to count facets of.
+    facets: tuple[str, ...] = ()
+    # Score at or above which a hit is relevant (see ServiceState.relevance_cutoff).
+    relevance_cutoff: float | None = None
+
+
+# Most facet columns one request may ask for.
+MAX_FACETS = 20
+
+
+def check_facets(names: list[str] | None, state: ServiceState) -> tuple[str, ...]:
+    """The request's facet columns, checked against the index's schema: 422
+    ``invalid_request`` (``details.field = "facets"``) naming a bad one."""
+    if not names:
+        return ()
+    from clipsearch.retrieval.facets import check_facet_column
+
+    if len(names) > MAX_FACETS:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"facets: at most {MAX_FACETS} columns per request, got {len(names)}",
+            details={"field": "facets"},
+        )
+    schema = state.engine.schema
+    for name in names:
+        try:
+            check_facet_column(schema, name)
+        except InvalidOptionError as e:
+            raise ApiError(
+                422, "invalid_request", str(e), details={"field": "facets", "column": name}
+            ) from e
+    return tuple(dict.fromkeys(names))
+
+
+def with_relevance(query: Query, body: SearchRequest, state: ServiceState) -> Query:
+    """``query`` with its facet columns and relevance cutoff."""
+    import dataclasses
+
+    facets = check_facets(body.facets, state)
+    cutoff = state.relevance_cutoff(query.query_modality, query.options)
+    return dataclasses.replace(query, facets=facets, relevance_cutoff=cutoff)
 
 
 def search_options(
@@ -207,19 +246,28 @@ async def build_query(body: SearchRequest, state: ServiceState, deadline: float)
         text = (body.text or "").strip()
         if not text:
             raise ApiError(400, "empty_query", "text: the query text is blank")
-        return Query(value=text, options=search_options(body, config))
-    if kind == "terms":
-        return Query(
-            value=await _composed(body.terms or [], state, deadline),
+        query = Query(value=text, options=search_options(body, config))
+    elif kind == "terms":
+        terms = body.terms or []
+        query = Query(
+            value=await _composed(terms, state, deadline),
             options=search_options(body, config, modality="image"),
+            query_modality="text" if all(t.text is not None for t in terms) else "image",
         )
-    if kind == "like_doc":
+    elif kind == "like_doc":
         doc_id = body.like_doc or ""
         vector = await _doc_vector(doc_id, state)
         options = search_options(body, config, modality="image")
-        return Query(value=vector, options=_excluding(options, doc_id), exclude_doc=doc_id)
-    image = await image_from(body, state, deadline, field=kind)
-    return Query(value=image, options=search_options(body, config))
+        query = Query(
+            value=vector,
+            options=_excluding(options, doc_id),
+            exclude_doc=doc_id,
+            query_modality="image",
+        )
+    else:
+        image = await image_from(body, state, deadline, field=kind)
+        query = Query(value=image, options=search_options(body, config), query_modality="image")
+    return with_relevance(query, body, state)
 
 
 def _excluding(options: SearchOptions, doc_id: str) -> SearchOptions:
@@ -363,29 +411,54 @@ def _image_url(doc_id: str, row_id: int) -> str:
 
 def to_response(
     results: Any, query: Query, *, took_ms: float, expose_source: bool = False
-) -> SearchResponse:
-    hits = [
-        HitOut(
-            rank=h.rank,
-            score=float(h.score),
-            doc_id=h.doc_id,
-            row_id=int(h.row_id),
-            modality=h.modality,
-            text=h.source if h.modality == "text" else None,
-            image_url=_image_url(h.doc_id, int(h.row_id)) if h.modality == "image" else None,
-            metadata=_jsonable(h.metadata),
-            # Unset (so omitted from the JSON) unless the operator exposes sources.
-            **({"source": h.source} if expose_source else {}),
-        )
-        for h in results.hits
-    ]
-    return SearchResponse(
-        index_version=int(results.index_version),
-        took_ms=took_ms,
-        timings={str(k): float(v) for k, v in results.timings.items()},
-        total_matches=results.total_matches,
-        hits=hits,
-    )
+) -> dict[str, Any]:
+    """The JSON body of a search answer (a SearchResponse as plain data, serialised by
+    orjson without a second validation pass: the fields are built from typed results)."""
+    facets = None
+    if hasattr(results, "facets"):  # FacetedResults
+        facets, results = results.facets, results.results
+    cutoff = query.relevance_cutoff
+    hits = []
+    for h in results.hits:
+        image = h.modality == "image"
+        hit: dict[str, Any] = {
+            "rank": h.rank,
+            "score": h.score,
+            "doc_id": h.doc_id,
+            "row_id": h.row_id,
+            "modality": h.modality,
+            "text": None if image else h.source,
+            "image_url": _image_url(h.doc_id, h.row_id) if image else None,
+            "metadata": _jsonable(h.metadata),
+        }
+        if expose_source:
+            hit["source"] = h.source
+        if cutoff is not None:
+            hit["relevant"] = h.score >= cutoff
+        hits.append(hit)
+    body: dict[str, Any] = {
+        "index_version": int(results.index_version),
+        "took_ms": took_ms,
+        "timings": results.timings,
+        "total_matches": results.total_matches,
+        "hits": hits,
+    }
+    if cutoff is not None:
+        body["relevance_cutoff"] = cutoff
+    if facets is not None:
+        body["facets"] = {
+            name: [_facet_value(v) for v in values] for name, values in facets.columns.items()
+        }
+        body["total_products"] = facets.products
+        body["facets_scope"] = "filter" if cutoff is None else "relevant"
+    return body
+
+
+def _facet_value(v: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": v.value, "count": v.count}
+    if v.min is not None:
+        out["min"], out["max"] = v.min, v.max
+    return out
 
 
 def item_row_out(doc_id: str, row: ItemRow, *, expose_source: bool = False) -> ItemRowOut:

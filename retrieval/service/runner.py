@@ -1,6 +1,8 @@
-"""What the batch worker thread runs: one batch of queued jobs -> engine calls.
+"""What the batch worker threads run: one batch of queued jobs -> engine calls.
 
-Every query of the batch is encoded in one pass (all texts in one encoder call, all
+Two stages, so the batcher can pipeline them (:mod:`clipsearch.retrieval.service.batching`):
+:func:`encode_jobs` (the encoder) and :func:`search_encoded` (the index, facets);
+:func:`run_jobs` is both in one call. Every query of the batch is encoded in one pass (all texts in one encoder call, all
 images in another, whatever their options), then the vectors of queries with equal
 :class:`~clipsearch.retrieval.options.SearchOptions` (same ``key()``) go to one
 ``engine.search_batch`` call each, which scans every shard once for the whole group.
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from clipsearch.retrieval.options import SearchOptions
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,24 @@ class SearchJob:
 
     query: Any
     options: SearchOptions
+    # Columns to count facets of (empty: none).
+    facets: tuple[str, ...] = ()
+    # Facets count the rows scoring at or above this (the query's relevant rows);
+    # None: every row the filter allows.
+    relevance_cutoff: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FacetedResults:
+    """A search's results and the facets of its filter / relevant rows."""
+
+    results: Any
+    facets: Any  # clipsearch.retrieval.facets.FacetCounts
+
+
+# Facets over a query's relevant rows count at most this many rows (the best ones):
+# the page's numbers describe the results a shopper could page through.
+RELEVANT_ROWS = 1000
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -42,8 +64,27 @@ class ClassifyJob:
 Job = SearchJob | ClassifyJob
 
 
-def run_jobs(engine: Any, jobs: Sequence[Job]) -> list[Any]:
-    """Answer ``jobs`` in order: SearchResults / [(label, p)] or the exception to raise."""
+@dataclass(eq=False)
+class EncodedBatch:
+    """Stage 1's output: the jobs, their query vectors (or the error that stopped the
+    batch encode), and the answers already known (classify jobs)."""
+
+    jobs: Sequence[Job]
+    searches: list[tuple[int, SearchJob]]
+    vectors: Any = None
+    encode_ms: float = 0.0
+    error: Exception | None = None
+    results: list[Any] = field(default_factory=list)
+
+
+def run_jobs(engine: Any, jobs: Sequence[Job], faceter: Any = None) -> list[Any]:
+    """Answer ``jobs`` in order: SearchResults (FacetedResults when facets were asked
+    for) / [(label, p)], or the exception to raise."""
+    return search_encoded(engine, encode_jobs(engine, jobs), faceter)
+
+
+def encode_jobs(engine: Any, jobs: Sequence[Job]) -> EncodedBatch:
+    """Stage 1: classify jobs answered, every search query encoded in one pass."""
     results: list[Any] = [None] * len(jobs)
     searches: list[tuple[int, SearchJob]] = []
     for i, job in enumerate(jobs):
@@ -51,15 +92,26 @@ def run_jobs(engine: Any, jobs: Sequence[Job]) -> list[Any]:
             results[i] = _guard(lambda job=job: engine.classify(job.image, list(job.labels)))
         else:
             searches.append((i, job))
+    batch = EncodedBatch(jobs=jobs, searches=searches, results=results)
+    if searches:
+        try:
+            batch.vectors, batch.encode_ms = _encode_all(engine, [job for _, job in searches])
+        except Exception as e:
+            log.debug("batch encode failed (%s); answering its queries one by one", e)
+            batch.error = e
+    return batch
+
+
+def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> list[Any]:
+    """Stage 2: one ``search_batch`` per group of equal options, then facets."""
+    results, searches = batch.results, batch.searches
     if not searches:
         return results
-    try:
-        vectors, encode_ms = _encode_all(engine, [job for _, job in searches])
-    except Exception as e:
-        log.debug("batch encode failed (%s); answering its queries one by one", e)
+    if batch.error is not None:
         for i, job in searches:
             results[i] = _guard(lambda job=job: engine.search(job.query, job.options))
         return results
+    vectors = batch.vectors
     groups: dict[str, list[int]] = {}
     for pos, (_, job) in enumerate(searches):
         groups.setdefault(job.options.key(), []).append(pos)
@@ -68,13 +120,52 @@ def run_jobs(engine: Any, jobs: Sequence[Job]) -> list[Any]:
         try:
             answers = engine.search_batch(list(vectors[members]), options)
             for pos, answer in zip(members, answers, strict=True):
-                results[searches[pos][0]] = _with_encode_time(answer, encode_ms)
+                results[searches[pos][0]] = _with_encode_time(answer, batch.encode_ms)
         except Exception as e:
             # The options are shared by the whole group (a bad filter fails every query
             # of it alike), so each query gets the same error.
             for pos in members:
                 results[searches[pos][0]] = e
+    for pos, (i, job) in enumerate(searches):
+        if job.facets and not isinstance(results[i], BaseException):
+            results[i] = _guard(
+                lambda job=job, pos=pos, i=i: _faceted(
+                    engine, faceter, job, vectors[pos], results[i]
+                )
+            )
     return results
+
+
+def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: Any) -> Any:
+    """The job's results with facets: over the rows its filter allows or, with a
+    relevance cutoff, over its relevant rows (the best RELEVANT_ROWS at or above it)."""
+    from clipsearch.retrieval.facets import Faceter
+
+    faceter = faceter or Faceter()
+    t0 = time.perf_counter()
+    opts = job.options
+    relevant = None
+    if job.relevance_cutoff is not None:
+        found = engine.search_batch(
+            [vector],
+            SearchOptions(
+                k=RELEVANT_ROWS,
+                where=opts.where,
+                modality=opts.modality,
+                min_score=job.relevance_cutoff,
+            ),
+        )[0]
+        relevant = np.asarray(found.row_ids, np.int64)
+    counts = faceter.count(
+        engine,
+        job.facets,
+        where=opts.where,
+        modality=opts.modality,
+        relevant_row_ids=relevant,
+    )
+    timings = dict(results.timings)
+    timings["facets"] = round((time.perf_counter() - t0) * 1000, 3)
+    return FacetedResults(results=dataclasses.replace(results, timings=timings), facets=counts)
 
 
 def _encode_all(engine: Any, jobs: list[SearchJob]) -> tuple[Any, float]:

@@ -82,6 +82,11 @@ class SearchRequest(BaseModel):
         description="Linear score boosts over numeric metadata columns: score += weight * "
         'value (null = 0), e.g. {"rating": 0.01}.',
     )
+    facets: list[str] | None = Field(
+        default=None,
+        description="Metadata columns to count per product for this query and filter "
+        "(see SearchResponse.facets).",
+    )
 
     def to_options(self, *, modality: str | None = None) -> SearchOptions:
         """The request's SearchOptions (``modality`` replaces an omitted one).
@@ -89,9 +94,12 @@ class SearchRequest(BaseModel):
         Raises:
             InvalidOptionError naming the option, FilterError for a malformed filter.
         """
+        # Options this API does not declare (yet) keep SearchOptions' defaults.
+        declared = type(self).model_fields
         values = {
             f.name: getattr(self, OPTION_FIELDS.get(f.name, f.name))
             for f in dataclasses.fields(SearchOptions)
+            if OPTION_FIELDS.get(f.name, f.name) in declared
         }
         # Form-style blanks mean "not given" over HTTP.
         for name in ("where", "sort", "modality"):
@@ -130,7 +138,20 @@ class HitOut(BaseModel):
     # The row's source (an image's server path): only when the server runs with
     # --expose-source, else omitted.
     source: str | None = None
+    # Whether the score reaches the relevance cutoff (SearchResponse.relevance_cutoff);
+    # omitted when there is none.
+    relevant: bool | None = None
     metadata: dict[str, Any]
+
+
+class FacetValue(BaseModel):
+    # A string column's value, a boolean, or a numeric range's label ("10 – 20").
+    value: str | bool | float
+    # Products (distinct doc_ids) counted that have this value.
+    count: int
+    # Numeric ranges only: [min, max), the last range of a column [min, max].
+    min: float | None = None
+    max: float | None = None
 
 
 class SearchResponse(BaseModel):
@@ -142,6 +163,21 @@ class SearchResponse(BaseModel):
     # Rows passing the filter (when a filter was given).
     total_matches: int | None = None
     hits: list[HitOut]
+    # With ``facets`` in the request: column -> values with product counts, over the
+    # products the filter allows, or (when relevance_cutoff is set) over the products
+    # among the query's best 1000 rows scoring at or above it. Strings: most products
+    # first (at most 100); booleans: true/false; numbers: up to 5 ranges with edges
+    # fixed per index version. Values with no product are left out.
+    facets: dict[str, list[FacetValue]] | None = None
+    # With ``facets``: the products those counts were taken over.
+    total_products: int | None = None
+    # "filter" (every product the filter allows) or "relevant" (those scoring at or
+    # above relevance_cutoff); with ``facets`` only.
+    facets_scope: str | None = None
+    # The score at or above which a hit counts as relevant: the request's min_score,
+    # the server's --relevance-cutoff, or the model's calibrated threshold; omitted
+    # when there is none.
+    relevance_cutoff: float | None = None
 
 
 class LabelScore(BaseModel):

@@ -25,7 +25,7 @@ from clipsearch.retrieval.service.decoding import (
 )
 from clipsearch.retrieval.service.errors import ApiError, scrub
 from clipsearch.retrieval.service.metrics import Metrics
-from clipsearch.retrieval.service.runner import Job, run_jobs
+from clipsearch.retrieval.service.runner import EncodedBatch, Job, encode_jobs, search_encoded
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,15 @@ class ServiceState:
         self._reload_lock = asyncio.Lock()
         self._facets: tuple[int, dict[str, Any]] | None = None
         self._image_roots: tuple[int, tuple[Path, ...]] | None = None
+        self._thresholds: dict[tuple[int | None, str], float | None] = {}
+        from clipsearch.retrieval.facets import Faceter
+
+        # Facet counts of the current version (per-version codes, filter-only LRU).
+        self.faceter = Faceter()
+        # Two stages on two threads: encoding a batch overlaps searching the previous one.
         self.batcher: MicroBatcher[Job, Any] = MicroBatcher(
-            self._run_batch,
+            self._search_batch,
+            prepare=self._encode_batch,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_batch_wait_ms / 1000.0,
             max_queue=config.max_queue,
@@ -180,8 +187,35 @@ class ServiceState:
             known.setdefault(str(root), "<image root>")
         return known
 
-    def _run_batch(self, jobs: Any) -> list[Any]:
-        return run_jobs(self.engine, jobs)
+    def _encode_batch(self, jobs: Any) -> EncodedBatch:
+        return encode_jobs(self.engine, jobs)
+
+    def _search_batch(self, batch: EncodedBatch) -> list[Any]:
+        return search_encoded(self.engine, batch, self.faceter)
+
+    def relevance_cutoff(self, query_modality: str, options: Any) -> float | None:
+        """The score at or above which a result counts as relevant (facets over the
+        relevant rows, the page's "good match" labels): the query's ``min_score``, else
+        the server's ``relevance_cutoff``, else the model's calibrated threshold for this
+        query -> row direction when it has one (``clipsearch.retrieval.models``), else
+        None (no cutoff: facets count every row the filter allows)."""
+        if options.min_score is not None:
+            return float(options.min_score)
+        if self.config.relevance_cutoff is not None:
+            return self.config.relevance_cutoff
+        engine = self.engine
+        direction = f"{query_modality}->{engine.target_modality(options.modality)}"
+        key = (self.version, direction)
+        cached = self._thresholds.get(key, ...)
+        if cached is ...:
+            from clipsearch.retrieval.models import calibrated_threshold
+
+            try:
+                cached = calibrated_threshold(engine.manifest.encoder, direction)
+            except ValueError:
+                cached = None
+            self._thresholds[key] = cached
+        return cached
 
     def facets(self) -> tuple[int, dict[str, Any]]:
         """(version, facets) of the current snapshot, computed once per version."""

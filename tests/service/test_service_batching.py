@@ -164,3 +164,44 @@ def test_queue_delay_bound_refuses_while_the_oldest_job_has_waited_too_long() ->
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_pipelined_batches_encode_the_next_batch_while_one_is_searched() -> None:
+    """Stage 2 of batch 1 waits until stage 1 of batch 2 has run: only a pipeline gets
+    past it (one worker doing both stages would wait forever, here 5 s, and fail)."""
+    second_prepared = threading.Event()
+    searching = threading.Event()
+    prepared_sizes: list[int] = []
+
+    def prepare(batch: Sequence[int]) -> list[int]:
+        prepared_sizes.append(len(batch))
+        if len(prepared_sizes) == 2:
+            second_prepared.set()
+        return [x * 10 for x in batch]
+
+    def search(prepared: list[int]) -> list[int | BaseException]:
+        searching.set()
+        if not second_prepared.is_set():
+            assert second_prepared.wait(5), "the next batch was not encoded meanwhile"
+        return [x + 1 for x in prepared]
+
+    async def main() -> list[int]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            search, prepare=prepare, max_batch_size=16, max_wait_s=0.0
+        )
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(0, deadline=_later(10)))
+            await _until(searching.is_set)
+            # Queued while batch 1 is searched: they form batch 2 together.
+            rest = [
+                asyncio.ensure_future(batcher.submit(i, deadline=_later(10))) for i in range(1, 11)
+            ]
+            return [await first, *[await r for r in rest]]
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(main())
+    assert answers == [i * 10 + 1 for i in range(11)]
+    # The batch grew with the queue: the ten waiting jobs went in one batch.
+    assert prepared_sizes[0] == 1 and max(prepared_sizes[1:]) >= 5
