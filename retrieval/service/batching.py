@@ -179,28 +179,36 @@ class MicroBatcher(Generic[P, R]):
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
+        pipelined = self._stage_slots is not None
         while True:
-            if not self._pending:
+            if pipelined and self._stage_slots is not None:
+                # Both stages busy (one batch searched, one waiting): keep gathering.
+                await self._stage_slots.acquire()
+            while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                continue
             # Let the oldest job wait up to max_wait_s for company, unless a full batch
-            # is already there (then waiting would only add latency).
+            # is already there (then waiting would only add latency). Pipelined, an idle
+            # batcher starts at once: company is only worth waiting for while an earlier
+            # batch still occupies the index.
             oldest = self._pending[0]
-            wait = oldest.enqueued_at + self.max_wait_s - time.monotonic()
+            patience = self.max_wait_s if not pipelined or self._running else 0.0
+            wait = oldest.enqueued_at + patience - time.monotonic()
             while len(self._pending) < self.max_batch_size and wait > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
                 except TimeoutError:
                     break
-                wait = oldest.enqueued_at + self.max_wait_s - time.monotonic()
+                wait = oldest.enqueued_at + patience - time.monotonic()
             batch = self._take_batch()
             del oldest
-            if batch and self._prepare is not None:
+            if batch and pipelined:
                 await self._run_pipelined(loop, batch)
             elif batch:
                 await self._run(loop, batch)
+            elif self._stage_slots is not None:
+                self._stage_slots.release()
             # Drop the batch before waiting for the next one: its payloads (decoded
             # query images, tens of MB each) must not outlive their requests.
             del batch
@@ -217,7 +225,8 @@ class MicroBatcher(Generic[P, R]):
         self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]
     ) -> None:
         """Stage 1 now (the dispatcher waits for it), stage 2 in a task, so the
-        dispatcher gathers and prepares the next batch while this one runs."""
+        dispatcher gathers and prepares the next batch while this one runs. The caller
+        holds a stage slot; stage 2 gives it back."""
         assert self._stage_slots is not None and self._prepare is not None
         self._running += len(batch)
         try:
@@ -227,9 +236,9 @@ class MicroBatcher(Generic[P, R]):
         except Exception as e:
             log.exception("preparing a batch of %d failed", len(batch))
             self._running -= len(batch)
+            self._stage_slots.release()
             self._resolve(batch, [e] * len(batch))
             return
-        await self._stage_slots.acquire()
         task = loop.create_task(self._finish(loop, batch, prepared))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)

@@ -21,7 +21,8 @@ class ServiceConfig:
 
     # Largest number of queries encoded and searched together in one worker call.
     max_batch_size: int = 16
-    # How long the batcher waits for more queries after the first one arrives (ms).
+    # How long a query waits for company (ms) while an earlier batch is still being
+    # searched; an idle server starts a query at once (no added latency at low load).
     max_batch_wait_ms: float = 5.0
     # Queries admitted but not yet answered, beyond which requests get a fast 429.
     max_queue: int = 64
