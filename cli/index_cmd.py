@@ -7,7 +7,7 @@ and renders the result; the library does the work and a backend can call it the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -45,6 +45,7 @@ def _options(
     fetch_concurrency: int,
     fetch_timeout: float,
     fetch_cache: Path | None,
+    text_fields: str | None = None,
 ) -> BuildOptions:
     from clipsearch.indexer.ann import IndexOptions, parse_memory
     from clipsearch.indexer.build import BuildOptions
@@ -52,7 +53,9 @@ def _options(
     from clipsearch.indexer.sources import SourceOptions
 
     index_device = "cpu" if device == "cpu" else "auto"
-    extra = {"workers": workers} if workers else {}
+    extra: dict[str, Any] = {"workers": workers} if workers else {}
+    if text_fields is not None:  # "" = no lexical part
+        extra["text_fields"] = tuple(f.strip() for f in text_fields.split(",") if f.strip())
     return BuildOptions(
         max_errors=_max_errors(max_errors),
         max_image_bytes=int(max_image_mb * 1024 * 1024),
@@ -206,6 +209,13 @@ _RAY_ENCODERS = typer.Option(
 )
 
 
+_TEXT_FIELDS = typer.Option(
+    None,
+    "--text-fields",
+    help="Columns indexed for lexical/hybrid search (BM25), e.g. title,brand,description,sku "
+    "('source' is a text row's text; '' = none). Default: text plus every string column. "
+    "With add: also gives existing shards a lexical part over these fields.",
+)
 _FETCH_CACHE = typer.Option(
     None, "--fetch-cache", help="Cache of fetched images (default ~/.cache/clipsearch/images)."
 )
@@ -240,6 +250,7 @@ def build_cmd(
     fetch_cache: Path | None = _FETCH_CACHE,
     ray: str | None = _RAY,
     ray_encoders: int | None = _RAY_ENCODERS,
+    text_fields: str | None = _TEXT_FIELDS,
     as_json: bool = _JSON,
 ) -> None:
     """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
@@ -253,7 +264,7 @@ def build_cmd(
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
             max_errors=max_errors, extensions=extensions, max_image_mb=max_image_mb,
             fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
-            fetch_cache=fetch_cache,
+            fetch_cache=fetch_cache, text_fields=text_fields,
         )  # fmt: skip
         encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
         with progress_bars(quiet=as_json) as progress:
@@ -298,6 +309,7 @@ def add_cmd(
     fetch_cache: Path | None = _FETCH_CACHE,
     ray: str | None = _RAY,
     ray_encoders: int | None = _RAY_ENCODERS,
+    text_fields: str | None = _TEXT_FIELDS,
     as_json: bool = _JSON,
 ) -> None:
     """Append SOURCES as new shards; unchanged items are skipped, changed ones replaced."""
@@ -312,7 +324,7 @@ def add_cmd(
             image_col=image_col, text_col=text_col, id_col=id_col, on_duplicate=on_duplicate,
             max_errors=max_errors, extensions=extensions, max_image_mb=max_image_mb,
             fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
-            fetch_cache=fetch_cache,
+            fetch_cache=fetch_cache, text_fields=text_fields,
         )  # fmt: skip
         encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
         with progress_bars(quiet=as_json) as progress:

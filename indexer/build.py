@@ -150,6 +150,12 @@ class BuildOptions:
     max_errors: int | float | None = None
     # How http(s) image URLs in manifests are fetched.
     fetch: FetchOptions = field(default_factory=FetchOptions)
+    # Metadata columns indexed for lexical (BM25) search, in each shard's ``.lex`` folder
+    # (clipsearch.indexer.lexical), e.g. ("title", "brand", "description", "sku");
+    # "source" is a text row's text. None: a text row's text plus every string column,
+    # when tantivy is installed (the ``hybrid`` extra); (): no lexical part. Given to
+    # ``add``, it also gives the existing shards a lexical part over these fields.
+    text_fields: tuple[str, ...] | None = None
 
     # Fields that cannot change the committed rows: a re-run that differs only in them
     # resumes. Every other field (and every field added later) is part of the resume key.
@@ -171,6 +177,8 @@ class BuildOptions:
             )
         if self.max_image_bytes < 1 or self.max_image_pixels < 1:
             raise ConfigError("max_image_bytes and max_image_pixels must be >= 1")
+        if self.text_fields is not None:
+            _check_text_field_names(self.text_fields)
         m = self.max_errors
         if m is not None and (
             isinstance(m, bool)
@@ -190,6 +198,24 @@ class BuildOptions:
         if isinstance(self.max_errors, float):
             return int(self.max_errors * n_input)
         return self.max_errors
+
+
+def _check_text_field_names(fields: object) -> None:
+    if isinstance(fields, str) or not isinstance(fields, tuple | list):
+        raise ConfigError(
+            f"text_fields must be a tuple of column names, got {fields!r} "
+            "(e.g. --text-fields title,brand,sku)"
+        )
+    bad = [f for f in fields if not isinstance(f, str) or not f.strip()]
+    if bad or len(set(fields)) != len(fields):
+        raise ConfigError(
+            f"text_fields must name distinct, non-empty columns, got {list(fields)!r} "
+            "(e.g. --text-fields title,brand,sku)"
+        )
+    if fields:
+        from clipsearch.retrieval.lexical import require_tantivy
+
+        require_tantivy()
 
 
 def resume_key(options: Any) -> Any:
@@ -378,6 +404,10 @@ def _run(
         if operation == "add" and base is not None:
             # A column whose type clashes with the index's is refused before any embedding.
             check_add_schema(root, base, scan.schema, where=", ".join(map(str, sources)))
+        if options.text_fields:
+            from clipsearch.indexer.lexical import check_text_fields
+
+            check_text_fields(options.text_fields, _item_schema(scan), ", ".join(map(str, sources)))
         ingest = _Ingest(operation, root, scan, encoder, options, base, progress)
         ingest.embedder, ingest.shard_writer = hooks
         summary = ingest.run()
@@ -753,15 +783,17 @@ class _Ingest:
             base_shard = self.base.next_shard if self.base else 0
             name = shard_name(base_shard + n_prev)
             self._writing = name
+            modality = str(parts_t[0].column("modality")[0].as_py())
             record = (self.shard_writer or write_shard)(
                 self.root,
                 name=name,
-                modality=str(parts_t[0].column("modality")[0].as_py()),
+                modality=modality,
                 row_id_start=base_row + rows_prev,
                 vectors=np.concatenate(parts_v).astype(np.float32, copy=False),
                 metadata=pa.concat_tables(parts_t),
                 index_options=self.options.index,
                 progress=self.progress,
+                text_fields=self._text_fields(modality),
             )
         elif not outcomes:
             return
@@ -786,7 +818,7 @@ class _Ingest:
             return
         for path in (self.root / SHARD_DIR).glob(f"{name}.*"):
             with contextlib.suppress(OSError):
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self._writing = None
 
     def _interrupted(self) -> IngestInterrupted:
@@ -815,17 +847,41 @@ class _Ingest:
         return IngestInterrupted(message, items_kept=kept, total=total, staging=str(self.staging))
 
     def _schema(self) -> pa.Schema:
-        import pyarrow as pa
+        return _item_schema(self.scan)
 
-        return pa.schema(
-            [
-                pa.field("doc_id", pa.string()),
-                pa.field("modality", pa.string()),
-                pa.field("source", pa.string()),
-                pa.field("content_hash", pa.string()),
-                *self.scan.schema,
-            ]
-        )
+    def _text_fields(self, modality: str) -> tuple[str, ...]:
+        """The columns a new shard of ``modality`` indexes for lexical search."""
+        from clipsearch.indexer.lexical import resolve_text_fields
+        from clipsearch.retrieval.lexical import have_tantivy
+
+        if self.options.text_fields is None and not have_tantivy():
+            return ()
+        return resolve_text_fields(self.options.text_fields, self._schema(), modality)
+
+    def _backfill_lexical(
+        self, shards: tuple[ShardRecord, ...], version: int, written: list[Path]
+    ) -> tuple[ShardRecord, ...]:
+        """``add`` with text fields: base shards without a lexical part over these fields
+        get one, in a folder named for this version (the base keeps its own)."""
+        from clipsearch.indexer.lexical import resolve_text_fields, write_lexical
+        from clipsearch.retrieval.schema import conform, unified_schema
+
+        if not self.options.text_fields:
+            return shards
+        out = []
+        for s in shards:
+            table = read_metadata(self.root / s.metadata.path)
+            schema = unified_schema([table.schema, self._schema()], [s.name, "new items"])
+            fields = resolve_text_fields(self.options.text_fields, schema, s.modality)
+            if s.lexical is not None and s.lexical.fields == fields:
+                out.append(s)
+                continue
+            stem = f"{s.name}.{version_name(version)}"
+            written.append(self.root / SHARD_DIR / f"{stem}.lex")
+            lexical = write_lexical(self.root, stem, conform(table, schema), fields)
+            out.append(replace(s, lexical=lexical))
+            log.info("%s: shard %s now has a lexical part over %s", self.root, s.name, fields)
+        return tuple(out)
 
     def _metadata(self, buf: list[Embedded]) -> pa.Table:
         import pyarrow as pa
@@ -880,7 +936,7 @@ class _Ingest:
         except BaseException:
             for path in written:  # files of a version that never became live
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             raise
         if self.progress:
             self.progress(Progress("commit", 1, 1, "versions", detail={"version": version}))
@@ -944,7 +1000,7 @@ class _Ingest:
             if replaced or old_ids:
                 written.append(self.root / TOMBSTONE_DIR / f"{version_name(version)}.parquet")
                 tombstones, n_tomb = _write_tombstones(self.root, version, old_ids, replaced)
-            shards = base.shards + new_shards
+            shards = self._backfill_lexical(base.shards, version, written) + new_shards
             errors = base.errors + errors
             image_roots = covering_folders([*base_image_roots(self.root, base), *image_roots])
         else:
@@ -1031,6 +1087,21 @@ def base_image_roots(root: Path, manifest: Manifest) -> tuple[str, ...]:
         "%s: version %d records no image roots; derived %d", root, manifest.version, len(folders)
     )
     return covering_folders(sorted(folders))
+
+
+def _item_schema(scan: SourceScan) -> pa.Schema:
+    """The metadata schema of the scan's rows (fixed columns but row_id, then the user's)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string()),
+            pa.field("modality", pa.string()),
+            pa.field("source", pa.string()),
+            pa.field("content_hash", pa.string()),
+            *scan.schema,
+        ]
+    )
 
 
 def _write_errors(path: Path, problems: list[Problem]) -> None:

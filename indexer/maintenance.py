@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import posixpath
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from clipsearch.indexer.fsutil import remove_temp_files
 from clipsearch.indexer.lock import IndexLock
 from clipsearch.indexer.writer import write_shard
 from clipsearch.retrieval.errors import ClipsearchError, ConfigError
+from clipsearch.retrieval.lexical import LEXICAL_SUFFIX
 from clipsearch.retrieval.manifest import (
     ERRORS_DIR,
     MANIFEST_DIR,
@@ -230,7 +232,10 @@ def _discard_new_shards(root: Path, base: Manifest) -> None:
         stem = path.name.split(".", 1)[0]
         if stem[1:].isdigit() and int(stem[1:]) >= base.next_shard:
             with contextlib.suppress(OSError):
-                path.unlink()
+                if path.is_dir():  # a lexical folder
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 log.info("removed %s left by the failed compact", path)
 
 
@@ -271,6 +276,8 @@ def _rewrite_shards(
             metadata=metadata,
             index_options=options,
             progress=report,
+            # The lexical part is rebuilt over the same fields (rows renumbered with it).
+            text_fields=s.lexical.fields if s.lexical is not None else (),
         )
         crash_point("compact:shard")
         report(Progress("rewrite shards", n_done, n_touched, "shards"))
@@ -299,13 +306,29 @@ def _collect_garbage(
         for p in sorted((root / sub).iterdir())
         if p.is_file() and p.relative_to(root).as_posix() not in referenced
     ]
+    # Lexical folders (shards/<name>.lex/, temp folders of failed writes) go whole when no
+    # kept version references a file inside them.
+    folders = {posixpath.dirname(path) for path in referenced}
+    shard_dir = root / SHARD_DIR
+    garbage += [
+        p
+        for p in (sorted(shard_dir.iterdir()) if shard_dir.is_dir() else [])
+        if p.is_dir() and LEXICAL_SUFFIX in p.name and p.relative_to(root).as_posix() not in folders
+    ]
+    # Progress and the summary count files (a folder counts its files).
+    sizes = {p: len([f for f in p.rglob("*") if f.is_file()]) if p.is_dir() else 1 for p in garbage}
+    total = sum(sizes.values())
     n_files = n_bytes = 0
-    report(Progress("remove files", 0, len(garbage), "files"))
+    report(Progress("remove files", 0, total, "files"))
     for p in garbage:
-        n_bytes += p.stat().st_size
-        p.unlink()
-        n_files += 1
-        report(Progress("remove files", n_files, len(garbage), "files"))
+        if p.is_dir():
+            n_bytes += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p)
+        else:
+            n_bytes += p.stat().st_size
+            p.unlink()
+        n_files += sizes[p]
+        report(Progress("remove files", n_files, total, "files"))
     if (root / STAGING_DIR).is_dir():
         shutil.rmtree(root / STAGING_DIR)
     log.info("compact GC: removed %d files (%d bytes), versions %s", n_files, n_bytes, gone)

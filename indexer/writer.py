@@ -8,7 +8,7 @@ only when a manifest that lists it is committed (:mod:`clipsearch.indexer.commit
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -37,8 +37,10 @@ def write_shard(
     metadata: pa.Table,
     index_options: IndexOptions,
     progress: ProgressCallback | None = None,
+    text_fields: Sequence[str] = (),
 ) -> ShardRecord:
-    """Write the three files of shard ``name`` and return its manifest record.
+    """Write the three files of shard ``name`` (and its lexical folder) and return its
+    manifest record.
 
     Args:
         vectors: float32 or float16 ``[rows, dim]``, L2-normalised. Stored as float16
@@ -46,7 +48,9 @@ def write_shard(
         metadata: ``rows`` rows with the fixed columns except ``row_id`` (doc_id,
             modality, source, content_hash), then user columns; ``row_id`` is prepended.
         progress: gets the index stages of :func:`clipsearch.indexer.ann.build_ann`, then
-            "write shard" (files written, of 3).
+            "write shard" (files written, of 3; 4 with a lexical part).
+        text_fields: metadata columns indexed for lexical search in
+            ``shards/<name>.lex/`` (:mod:`clipsearch.indexer.lexical`); () = none.
     """
     import faiss
     import pyarrow as pa
@@ -77,12 +81,20 @@ def write_shard(
         "faiss": lambda f: f.write(serialized.tobytes()),
     }
     detail = {"shard": name, "rows": rows}
+    n_files = len(writers) + bool(text_fields)
     for i, (kind, write) in enumerate(writers.items()):
         if progress:
-            progress(Progress("write shard", i, len(writers), "files", detail=detail))
+            progress(Progress("write shard", i, n_files, "files", detail=detail))
         atomic_write(paths[kind], write)
+    lexical = None
+    if text_fields:
+        from clipsearch.indexer.lexical import write_lexical
+
+        if progress:
+            progress(Progress("write shard", len(writers), n_files, "files", detail=detail))
+        lexical = write_lexical(root, name, table, tuple(text_fields))
     if progress:
-        progress(Progress("write shard", len(writers), len(writers), "files", detail=detail))
+        progress(Progress("write shard", n_files, n_files, "files", detail=detail))
     log.info("wrote shard %s: %d %s rows, index %s", name, rows, modality, spec.factory)
     records = {k: file_record(root, p) for k, p in paths.items()}
     return ShardRecord(
@@ -95,6 +107,7 @@ def write_shard(
         faiss=records["faiss"],
         vectors=records["vectors"],
         metadata=records["metadata"],
+        lexical=lexical,
     )
 
 

@@ -13,6 +13,8 @@ Layout (all paths in a manifest are relative to the index root)::
     shards/s000042.faiss         # FAISS index, CPU form, ids = row offsets 0..rows-1
     shards/s000042.parquet       # metadata, row i describes vector i
     shards/s000042.f16.npy       # float16 [rows, dim] vectors for exact rescoring
+    shards/s000042.lex/...       # optional: tantivy full-text index of the shard's text
+                                 # fields (every file of it listed with size and hashes)
     tombstones/v000007.parquet   # row_id (int64), doc_id: every deleted row, cumulative
     errors/v000007-build.parquet # source, doc_id, stage, reason of skipped/flagged items
 """
@@ -190,6 +192,54 @@ class IndexSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LexicalRecord:
+    """The lexical (full-text) part of a shard: a tantivy index in ``shards/<name>.lex/``.
+
+    A tantivy index is a folder of files (segments plus ``meta.json``); every one of them
+    is listed here with its size and hashes and checked like the shard's other files.
+    """
+
+    # Metadata columns whose text was indexed ("source" is the row's text for text rows).
+    fields: tuple[str, ...]
+    # Name and version of the analysis (tokenizers, stemming, CJK bigrams) the index was
+    # written with; a reader refuses one it does not know (queries must be analysed alike).
+    analyzer: str
+    # Documents in the index (== the shard's rows; document i is row i).
+    rows: int
+    # Every file of the folder, sorted by path.
+    files: tuple[FileRecord, ...]
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            raise IndexFormatError("a lexical index record lists no files")
+
+    @property
+    def folder(self) -> str:
+        """The folder holding the files, relative to the index root."""
+        return posixpath.dirname(self.files[0].path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fields": list(self.fields),
+            "analyzer": self.analyzer,
+            "rows": self.rows,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LexicalRecord:
+        fields_ = d["fields"]
+        if not isinstance(fields_, list):
+            raise TypeError(f"lexical fields must be a list, got {fields_!r}")
+        return cls(
+            fields=tuple(str(f) for f in fields_),
+            analyzer=str(d["analyzer"]),
+            rows=int(d["rows"]),
+            files=tuple(FileRecord.from_dict(f) for f in d["files"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShardRecord:
     """One shard: vectors of one modality, with aligned metadata and a FAISS index."""
 
@@ -209,8 +259,16 @@ class ShardRecord:
     faiss: FileRecord
     vectors: FileRecord
     metadata: FileRecord
+    # The full-text index of the shard's text fields; None when the shard has none
+    # (built without text fields, or by a clipsearch before hybrid search).
+    lexical: LexicalRecord | None = None
 
     def __post_init__(self) -> None:
+        if self.lexical is not None and self.lexical.rows != self.rows:
+            raise IndexFormatError(
+                f"shard {self.name}: lexical index has {self.lexical.rows} documents, the "
+                f"shard {self.rows} rows"
+            )
         if self.modality not in MODALITIES:
             raise ConfigError(f"shard {self.name}: modality must be one of {MODALITIES}")
         if self.rows < 0 or self.row_id_start < 0 or self.dim < 1:
@@ -223,7 +281,9 @@ class ShardRecord:
 
     @property
     def files(self) -> tuple[FileRecord, ...]:
-        return (self.faiss, self.vectors, self.metadata)
+        """Every file of the shard (the lexical index's files included)."""
+        lexical = self.lexical.files if self.lexical is not None else ()
+        return (self.faiss, self.vectors, self.metadata, *lexical)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +298,8 @@ class ShardRecord:
                 "vectors": self.vectors.to_dict(),
                 "metadata": self.metadata.to_dict(),
             },
+            # Absent (not null) without one, exactly as older manifests read.
+            **({} if self.lexical is None else {"lexical": self.lexical.to_dict()}),
         }
 
     @classmethod
@@ -253,6 +315,7 @@ class ShardRecord:
             faiss=FileRecord.from_dict(files["faiss"]),
             vectors=FileRecord.from_dict(files["vectors"]),
             metadata=FileRecord.from_dict(files["metadata"]),
+            lexical=None if d.get("lexical") is None else LexicalRecord.from_dict(d["lexical"]),
         )
 
 

@@ -29,6 +29,17 @@ MAX_POOL = 10_000
 MODALITIES = ("image", "text")
 
 Grouping = Literal["max", "mean"]
+# How a query ranks rows: by vector similarity, by BM25 over the shards' text fields, or
+# both lists fused (clipsearch.retrieval.hybrid).
+Mode = Literal["vector", "lexical", "hybrid"]
+MODES = ("vector", "lexical", "hybrid")
+# How hybrid fuses the two lists: reciprocal rank fusion, or a weighted sum of scores
+# min-max normalised per list.
+Fusion = Literal["rrf", "weighted"]
+FUSIONS = ("rrf", "weighted")
+# RRF's k: a row at rank r of a list adds weight / (k + r). 60 is the value of the RRF
+# paper (Cormack et al. 2009) and of most engines that fuse.
+DEFAULT_RRF_K = 60
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +71,19 @@ class SearchOptions:
     # Linear score boosts over numeric fields: score += weight * value (null = 0).
     # Given as a mapping; stored as sorted (field, weight) pairs so options hash.
     boosts: tuple[tuple[str, float], ...] = ()
+    # "vector", "lexical" (BM25 over the shards' text fields) or "hybrid" (both, fused);
+    # None = "hybrid" when the searched shards have lexical parts and no min_score is set
+    # (a cosine cutoff), else "vector". Lexical and hybrid need a text query (a str, or
+    # a ComposedQuery's text terms); in hybrid, queries without text rank by vectors.
+    mode: Mode | None = None
+    # Hybrid fusion: "rrf" (score = sum of weight / (rrf_k + rank)) or "weighted"
+    # (score = sum of weight * score min-max normalised over the list).
+    fusion: Fusion = "rrf"
+    # RRF's k, >= 1: larger values flatten the difference between top ranks.
+    rrf_k: int = DEFAULT_RRF_K
+    # Weights of the vector and lexical lists in the fusion (>= 0, not both 0).
+    vector_weight: float = 1.0
+    lexical_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _set = object.__setattr__
@@ -95,6 +119,30 @@ class SearchOptions:
         _set(self, "boosts", _boosts(self.boosts))
         if self.where is not None:
             _set(self, "where", _where(self.where))
+        self._check_hybrid()
+
+    def _check_hybrid(self) -> None:
+        _set = object.__setattr__
+        if self.mode is not None and self.mode not in MODES:
+            raise InvalidOptionError(
+                "mode", f"mode must be one of {', '.join(MODES)} (or omitted), got {self.mode!r}"
+            )
+        if self.fusion not in FUSIONS:
+            raise InvalidOptionError(
+                "fusion", f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}"
+            )
+        k = self.rrf_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidOptionError("rrf_k", f"rrf_k must be an integer >= 1, got {k!r}")
+        for name in ("vector_weight", "lexical_weight"):
+            weight = _finite(name, name, getattr(self, name))
+            if weight < 0:
+                raise InvalidOptionError(name, f"{name} must be >= 0, got {weight}")
+            _set(self, name, weight)
+        if self.vector_weight == 0 and self.lexical_weight == 0:
+            raise InvalidOptionError(
+                "vector_weight", "vector_weight and lexical_weight cannot both be 0"
+            )
 
     # ------------------------------------------------------------------ derived
 
@@ -149,6 +197,11 @@ class SearchOverrides(TypedDict, total=False):
     sort: str | None
     min_score: float | None
     boosts: Mapping[str, float] | tuple[tuple[str, float], ...] | None
+    mode: Mode | None
+    fusion: Fusion
+    rrf_k: int
+    vector_weight: float
+    lexical_weight: float
 
 
 def resolve_options(

@@ -39,6 +39,10 @@ class Hit:
     source: str
     # The user's metadata columns (price, category, ...) as plain Python values.
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Lexical and hybrid queries: what the score is made of (clipsearch.retrieval.hybrid):
+    # {"mode", "fusion", "fused", "vector": {"score", "rank"}, "lexical": {"score",
+    # "rank"} or None}; a rank is None outside that list. None for vector queries.
+    explain: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.row_id < 0:
@@ -57,6 +61,7 @@ class Hit:
             "modality": self.modality,
             "source": self.source,
             "metadata": dict(self.metadata),
+            **({} if self.explain is None else {"explain": self.explain}),
         }
 
 

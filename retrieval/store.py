@@ -37,6 +37,7 @@ from clipsearch.retrieval.manifest import (
     CURRENT_FILE,
     FIXED_COLUMNS,
     FileRecord,
+    LexicalRecord,
     Manifest,
     ShardRecord,
     check_relative_path,
@@ -49,6 +50,8 @@ from clipsearch.retrieval.manifest import (
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from clipsearch.retrieval.lexical import LexicalIndex
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class LoadedShard:
     # fixed columns (row_id, doc_id, modality, source, content_hash), then every user
     # column of any shard; columns this shard's file lacks are all-null.
     metadata: pa.Table
+    # The shard's full-text index (clipsearch.retrieval.lexical), its files checked like
+    # the others; None when the shard has none (or tantivy is not installed).
+    lexical: LexicalIndex | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,6 +254,7 @@ def _open_version(root: Path, manifest: Manifest, level: VerifyLevel) -> Snapsho
     from clipsearch.retrieval.schema import conform, unify
 
     loaded = [_load_shard(root, s, level) for s in manifest.shards]
+    lexical = [_load_lexical(root, s, level) for s in manifest.shards]
     tombstones = _read_tombstones(root, manifest, level)
     names = [f"shard {s.name}" for s in manifest.shards]
     schema, conflicts = unify([t.schema for _, _, t in loaded], names)
@@ -259,9 +266,13 @@ def _open_version(root: Path, manifest: Manifest, level: VerifyLevel) -> Snapsho
         )
     shards = tuple(
         LoadedShard(
-            record=s, index=index, vectors=vectors, metadata=conform(t, schema, lenient=True)
+            record=s,
+            index=index,
+            vectors=vectors,
+            metadata=conform(t, schema, lenient=True),
+            lexical=lex,
         )
-        for s, (index, vectors, t) in zip(manifest.shards, loaded, strict=True)
+        for s, (index, vectors, t), lex in zip(manifest.shards, loaded, lexical, strict=True)
     )
     log.info(
         "opened %s version %d: %d shards, %d rows, %d tombstones (checked: %s)",
@@ -473,6 +484,38 @@ def _load_shard(root: Path, s: ShardRecord, level: VerifyLevel) -> tuple[Any, np
     return index, vectors, metadata
 
 
+_warned_no_tantivy = False
+
+
+def _load_lexical(root: Path, s: ShardRecord, level: VerifyLevel) -> LexicalIndex | None:
+    """A shard's lexical index, every file checked per ``level`` first; None when the
+    shard has none, or (with a warning) when tantivy is not installed: vector search
+    still works. Raises _FileProblem for a damaged file."""
+    global _warned_no_tantivy
+    if s.lexical is None:
+        return None
+    from clipsearch.retrieval.lexical import have_tantivy, open_lexical
+
+    record: LexicalRecord = s.lexical
+    for f in record.files:
+        buf = _map_checked(root, f, level)
+        if isinstance(buf, mmap.mmap):
+            buf.close()
+    if not have_tantivy():
+        if not _warned_no_tantivy:
+            log.warning(
+                "%s: shards have lexical indexes but tantivy is not installed; searching "
+                "by vectors only (pip install 'clipsearch[hybrid]' for hybrid search)",
+                root,
+            )
+            _warned_no_tantivy = True
+        return None
+    try:
+        return open_lexical(root, record)
+    except IndexFormatError as e:
+        raise _FileProblem(f"shard {s.name}:", str(e)) from e
+
+
 def load_shard(
     root: Path, manifest: Manifest, s: ShardRecord, *, verify: VerifyLevel = "fast"
 ) -> tuple[Any, np.ndarray, pa.Table]:
@@ -492,6 +535,7 @@ def shard_problems(root: Path, s: ShardRecord, *, verify_hashes: bool) -> list[s
         return problems
     try:
         _load_shard(root, s, "full" if verify_hashes else "fast")
+        _load_lexical(root, s, "full" if verify_hashes else "fast")
     except _FileProblem as p:
         return [str(p)]
     except IndexFormatError as e:
@@ -570,6 +614,10 @@ def verify_index(root: str | Path, *, verify_hashes: bool = True) -> VerifyRepor
         else:
             schemas.append(metadata.schema)
             names.append(f"shard {s.name}")
+        try:
+            _load_lexical(root, s, level)
+        except (_FileProblem, IndexFormatError) as e:
+            found.append(f"lexical index: {e}")
         if s.dim != manifest.dim:
             found.append(f"shard dim {s.dim} differs from the encoder's {manifest.dim}")
         if found:

@@ -1,0 +1,261 @@
+"""The lexical (full-text) side of a shard: BM25 over its text fields, on tantivy.
+
+A shard may carry ``shards/<name>.lex/``: a tantivy index with one document per row
+(document i is row i, kept in the fast field ``row``), written by
+:mod:`clipsearch.indexer.lexical` over the shard's chosen text fields. This module
+defines that format (schema, analysis) and reads it: :class:`LexicalIndex` answers a
+text query with BM25 scores per local row, under the same :class:`AllowedRows` mask the
+vector side uses, so filters and tombstones hold on both sides.
+
+Analysis (``ANALYZER``), applied alike to documents and queries:
+
+* ``words``: tantivy's simple tokenizer (runs of letters and digits), lower case,
+  tokens over 40 bytes dropped, English Snowball stemming ("mugs" -> "mug",
+  "striped" -> "stripe"). "SKU-000102" gives "sku" and "000102".
+* ``cjk``: runs of Chinese, Japanese and Korean characters become overlapping
+  character bigrams ("马克杯" -> "马克", "克杯"), a lone character stays a unigram. Bigrams
+  need no dictionary and find every word a shopper types, at the cost of some spurious
+  pairs across word boundaries (BM25 weighs those down: they are rare in queries and
+  common nowhere). Word segmentation (jieba) would add a 20 MB dictionary and a second
+  tokenizer whose errors the query side must repeat; bigrams are what Lucene's CJK
+  analyzer does.
+
+Query semantics (per shard, BM25 with tantivy's k1 = 1.2, b = 0.75,
+idf = ln(1 + (N - n + 0.5) / (n + 0.5))):
+
+* every distinct query token is a term; a row's score is the sum of its terms' BM25;
+* *common* terms (in more than ``COMMON_TERM_SHARE`` of the shard's rows, e.g. "sku" when
+  every row has a SKU) only add to the score of rows that match a rarer term, as Lucene's
+  common-terms query does, so "SKU-000102" returns that product and not every row;
+* a word the shard does not know (a misspelling: "nortwind") matches words within one
+  edit (two from 9 characters on) at the constant score ``FUZZY_SCORE``.
+
+Importing this module is cheap; tantivy is imported on first use (``hybrid`` extra).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipsearch.retrieval.errors import ConfigError, IndexFormatError
+
+if TYPE_CHECKING:
+    from clipsearch.retrieval.manifest import LexicalRecord
+    from clipsearch.retrieval.planner import AllowedRows
+
+log = logging.getLogger(__name__)
+
+# Name and version of the analysis below; a change in tokenization bumps it.
+ANALYZER = "clipsearch-bm25-v1"
+# Suffix of a shard's lexical folder: shards/s000042.lex/.
+LEXICAL_SUFFIX = ".lex"
+# tantivy fields: analysed words, CJK bigrams, and the shard-local row (fast field).
+FIELD_WORDS = "words"
+FIELD_CJK = "cjk"
+FIELD_ROW = "row"
+# tantivy names under which the two analyzers are registered on an index.
+WORDS_TOKENIZER = "clipsearch_words"
+CJK_TOKENIZER = "clipsearch_cjk"
+# A term in more than this share of a shard's rows only scores rows matching a rarer one.
+COMMON_TERM_SHARE = 0.5
+# Score of a fuzzy (misspelt word) match: about the BM25 of a word in a tenth of the rows.
+FUZZY_SCORE = 1.0
+# Words shorter than this are never matched fuzzily ("mg" is not a misspelt "mug").
+FUZZY_MIN_CHARS = 4
+# Tokens longer than this (bytes) are dropped (hashes, base64 blobs).
+MAX_TOKEN_BYTES = 40
+# Hiragana, katakana, CJK unified ideographs (and extension A), compatibility
+# ideographs, Hangul syllables.
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+
+
+def require_tantivy() -> Any:
+    """The tantivy module, or ConfigError saying how to install it."""
+    try:
+        import tantivy
+    except ImportError as e:
+        raise ConfigError(
+            "lexical and hybrid search need tantivy: pip install 'clipsearch[hybrid]' "
+            "(or `pip install tantivy`)"
+        ) from e
+    return tantivy
+
+
+def have_tantivy() -> bool:
+    try:
+        import tantivy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def split_cjk(text: str) -> tuple[str, str]:
+    """``(text with CJK runs blanked, the runs' bigrams joined by spaces)``.
+
+    ``"Northwind 红色马克杯"`` -> ``("Northwind      ", "红色 色马 马克 克杯")``.
+    """
+    runs = _CJK.findall(text)
+    if not runs:
+        return text, ""
+    grams: list[str] = []
+    for run in runs:
+        grams.extend([run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)])
+    return _CJK.sub(" ", text), " ".join(grams)
+
+
+@functools.cache
+def analyzers() -> tuple[Any, Any]:
+    """The (words, cjk) tantivy TextAnalyzers of ``ANALYZER``."""
+    tantivy = require_tantivy()
+    builder, tok, filt = tantivy.TextAnalyzerBuilder, tantivy.Tokenizer, tantivy.Filter
+    words = (
+        builder(tok.simple())
+        .filter(filt.remove_long(MAX_TOKEN_BYTES))
+        .filter(filt.lowercase())
+        .filter(filt.stemmer("english"))
+        .build()
+    )
+    return words, builder(tok.whitespace()).build()
+
+
+def schema() -> Any:
+    """The tantivy schema of a lexical index (no stored fields: rows live in Parquet;
+    term frequencies without positions: BM25 needs no more)."""
+    tantivy = require_tantivy()
+    sb = tantivy.SchemaBuilder()
+    sb.add_text_field(FIELD_WORDS, tokenizer_name=WORDS_TOKENIZER, index_option="freq")
+    sb.add_text_field(FIELD_CJK, tokenizer_name=CJK_TOKENIZER, index_option="freq")
+    sb.add_integer_field(FIELD_ROW, fast=True)
+    return sb.build()
+
+
+def register_analyzers(index: Any) -> None:
+    """Register ``ANALYZER``'s tokenizers on a tantivy Index (not persisted by tantivy)."""
+    words, cjk = analyzers()
+    index.register_tokenizer(WORDS_TOKENIZER, words)
+    index.register_tokenizer(CJK_TOKENIZER, cjk)
+
+
+@dataclass(frozen=True)
+class QueryTerms:
+    """The distinct analysed tokens of a query text, per field, in first-seen order."""
+
+    words: tuple[str, ...]
+    cjk: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.words or self.cjk)
+
+
+def analyze(text: str) -> QueryTerms:
+    """Tokens of ``text`` exactly as a document holding it was indexed."""
+    words, cjk = analyzers()
+    latin, grams = split_cjk(text)
+    w = tuple(dict.fromkeys(words.analyze(latin))) if latin.strip() else ()
+    c = tuple(dict.fromkeys(cjk.analyze(grams))) if grams else ()
+    return QueryTerms(w, c)
+
+
+def lexical_folder(name: str) -> str:
+    """``"s000042"`` -> ``"shards/s000042.lex"`` (relative to the index root)."""
+    from clipsearch.retrieval.manifest import SHARD_DIR
+
+    return f"{SHARD_DIR}/{name}{LEXICAL_SUFFIX}"
+
+
+class LexicalIndex:
+    """One shard's lexical index, open for search; safe to share between threads."""
+
+    def __init__(self, path: Path, record: LexicalRecord) -> None:
+        tantivy = require_tantivy()
+        if record.analyzer != ANALYZER:
+            raise IndexFormatError(
+                f"{path}: lexical index written with analyzer {record.analyzer!r}; this "
+                f"clipsearch reads {ANALYZER!r}: upgrade clipsearch, or rebuild the lexical "
+                "part with `clipsearch index add INDEX --text-fields ...` after a compact"
+            )
+        try:
+            self.index = tantivy.Index.open(str(path))
+            register_analyzers(self.index)
+            self.searcher = self.index.searcher()
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{path}: not a readable tantivy index ({e})") from e
+        self.record = record
+        self.schema = self.index.schema
+        self.docs = int(self.searcher.num_docs)
+        if self.docs != record.rows:
+            raise IndexFormatError(
+                f"{path}: lexical index holds {self.docs} documents, the manifest says "
+                f"{record.rows}"
+            )
+
+    def _query(self, terms: QueryTerms) -> Any | None:
+        """The tantivy query of ``terms`` on this shard (see the module docstring), or
+        None when nothing can match."""
+        import tantivy
+
+        rare: list[Any] = []
+        common: list[Any] = []
+        fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
+        for field, token in fields:
+            df = int(self.searcher.doc_freq(field, token))
+            if df == 0:
+                if field == FIELD_WORDS and len(token) >= FUZZY_MIN_CHARS and not token.isdigit():
+                    distance = 1 if len(token) < 9 else 2
+                    fuzzy = tantivy.Query.fuzzy_term_query(self.schema, field, token, distance)
+                    rare.append(tantivy.Query.boost_query(fuzzy, FUZZY_SCORE))
+                continue
+            q = tantivy.Query.term_query(self.schema, field, token, index_option="freq")
+            (common if df > COMMON_TERM_SHARE * self.docs else rare).append(q)
+        should = tantivy.Occur.Should
+        if not rare:
+            if not common:
+                return None
+            return tantivy.Query.boolean_query([(should, q) for q in common])
+        need = tantivy.Query.boolean_query([(should, q) for q in rare])
+        return tantivy.Query.boolean_query(
+            [(tantivy.Occur.Must, need), *((should, q) for q in common)]
+        )
+
+    def search(
+        self, terms: QueryTerms, limit: int, allowed: AllowedRows | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``limit`` allowed rows for ``terms``: (float32 BM25 scores descending,
+        int64 local rows), ties by row. With ``allowed``, rows outside its mask are
+        skipped and the search widens until ``limit`` allowed rows are found or no
+        matching row is left, so a filter never costs results."""
+        empty = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        query = self._query(terms) if terms and self.docs else None
+        if query is None or limit < 1:
+            return empty
+        mask = None if allowed is None else allowed.mask
+        fetch = limit
+        while True:
+            result = self.searcher.search(query, limit=fetch, count=mask is not None)
+            hits = result.hits
+            scores = np.fromiter((h[0] for h in hits), np.float32, len(hits))
+            rows = np.asarray(
+                self.searcher.fast_field_values(FIELD_ROW, [h[1] for h in hits]), np.int64
+            )
+            keep = np.ones(len(rows), bool) if mask is None else mask[rows]
+            n_matching = len(hits) if mask is None else int(result.count)
+            if int(keep.sum()) >= limit or len(hits) >= n_matching:
+                break
+            fetch = min(n_matching, fetch * 4)
+        scores, rows = scores[keep], rows[keep]
+        order = np.lexsort((rows, -scores))[:limit]
+        return scores[order], rows[order]
+
+
+def open_lexical(root: Path, record: LexicalRecord) -> LexicalIndex:
+    """Open a shard's lexical folder (its files already checked against ``record``)."""
+    from clipsearch.retrieval.store import resolve_in_root
+
+    return LexicalIndex(resolve_in_root(root, record.folder), record)
