@@ -16,6 +16,7 @@ always removed) -> search every shard of the target modality in parallel with it
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -35,6 +36,7 @@ import pyarrow as pa
 from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
+from clipsearch.retrieval.hybrid import plan_hybrid
 from clipsearch.retrieval.kernels import configure_faiss, single_threaded_worker
 from clipsearch.retrieval.manifest import FIXED_COLUMNS, Manifest
 from clipsearch.retrieval.options import MAX_POOL, SearchOptions, SearchOverrides, resolve_options
@@ -251,17 +253,24 @@ class SearchEngine:
         allowed = self._allowed(state, shards, opts.where)
         total = _allowed_total(shards, allowed)
         timings["filter"] = _ms(tick)
+        search = lambda pool: self._search_shards(shards, allowed, xq, pool)  # noqa: E731
+        # Lexical / hybrid queries wrap the search step (clipsearch.retrieval.hybrid).
+        lexical = {s.record.name: s.lexical for s in state.snapshot.shards}
+        hybrid = plan_hybrid(opts, queries, shards, allowed, lexical, xq, timings, target)
+        if hybrid is not None:
+            search = functools.partial(hybrid.search, search)
         ranked, plans = rank_queries(
             opts,
             total=lambda: total,
-            search=lambda pool: self._search_shards(shards, allowed, xq, pool),
+            search=search,
             candidates=lambda merged, vectors: [
                 _candidates(state, shards, m, xq[qi], vectors) for qi, m in enumerate(merged)
             ],
             headroom=lambda: _boost_headroom(state, opts),
             timings=timings,
         )
-        return page_results(ranked, opts, total, plans, timings, t0, state.version)
+        results = page_results(ranked, opts, total, plans, timings, t0, state.version)
+        return results if hybrid is None else hybrid.attach(results)
 
     def classify(self, image: Any, labels: Sequence[str]) -> list[tuple[str, float]]:
         """Zero-shot label probabilities for an image, highest first (CLIP recipe)."""
