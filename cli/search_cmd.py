@@ -117,9 +117,23 @@ def search_cmd(
         help="Columns to show after rank, score and doc_id: metadata columns or "
         "row_id, modality, source. With --json: the metadata kept per hit.",
     ),
+    mode: str | None = typer.Option(
+        None,
+        "--mode",
+        help="vector, lexical (BM25 over the index's text fields) or hybrid (both fused). "
+        "Default: hybrid when the index has a lexical part, else vector.",
+    ),
+    fusion: str = typer.Option("rrf", "--fusion", help="Hybrid fusion: rrf or weighted."),
+    rrf_k: int = typer.Option(60, "--rrf-k", help="RRF's k: rank r adds weight / (k + r)."),
+    vector_weight: float = typer.Option(1.0, "--vector-weight", help="Weight of the vector list."),
+    lexical_weight: float = typer.Option(
+        1.0, "--lexical-weight", help="Weight of the lexical list."
+    ),
     device: str = _DEVICE,
     backend: str = _BACKEND,
-    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+    as_json: bool = typer.Option(
+        False, "--json", help="JSON output (lexical/hybrid hits carry an 'explain')."
+    ),
 ) -> None:
     from clipsearch.retrieval.engine import SearchEngine
     from clipsearch.retrieval.manifest import FIXED_COLUMNS
@@ -144,6 +158,11 @@ def search_cmd(
             sort=sort,
             min_score=min_score,
             boosts=tuple(_parse_boost(b) for b in boost or []),
+            mode=mode,  # type: ignore[arg-type]  # SearchOptions validates the spelling
+            fusion=fusion,  # type: ignore[arg-type]
+            rrf_k=rrf_k,
+            vector_weight=vector_weight,
+            lexical_weight=lexical_weight,
         )
         encoder = _index_encoder(index, device=device, backend=backend)
         with SearchEngine.open(index, encoder=encoder, device=device) as engine:
