@@ -123,6 +123,8 @@ def create_app(
         max_body_bytes=config.max_body_bytes,
         observe=state.metrics.observe_request,
         index_version=lambda: state.version,
+        overloaded=state.overloaded,
+        retry_after_s=config.retry_after_s,
     )
     _add_search_routes(app, state)
     _add_catalog_routes(app, state)

@@ -107,6 +107,23 @@ class MicroBatcher(Generic[P, R]):
         """Jobs admitted and not yet answered (waiting + in the running batch)."""
         return len(self._pending) + self._running
 
+    def overloaded(self) -> str | None:
+        """Why a job submitted now would be refused (QueueFullError), or None: the
+        count bound, then the wait bound. Cheap: the HTTP layer asks before it reads a
+        request's body."""
+        if self.depth >= self.max_queue:
+            return f"{self.depth} queries are already queued (limit {self.max_queue})"
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()  # abandoned (deadline, disconnect): not waiting any more
+        if self.max_queue_delay_s is not None and self._pending:
+            waited = time.monotonic() - self._pending[0].enqueued_at
+            if waited > self.max_queue_delay_s:
+                return (
+                    f"queued queries wait {waited * 1000:.0f} ms "
+                    f"(limit {self.max_queue_delay_s * 1000:.0f} ms)"
+                )
+        return None
+
     def start(self) -> None:
         """Start the dispatcher on the running event loop (idempotent)."""
         if self._task is None:
@@ -149,19 +166,9 @@ class MicroBatcher(Generic[P, R]):
         """
         if self._task is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        if self.depth >= self.max_queue:
-            raise QueueFullError(
-                f"{self.depth} queries are already queued (limit {self.max_queue})"
-            )
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()  # abandoned (deadline, disconnect): not waiting any more
-        if self.max_queue_delay_s is not None and self._pending:
-            waited = time.monotonic() - self._pending[0].enqueued_at
-            if waited > self.max_queue_delay_s:
-                raise QueueFullError(
-                    f"queued queries wait {waited * 1000:.0f} ms "
-                    f"(limit {self.max_queue_delay_s * 1000:.0f} ms)"
-                )
+        reason = self.overloaded()
+        if reason is not None:
+            raise QueueFullError(reason)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(payload, future, deadline))
         self._wakeup.set()

@@ -34,10 +34,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 ADMIN_PREFIX = "/admin/"
+# Routes whose work goes through the batcher's queue: refused with 429 before their
+# body is read or validated while the queue is full (a fast, cheap answer to overload).
+QUEUED_PATHS = frozenset({"/search", "/search/image", "/classify"})
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _Label:
+    """Stands in for the route of a request refused before routing (metrics label)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
 
 class ServiceMiddleware:
@@ -52,6 +62,8 @@ class ServiceMiddleware:
         max_body_bytes: int,
         observe: Callable[[str, str, int, float], None],
         index_version: Callable[[], int | None],
+        overloaded: Callable[[], str | None] | None = None,
+        retry_after_s: int = 1,
     ) -> None:
         self.app = app
         self.api_key = api_key
@@ -59,6 +71,8 @@ class ServiceMiddleware:
         self.max_body_bytes = max_body_bytes
         self.observe = observe
         self.index_version = index_version
+        self.overloaded = overloaded
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,6 +133,18 @@ class ServiceMiddleware:
             if declared is not None and declared > self.max_body_bytes:
                 await self._reply(send_wrapper, 413, "body_too_large", self._too_large(declared))
                 return
+            if self.overloaded is not None and path in QUEUED_PATHS:
+                reason = self.overloaded()
+                if reason is not None:
+                    scope["route"] = _Label(path)
+                    await self._reply(
+                        send_wrapper,
+                        429,
+                        "overloaded",
+                        f"the server is overloaded ({reason}); retry after {self.retry_after_s} s",
+                        extra_headers=[(b"retry-after", str(self.retry_after_s).encode())],
+                    )
+                    return
             await self.app(scope, self._limited(receive, overflow), send_wrapper)
         except _BodyTooLarge:
             if not status["started"]:

@@ -187,6 +187,14 @@ class ServiceState:
             known.setdefault(str(root), "<image root>")
         return known
 
+    def overloaded(self) -> str | None:
+        """Why a query arriving now would get 429 (the queue is full), or None; counted
+        in the rejection metrics when it would."""
+        reason = self.batcher.overloaded() if self.ready else None
+        if reason is not None:
+            self.metrics.observe_rejection("queue_full")
+        return reason
+
     def _encode_batch(self, jobs: Any) -> EncodedBatch:
         return encode_jobs(self.engine, jobs)
 

@@ -426,10 +426,12 @@ def test_queue_full_gets_a_fast_429_and_deadline_a_504(make_client: Any, monkeyp
     assert "r" not in first  # answered while the first query was still blocked: no waiting
     assert_error(r, 429, "overloaded")
     assert r.headers["retry-after"] == "1"
+    # Refused before its body is read or validated: overload costs no parsing.
+    assert_error(client.post("/search", json={"text": "red", "k": "many"}), 429, "overloaded")
     gate.set()
     t.join(10)
     assert first["r"].status_code == 200
-    assert 'clipsearch_rejected_total{reason="queue_full"} 1' in client.get("/metrics").text
+    assert 'clipsearch_rejected_total{reason="queue_full"} 2' in client.get("/metrics").text
 
     slow = make_client(request_timeout_s=0.3)
     slow_engine = slow.app.state.service.engine
