@@ -88,6 +88,8 @@ _FAKE = re.compile(r"^fake(?:-(\d+))?$")
 
 
 BACKENDS = ("auto", "torch", "onnx")
+# What an encoder is loaded for: short queries, or embedding a corpus (index build/add).
+PURPOSES = ("query", "build")
 
 
 def load_encoder(
@@ -100,6 +102,7 @@ def load_encoder(
     backend: str = "auto",
     allow_random: bool = False,
     threads: int | None = None,
+    purpose: str = "query",
 ) -> Encoder:
     """Load an encoder by name.
 
@@ -121,7 +124,14 @@ def load_encoder(
         allow_random: an open_clip architecture without weights is refused (its vectors
             are random) unless this is True.
         threads: ONNX intra-op threads (None: onnxruntime's default, every core).
+        purpose: ``query`` or ``build``. With ``backend="auto"`` and an export, queries
+            always take ONNX (no torch import: ~7x faster process start); builds take
+            whichever backend a cached timing probe measured faster for this model on this
+            machine (ONNX ran the demo model 6.9x faster than torch, a ViT-B-32 0.67x:
+            ``benchmarks/ingest.py``).
     """
+    if purpose not in PURPOSES:
+        raise ConfigError(f"unknown purpose {purpose!r}; expected one of {', '.join(PURPOSES)}")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     m = _FAKE.match(model)
@@ -143,7 +153,20 @@ def load_encoder(
     if backend != "torch":
         found = onnx.find_export_by_name(arch, weights)
         if found is not None and (backend == "onnx" or onnx.onnxruntime_available()):
-            return onnx.OnnxEncoder(found, device=device, batch_size=batch_size, threads=threads)
+            onnx_encoder = onnx.OnnxEncoder(
+                found, device=device, batch_size=batch_size, threads=threads
+            )
+            if backend == "onnx" or purpose == "query":
+                return onnx_encoder
+            from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
+            from clipsearch.retrieval.encoders.precision import choose_build_backend
+
+            torch_encoder = OpenClipEncoder(
+                arch, pretrained=weights, device=device, precision=precision,
+                batch_size=batch_size, allow_random=allow_random,
+            )  # fmt: skip
+            faster = choose_build_backend(torch_encoder, onnx_encoder)
+            return onnx_encoder if faster == "onnx" else torch_encoder
         if backend == "onnx":
             raise ModelNotFoundError(
                 f"no ONNX export of {model!r}{f' / {pretrained!r}' if pretrained else ''} in "
@@ -187,12 +210,15 @@ def encoder_from_fingerprint(
     precision: str = "auto",
     backend: str = "auto",
     threads: int | None = None,
+    purpose: str = "query",
 ) -> Encoder:
     """Re-create the encoder an index was built with, from its manifest fingerprint.
 
-    ``backend="auto"`` answers from a cached ONNX export of the same model when there is
-    one (its fingerprint was checked against torch when exported; ``backend`` is
-    recorded, not compared), else loads torch. ``threads``: ONNX intra-op threads.
+    ``backend="auto"`` answers from an ONNX export of the same model when there is one
+    (its fingerprint was checked against torch when exported; ``backend`` is recorded,
+    not compared), else loads torch; with ``purpose="build"`` (``index add``) it takes
+    the backend measured faster, as :func:`load_encoder` does. ``threads``: ONNX
+    intra-op threads.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -208,7 +234,8 @@ def encoder_from_fingerprint(
             from clipsearch.retrieval.encoders import onnx
 
             found = onnx.find_export(fp)
-            if found is not None and (backend == "onnx" or onnx.onnxruntime_available()):
+            usable = found is not None and (backend == "onnx" or onnx.onnxruntime_available())
+            if usable and (backend == "onnx" or purpose == "query"):
                 return onnx.OnnxEncoder(found, device=device, threads=threads)
             if backend == "onnx":
                 raise ModelNotFoundError(
@@ -224,6 +251,7 @@ def encoder_from_fingerprint(
             precision=precision,
             backend="torch" if backend == "torch" else "auto",
             allow_random=fp.pretrained == "",  # the index was built from random weights
+            purpose=purpose,
         )
         changed = fp.diff(loaded.fingerprint)
         if changed:

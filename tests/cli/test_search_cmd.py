@@ -218,14 +218,19 @@ def test_composed_query_equals_the_library(
 
 def test_composed_photo_plus_text_ranks_both_colours_first(index: Path) -> None:
     blue = str(index.parent / "blue.png")
-    out = _search_json(index, "--image", blue, "--text", "red", "--minus-text", "striped")
+    # Vector mode: the composition of embeddings is what is tested (hybrid, the default
+    # for an index with a lexical part, also fuses BM25 on the titles' words).
+    out = _search_json(
+        index, "--image", blue, "--text", "red", "--minus-text", "striped", "--mode", "vector"
+    )
     assert [h["doc_id"] for h in out["hits"][:2]] == ["p1", "p0"]
 
 
 def test_minus_text_pushes_that_colour_to_the_bottom(index: Path) -> None:
-    both = [h["doc_id"] for h in _search_json(index, "-t", "red yellow", "-k", "4")["hits"]]
+    vector = ("-k", "4", "--mode", "vector")
+    both = [h["doc_id"] for h in _search_json(index, "-t", "red yellow", *vector)["hits"]]
     assert set(both[:2]) == {"p0", "p3"}
-    minus = _search_json(index, "-t", "red yellow", "--minus-text", "yellow", "-k", "4")
+    minus = _search_json(index, "-t", "red yellow", "--minus-text", "yellow", *vector)
     order = [h["doc_id"] for h in minus["hits"]]
     assert order[0] == "p0" and order[-1] == "p3"
 

@@ -50,7 +50,7 @@ def test_export_round_trip_every_vector_matches_torch(tiny_onnx: TinyOnnx) -> No
     assert manifest["check"]["image_min_cosine"] >= 0.999
     assert manifest["tokenizer"] == {
         "kind": "clip-bpe",
-        "vocab": "bpe_simple_vocab_16e6.txt.gz",
+        "vocab": "bpe_merges.txt",
         "context_length": 16,
         "clean": "lower",
     }
@@ -186,3 +186,35 @@ def test_random_weights_are_refused_unless_asked_for(tiny_arch: str) -> None:
     assert enc.fingerprint.pretrained == "" and enc.fingerprint.weights_sha256 is None
     # An index built from random weights on purpose still re-opens.
     assert encoder_from_fingerprint(enc.fingerprint).fingerprint == enc.fingerprint
+
+
+@pytest.mark.parametrize(("torch_s", "onnx_s", "want"), [(2.0, 1.0, "onnx"), (1.0, 2.0, "torch")])
+def test_builds_take_the_backend_measured_faster_queries_take_onnx(
+    tiny_onnx: TinyOnnx,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    torch_s: float,
+    onnx_s: float,
+    want: str,
+) -> None:
+    import shutil
+
+    from clipsearch.retrieval.encoders import precision
+    from clipsearch.retrieval.encoders.onnx import cache_dir_for
+
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path))
+    fp = tiny_onnx.torch_encoder.fingerprint
+    shutil.copytree(tiny_onnx.folder, cache_dir_for(fp))
+    timings = iter([torch_s, onnx_s] * 5)
+    monkeypatch.setattr(precision, "_seconds", lambda fn: next(timings))
+    args = (fp.arch, fp.pretrained)
+    build_enc = load_encoder(*args, purpose="build", precision="fp32")
+    assert build_enc.fingerprint.backend == want
+    # Measured once per machine and model: the cached choice needs no timing.
+    monkeypatch.setattr(precision, "_seconds", lambda fn: pytest.fail("probed twice"))
+    assert load_encoder(*args, purpose="build", precision="fp32").fingerprint.backend == want
+    from_index = encoder_from_fingerprint(fp, purpose="build", precision="fp32")
+    assert from_index.fingerprint.backend == want
+    assert load_encoder(*args).fingerprint.backend == "onnx"  # queries: always ONNX
+    with pytest.raises(ConfigError, match="unknown purpose"):
+        load_encoder(*args, purpose="train")

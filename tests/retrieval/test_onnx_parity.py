@@ -93,9 +93,7 @@ def test_tokenizer_matches_open_clip_on_300_texts(tiny_onnx: TinyOnnx, context_l
     from open_clip.tokenizer import SimpleTokenizer
 
     reference = SimpleTokenizer(context_length=context_length)
-    ours = ClipTokenizer(
-        tiny_onnx.folder / "bpe_simple_vocab_16e6.txt.gz", context_length=context_length
-    )
+    ours = ClipTokenizer(tiny_onnx.folder / "bpe_merges.txt", context_length=context_length)
     texts = _texts(300)
     ids, counts = ours.tokenize(texts)
     np.testing.assert_array_equal(ids, reference(texts).numpy())
@@ -104,7 +102,7 @@ def test_tokenizer_matches_open_clip_on_300_texts(tiny_onnx: TinyOnnx, context_l
 
 
 def test_tokenizer_rejects_bad_settings(tiny_onnx: TinyOnnx, tmp_path: Path) -> None:
-    vocab = tiny_onnx.folder / "bpe_simple_vocab_16e6.txt.gz"
+    vocab = tiny_onnx.folder / "bpe_merges.txt"
     with pytest.raises(ConfigError, match="clean mode"):
         ClipTokenizer(vocab, context_length=16, clean="shout")
     with pytest.raises(FileNotFoundError, match="re-export"):
