@@ -234,8 +234,8 @@ def encoder_from_fingerprint(
             from clipsearch.retrieval.encoders import onnx
 
             found = onnx.find_export(fp)
-            usable = found is not None and (backend == "onnx" or onnx.onnxruntime_available())
-            if usable and (backend == "onnx" or purpose == "query"):
+            wanted = backend == "onnx" or (purpose == "query" and onnx.onnxruntime_available())
+            if found is not None and wanted:
                 return onnx.OnnxEncoder(found, device=device, threads=threads)
             if backend == "onnx":
                 raise ModelNotFoundError(
