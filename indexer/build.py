@@ -405,9 +405,11 @@ def _run(
             # A column whose type clashes with the index's is refused before any embedding.
             check_add_schema(root, base, scan.schema, where=", ".join(map(str, sources)))
         if options.text_fields:
-            from clipsearch.indexer.lexical import check_text_fields
+            from clipsearch.indexer.lexical import check_text_fields, id_fields
 
-            check_text_fields(options.text_fields, _item_schema(scan), ", ".join(map(str, sources)))
+            schema = _item_schema(scan)
+            fields = id_fields(options.text_fields, options.sources.id_col, schema)
+            check_text_fields(fields, schema, ", ".join(map(str, sources)))
         ingest = _Ingest(operation, root, scan, encoder, options, base, progress)
         ingest.embedder, ingest.shard_writer = hooks
         summary = ingest.run()
@@ -856,7 +858,9 @@ class _Ingest:
 
         if self.options.text_fields is None and not have_tantivy():
             return ()
-        return resolve_text_fields(self.options.text_fields, self._schema(), modality)
+        return resolve_text_fields(
+            self.options.text_fields, self._schema(), modality, self.options.sources.id_col
+        )
 
     def _backfill_lexical(
         self, shards: tuple[ShardRecord, ...], version: int, written: list[Path]
@@ -872,7 +876,9 @@ class _Ingest:
         for s in shards:
             table = read_metadata(self.root / s.metadata.path)
             schema = unified_schema([table.schema, self._schema()], [s.name, "new items"])
-            fields = resolve_text_fields(self.options.text_fields, schema, s.modality)
+            fields = resolve_text_fields(
+                self.options.text_fields, schema, s.modality, self.options.sources.id_col
+            )
             if s.lexical is not None and s.lexical.fields == fields:
                 out.append(s)
                 continue

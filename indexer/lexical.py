@@ -50,9 +50,12 @@ _WRITER_LOCK = ".tantivy-writer.lock"
 _READER_LOCK = ".tantivy-meta.lock"
 
 
-def default_text_fields(table_schema: pa.Schema, modality: str) -> tuple[str, ...]:
+def default_text_fields(
+    table_schema: pa.Schema, modality: str, id_col: str | None = None
+) -> tuple[str, ...]:
     """The text a shard's lexical part indexes when none are chosen: the row's text
-    (``source``) for text rows, plus every string metadata column of the user's."""
+    (``source``) for text rows, the document id when it comes from a column of the
+    user's (``id_col``: a SKU), plus every string metadata column of the user's."""
     import pyarrow as pa
 
     user = [
@@ -61,7 +64,18 @@ def default_text_fields(table_schema: pa.Schema, modality: str) -> tuple[str, ..
         if f.name not in FIXED_COLUMNS
         and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
     ]
-    return (("source",) if modality == "text" else ()) + tuple(user)
+    own = (("source",) if modality == "text" else ()) + (("doc_id",) if id_col else ())
+    return own + tuple(user)
+
+
+def id_fields(
+    fields: Sequence[str], id_col: str | None, table_schema: pa.Schema
+) -> tuple[str, ...]:
+    """``fields`` with the manifest's id column (which becomes ``doc_id`` and is not kept
+    as a column of its own) named ``doc_id``: ``--text-fields title,sku --id-col sku``."""
+    return tuple(
+        "doc_id" if f == id_col and table_schema.get_field_index(f) < 0 else f for f in fields
+    )
 
 
 def check_text_fields(fields: Sequence[str], table_schema: pa.Schema, where: str) -> None:
@@ -85,13 +99,18 @@ def check_text_fields(fields: Sequence[str], table_schema: pa.Schema, where: str
 
 
 def resolve_text_fields(
-    option: tuple[str, ...] | None, table_schema: pa.Schema, modality: str
+    option: tuple[str, ...] | None,
+    table_schema: pa.Schema,
+    modality: str,
+    id_col: str | None = None,
 ) -> tuple[str, ...]:
-    """The fields a shard indexes: ``option`` (checked) or the default; () = none."""
+    """The fields a shard indexes: ``option`` (checked; the id column read as doc_id)
+    or the default; () = none."""
     if option is None:
-        return default_text_fields(table_schema, modality)
-    check_text_fields(option, table_schema, "lexical index")
-    return tuple(option)
+        return default_text_fields(table_schema, modality, id_col)
+    fields = id_fields(option, id_col, table_schema)
+    check_text_fields(fields, table_schema, "lexical index")
+    return fields
 
 
 def document_texts(metadata: pa.Table, fields: Sequence[str]) -> list[str]:

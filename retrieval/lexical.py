@@ -28,7 +28,9 @@ idf = ln(1 + (N - n + 0.5) / (n + 0.5))):
   every row has a SKU) only add to the score of rows that match a rarer term, as Lucene's
   common-terms query does, so "SKU-000102" returns that product and not every row;
 * a word the shard does not know (a misspelling: "nortwind") matches words within one
-  edit (two from 9 characters on) at the constant score ``FUZZY_SCORE``.
+  edit (two from 9 characters on) at the constant score ``FUZZY_SCORE``; when nothing
+  matches it (nor another rare term), the query matches nothing rather than every row
+  holding its common terms ("SKU-999999" returns no row, not every SKU).
 
 Importing this module is cheap; tantivy is imported on first use (``hybrid`` extra).
 """
@@ -203,10 +205,12 @@ class LexicalIndex:
 
         rare: list[Any] = []
         common: list[Any] = []
+        unknown = 0
         fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
         for field, token in fields:
             df = int(self.searcher.doc_freq(field, token))
             if df == 0:
+                unknown += 1
                 if field == FIELD_WORDS and len(token) >= FUZZY_MIN_CHARS and not token.isdigit():
                     distance = 1 if len(token) < 9 else 2
                     fuzzy = tantivy.Query.fuzzy_term_query(self.schema, field, token, distance)
@@ -216,7 +220,7 @@ class LexicalIndex:
             (common if df > COMMON_TERM_SHARE * self.docs else rare).append(q)
         should = tantivy.Occur.Should
         if not rare:
-            if not common:
+            if not common or unknown:  # "SKU-999999": no row has the specific word
                 return None
             return tantivy.Query.boolean_query([(should, q) for q in common])
         need = tantivy.Query.boolean_query([(should, q) for q in rare])

@@ -1,0 +1,204 @@
+"""Hybrid search: RRF and weighted fusion equal to a hand computation over the two
+lists, filters keep the k-results contract, every hit explains itself, modes resolve,
+grouping runs after fusion, the CLI flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lexical_fixtures import build_catalog, products, write_catalog
+from typer.testing import CliRunner
+
+from clipsearch.cli.app import app
+from clipsearch.retrieval.engine import SearchEngine
+from clipsearch.retrieval.errors import InvalidOptionError, QueryError
+from clipsearch.retrieval.hybrid import FUSION_DEPTH
+from clipsearch.retrieval.options import SearchOptions
+from clipsearch.retrieval.queries import ComposedQuery
+
+pytest.importorskip("tantivy")
+
+QUERIES = ["Northwind mug", "red striped hat", "SKU-000017", "马克杯", "blue"]
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hybrid")
+    # Two shards, so fusion also merges lexical lists across shards.
+    return build_catalog(folder / "index", write_catalog(folder, products(160)), shard_size=90)
+
+
+def _lists(engine: SearchEngine, q: str, **kw: object) -> tuple[list, list]:
+    vec = engine.search(q, k=FUSION_DEPTH, mode="vector", **kw)  # type: ignore[arg-type]
+    lex = engine.search(q, k=FUSION_DEPTH, mode="lexical", **kw)  # type: ignore[arg-type]
+    return [(h.row_id, h.score) for h in vec], [(h.row_id, h.score) for h in lex]
+
+
+def _by_hand(vec: list, lex: list, *, fusion: str, k: int, wv: float, wl: float, rrf_k: int = 60):
+    parts: dict[int, dict[str, tuple[float, int]]] = {}
+    for name, ranked in (("v", vec), ("l", lex)):
+        for rank, (row, score) in enumerate(ranked, 1):
+            parts.setdefault(row, {})[name] = (score, rank)
+    bounds = {
+        n: (min(s for _, s in r), max(s for _, s in r)) if r else (0.0, 0.0)
+        for n, r in (("v", vec), ("l", lex))
+    }
+    weight = {"v": wv, "l": wl}
+    out = []
+    for row, p in parts.items():
+        total = 0.0
+        for n, (score, rank) in p.items():
+            if fusion == "rrf":
+                total += weight[n] / (rrf_k + rank)
+            else:
+                lo, hi = bounds[n]
+                total += weight[n] * ((score - lo) / (hi - lo) if hi > lo else 1.0)
+        best = min(rank for _, rank in p.values())
+        out.append((-total, best, "l" not in p, row))
+    out.sort()
+    return [(row, -neg) for neg, _, _, row in out[:k]]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+@pytest.mark.parametrize(
+    ("fusion", "wv", "wl", "rrf_k"),
+    [
+        ("rrf", 1.0, 1.0, 60),
+        ("rrf", 0.5, 2.0, 10),
+        ("weighted", 1.0, 1.0, 60),
+        ("weighted", 0.3, 0.7, 60),
+    ],
+)
+def test_hybrid_equals_fusion_of_the_two_lists_by_hand(
+    index: Path, query: str, fusion: str, wv: float, wl: float, rrf_k: int
+) -> None:
+    with SearchEngine.open(index) as engine:
+        vec, lex = _lists(engine, query)
+        got = engine.search(
+            query,
+            k=10,
+            mode="hybrid",
+            fusion=fusion,  # type: ignore[arg-type]
+            vector_weight=wv,
+            lexical_weight=wl,
+            rrf_k=rrf_k,
+        )
+    want = _by_hand(vec, lex, fusion=fusion, k=10, wv=wv, wl=wl, rrf_k=rrf_k)
+    assert got.row_ids == [r for r, _ in want]
+    assert [h.score for h in got] == pytest.approx([s for _, s in want], rel=1e-5)
+
+
+def test_every_hit_explains_its_score(index: Path) -> None:
+    with SearchEngine.open(index) as engine:
+        vec, lex = _lists(engine, "Northwind mug")
+        res = engine.search("Northwind mug", k=10, mode="hybrid")
+        vec_rank = {r: i for i, (r, _) in enumerate(vec, 1)}
+        lex_rank = {r: i for i, (r, _) in enumerate(lex, 1)}
+        for h in res:
+            e = h.explain
+            assert e is not None and e["mode"] == "hybrid" and e["fusion"] == "rrf"
+            assert e["fused"] == pytest.approx(h.score, rel=1e-6)
+            assert e["vector"]["rank"] == vec_rank.get(h.row_id)
+            lexical = e["lexical"]
+            assert (lexical and lexical["rank"]) == lex_rank.get(h.row_id)
+            parts = [1 / (60 + p["rank"]) for p in (e["vector"], lexical) if p and p["rank"]]
+            assert sum(parts) == pytest.approx(h.score, rel=1e-5)
+            assert "explain" in h.to_dict()
+        # A row outside the vector list still reports its cosine (exact, unranked).
+        outside = [h for h in res if h.explain and h.explain["vector"]["rank"] is None]
+        for h in outside:
+            cos = engine.search("Northwind mug", k=1, mode="vector", where=f"doc_id = '{h.doc_id}'")
+            assert h.explain["vector"]["score"] == pytest.approx(cos[0].score, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "where", ["price < 12", "brand = 'Northwind' and price > 100", "price < 0"]
+)
+@pytest.mark.parametrize("mode", ["hybrid", "vector"])
+def test_filtered_hybrid_keeps_the_k_results_contract(index: Path, where: str, mode: str) -> None:
+    rows = products(160)
+    brand_ok = (
+        (lambda r: r["brand"] == "Northwind" and r["price"] > 100) if "brand" in where else None
+    )
+    limit = 12 if "12" in where else (0 if "< 0" in where else None)
+    matching = [
+        r
+        for r in rows
+        if (brand_ok(r) if brand_ok else r["price"] < limit)  # type: ignore[operator]
+    ]
+    with SearchEngine.open(index) as engine:
+        for k in (1, 5, 50):
+            res = engine.search("Northwind mug", k=k, where=where, mode=mode)  # type: ignore[arg-type]
+            assert len(res) == min(k, len(matching))
+            assert set(res.doc_ids) <= {r["sku"] for r in matching}
+            assert res.total_matches == len(matching)
+
+
+def test_mode_defaults_and_errors(index: Path) -> None:
+    with SearchEngine.open(index) as engine:
+        auto = engine.search("Northwind mug", k=5)
+        assert auto.row_ids == engine.search("Northwind mug", k=5, mode="hybrid").row_ids
+        assert all(h.explain is not None for h in auto)
+        # A cosine cutoff keeps the default in vector mode (fused scores are no cosines).
+        cut = engine.search("Northwind mug", k=5, min_score=-1.0)
+        assert all(h.explain is None for h in cut)
+        # Vector queries in hybrid mode rank by vectors alone.
+        v = np.asarray(engine.encoder.encode_texts(["mug"])[0])  # type: ignore[union-attr]
+        assert engine.search(v, k=5, mode="hybrid").row_ids == engine.search(v, k=5).row_ids
+        with pytest.raises(QueryError, match="text query"):
+            engine.search(v, k=5, mode="lexical")
+        # A composed query's positive text terms are its lexical text.
+        composed = ComposedQuery(((1.0, "Northwind mug"), (-0.5, "hat")))
+        lex = engine.search(composed, k=5, mode="lexical")
+        assert lex.row_ids == engine.search("Northwind mug", k=5, mode="lexical").row_ids
+    for bad in ({"mode": "bm25"}, {"fusion": "sum"}, {"rrf_k": 0}, {"vector_weight": -1.0}):
+        with pytest.raises(InvalidOptionError):
+            SearchOptions(**bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError):
+        SearchOptions(vector_weight=0.0, lexical_weight=0.0)
+
+
+def test_grouping_and_sort_run_after_fusion(index: Path) -> None:
+    with SearchEngine.open(index) as engine:
+        fused = engine.search("Northwind mug", k=FUSION_DEPTH, mode="hybrid")
+        grouped = engine.search("Northwind mug", k=5, mode="hybrid", group_by_doc=True)
+        seen: list[str] = []
+        for d in fused.doc_ids:  # one text row per product here: grouping keeps the order
+            if d not in seen:
+                seen.append(d)
+        assert grouped.doc_ids == seen[:5]
+        by_price = engine.search("Northwind mug", k=5, mode="lexical", sort="price:asc")
+        prices = [h.metadata["price"] for h in by_price]
+        assert prices == sorted(prices)
+
+
+def test_cli_search_mode_and_build_text_fields(tmp_path: Path) -> None:
+    catalog = write_catalog(tmp_path / "cat", products(30))
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        ["index", "build", str(catalog), "--out", str(tmp_path / "idx"), "--model", "fake-32",
+         "--text-col", "title", "--id-col", "sku", "--text-fields", "title,sku", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "idx" / "manifests" / "v000001.json").read_text())
+    assert manifest["shards"][0]["lexical"]["fields"] == ["title", "doc_id"]
+    r = runner.invoke(
+        app,
+        ["search", str(tmp_path / "idx"), "--text", "SKU-000007", "--mode", "lexical", "--json"],
+    )
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)["hits"]
+    assert [h["doc_id"] for h in hits] == ["SKU-000007"]
+    assert hits[0]["explain"]["lexical"]["rank"] == 1
+    r = runner.invoke(app, ["search", str(tmp_path / "idx"), "--text", "x", "--mode", "bm25"])
+    assert r.exit_code != 0 and "mode must be one of" in r.output
+    r = runner.invoke(
+        app,
+        ["index", "build", str(catalog), "--out", str(tmp_path / "bad"), "--model", "fake-32",
+         "--text-col", "title", "--text-fields", "title,nope"],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "'nope' is not a column" in r.output

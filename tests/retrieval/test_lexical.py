@@ -1,0 +1,170 @@
+"""Lexical search: BM25 equal to a brute-force oracle, CJK, stemming, fuzzy, filters,
+tombstones, verification of the lexical files, old indexes without a lexical part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lexical_fixtures import bm25_oracle, build_catalog, doc_text, products, write_catalog
+
+from clipsearch.indexer.maintenance import compact, delete
+from clipsearch.retrieval.engine import SearchEngine
+from clipsearch.retrieval.errors import IndexFormatError, QueryError
+from clipsearch.retrieval.lexical import FUZZY_SCORE
+from clipsearch.retrieval.manifest import read_current
+from clipsearch.retrieval.store import open_snapshot, verify_index
+
+pytest.importorskip("tantivy")
+
+FIELDS = ("title", "title_zh", "sku")
+QUERIES = [
+    "Northwind mug",
+    "red striped mugs",
+    "blue hat",
+    "SKU-000017",
+    "Cobalt Lane dotted lamp",
+    "马克杯",
+    "红色帽子",
+    "green",
+]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, object]]]:
+    rows = products(60)
+    folder = tmp_path_factory.mktemp("lexcat")
+    root = build_catalog(folder / "index", write_catalog(folder, rows))
+    return root, rows
+
+
+def _lexical(engine: SearchEngine, query: str, **kw: object) -> list[tuple[str, float]]:
+    res = engine.search(query, k=1000, mode="lexical", **kw)  # type: ignore[arg-type]
+    return [(h.doc_id, h.score) for h in res]
+
+
+def _expected(rows: list[dict[str, object]], query: str, keep: set[int] | None = None):
+    texts = [doc_text(r, FIELDS) for r in rows]
+    scores = bm25_oracle(texts, query)
+    ranked = sorted(
+        ((str(rows[i]["sku"]), s) for i, s in scores.items() if keep is None or i in keep),
+        key=lambda t: (-t[1], t[0]),
+    )
+    return ranked
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_lexical_results_equal_brute_force_bm25(catalog, query: str) -> None:
+    root, rows = catalog
+    with SearchEngine.open(root) as engine:
+        got = _lexical(engine, query)
+    want = _expected(rows, query)
+    assert want, "the oracle must match something"
+    assert [d for d, _ in got] == [d for d, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_common_terms_only_score_rows_matching_a_rare_one(catalog) -> None:
+    root, _ = catalog
+    with SearchEngine.open(root) as engine:
+        got = _lexical(engine, "SKU-000017")  # "sku" is in every row, "000017" in one
+    assert [d for d, _ in got] == ["SKU-000017"]
+
+
+def test_stemming_cjk_and_misspellings(catalog) -> None:
+    root, rows = catalog
+    with SearchEngine.open(root) as engine:
+        mugs = {d for d, _ in _lexical(engine, "mugs")}
+        assert mugs == {str(r["sku"]) for r in rows if "mug" in str(r["title"])}
+        zh = {d for d, _ in _lexical(engine, "马克杯")}
+        assert zh == mugs
+        fuzzy = _lexical(engine, "nortwind")  # one edit from "northwind", unknown itself
+        assert {d for d, _ in fuzzy} == {str(r["sku"]) for r in rows if r["brand"] == "Northwind"}
+        assert {s for _, s in fuzzy} == {FUZZY_SCORE}
+        top = _lexical(engine, "nortwind mug")[0][0]
+        assert next(r for r in rows if r["sku"] == top)["brand"] == "Northwind"
+        assert "mug" in str(next(r for r in rows if r["sku"] == top)["title"])
+        assert _lexical(engine, "zzzz qqqq") == []
+
+
+def test_filters_apply_to_the_lexical_side(catalog) -> None:
+    root, rows = catalog
+    keep = {i for i, r in enumerate(rows) if float(r["price"]) < 30}  # type: ignore[arg-type]
+    with SearchEngine.open(root) as engine:
+        got = _lexical(engine, "Northwind mug", where="price < 30")
+        want = _expected(rows, "Northwind mug", keep)
+        assert [d for d, _ in got] == [d for d, _ in want]
+        # k smaller than the matches: exactly k, the best of them.
+        few = engine.search("Northwind mug", k=2, mode="lexical", where="price < 30")
+        assert [h.doc_id for h in few] == [d for d, _ in want[:2]]
+
+
+def test_tombstoned_rows_never_return_and_compaction_rebuilds_the_lexical_part(
+    tmp_path: Path,
+) -> None:
+    rows = products(60)
+    catalog = write_catalog(tmp_path / "cat", rows)
+    root = build_catalog(tmp_path / "index", catalog)
+    gone = {str(r["sku"]) for r in rows if r["brand"] == "Northwind"}
+    delete(root, ids=sorted(gone)[:6])
+    dead = set(sorted(gone)[:6])
+    with SearchEngine.open(root) as engine:
+        got = _lexical(engine, "Northwind mug")
+        assert got and not dead & {d for d, _ in got}
+        hybrid = engine.search("Northwind mug", k=50, mode="hybrid")
+        assert not dead & set(hybrid.doc_ids)
+    compact(root)
+    assert all(s.lexical is not None for s in read_current(root).shards)
+    live = [r for r in rows if r["sku"] not in dead]
+    fresh = build_catalog(tmp_path / "fresh", write_catalog(tmp_path / "cat2", live))
+    with SearchEngine.open(root) as engine, SearchEngine.open(fresh) as reference:
+        for q in QUERIES:
+            after = _lexical(engine, q)
+            assert [d for d, _ in after] == [d for d, _ in _lexical(reference, q)]
+            # Hits map to the right vector rows: the row's metadata is the product's.
+            titles = {str(r["sku"]): r["title"] for r in live}
+            res = engine.search(q, k=5, mode="lexical")
+            assert res and all(h.source == titles[h.doc_id] for h in res)
+    assert verify_index(root).ok
+    lex_dirs = sorted(p.name for p in (root / "shards").iterdir() if p.is_dir())
+    assert lex_dirs == [f"{s.name}.lex" for s in read_current(root).shards]
+
+
+def test_index_without_lexical_part_searches_by_vectors(tmp_path: Path) -> None:
+    rows = products(20)
+    root = build_catalog(tmp_path / "index", write_catalog(tmp_path, rows), text_fields=())
+    manifest = read_current(root)
+    assert all(s.lexical is None for s in manifest.shards)
+    assert "lexical" not in (root / "manifests" / "v000001.json").read_text()
+    with SearchEngine.open(root) as engine:
+        res = engine.search("Northwind mug", k=5)
+        assert all(h.explain is None for h in res)
+        assert res.row_ids == engine.search("Northwind mug", k=5, mode="vector").row_ids
+        with pytest.raises(QueryError, match="--text-fields"):
+            engine.search("Northwind mug", k=5, mode="hybrid")
+
+
+def test_a_corrupted_lexical_file_is_detected(tmp_path: Path) -> None:
+    root = build_catalog(tmp_path / "index", write_catalog(tmp_path, products(20)))
+    record = read_current(root).shards[0].lexical
+    assert record is not None
+    target = max(record.files, key=lambda f: f.bytes)
+    path = root / target.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    report = verify_index(root)
+    assert not report.ok
+    assert any(target.path in p for p in report.problems[read_current(root).shards[0].name])
+    with pytest.raises(IndexFormatError, match=target.path):
+        open_snapshot(root)
+
+
+def test_a_missing_lexical_file_is_detected(tmp_path: Path) -> None:
+    root = build_catalog(tmp_path / "index", write_catalog(tmp_path, products(20)))
+    record = read_current(root).shards[0].lexical
+    assert record is not None
+    (root / record.files[-1].path).unlink()
+    with pytest.raises(IndexFormatError, match="missing"):
+        open_snapshot(root)
