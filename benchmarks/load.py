@@ -312,31 +312,45 @@ class MiniClient:
         self.open = 0
         self.max_connections = max_connections
         self.slot = asyncio.Semaphore(max_connections)
+        self.stale_retries = 0
 
     async def post_json(self, path: str, body: bytes, timeout: float) -> int:
         async with self.slot:
-            conn = (
-                self.free.pop()
-                if self.free
-                else await asyncio.open_connection(self.host, self.port)
-            )
-            reader, writer = conn
-            try:
-                head = (
-                    f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n"
-                ).encode()
-                writer.write(head + body)
-                status, length, close = await asyncio.wait_for(self._read_head(reader), timeout)
-                await asyncio.wait_for(reader.readexactly(length), timeout)
-            except BaseException:
-                writer.close()
-                raise
-            if close:
-                writer.close()
-            else:
-                self.free.append(conn)
-            return status
+            if self.free:
+                try:
+                    return await self._send(self.free.pop(), path, body, timeout)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    # A pooled keep-alive connection the server closed while it sat idle
+                    # (uvicorn's keep-alive timeout): resend once on a new one, as HTTP
+                    # clients do; a failure on a fresh connection is a real error.
+                    self.stale_retries += 1
+            conn = await asyncio.open_connection(self.host, self.port)
+            return await self._send(conn, path, body, timeout)
+
+    async def _send(
+        self,
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        path: str,
+        body: bytes,
+        timeout: float,
+    ) -> int:
+        reader, writer = conn
+        try:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            writer.write(head + body)
+            status, length, close = await asyncio.wait_for(self._read_head(reader), timeout)
+            await asyncio.wait_for(reader.readexactly(length), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        if close:
+            writer.close()
+        else:
+            self.free.append(conn)
+        return status
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
@@ -397,6 +411,7 @@ async def _run_rate(
         "shed_p99_ms": _r(np.percentile(shed, 99)) if len(shed) else None,
         "other_5xx": sum(c for s, c in statuses.items() if s.startswith("5") and s != "503"),
         "errors": n - statuses["200"],
+        "stale_connection_retries": client.stale_retries,
     }
 
 

@@ -83,7 +83,7 @@ def _contains(sorted_ids: np.ndarray, row_id: int) -> bool:
 
 def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
     """Filterable metadata columns: distinct values of small string columns, numeric
-    ranges, and boolean columns. Keys are column names; see ``schemas.Facet``."""
+    ranges, boolean columns, and date columns (type only: what a page can sort by). Keys are column names; see ``schemas.Facet``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -100,6 +100,8 @@ def facets(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
         t = col.type
         if pa.types.is_boolean(t):
             out[name] = {"type": "bool"}
+        elif pa.types.is_timestamp(t) or pa.types.is_date(t):
+            out[name] = {"type": "date"}  # sortable ("newest"), not counted
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
             mm = pc.min_max(col)
             lo, hi = mm["min"].as_py(), mm["max"].as_py()

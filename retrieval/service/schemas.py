@@ -221,7 +221,7 @@ class ReloadResponse(BaseModel):
 
 
 class Facet(BaseModel):
-    # "string", "number", "bool".
+    # "string", "number", "bool", "date" (a timestamp or date column: sortable).
     type: str
     # Distinct values (strings) with their row counts, most common first.
     values: list[str] | None = None

@@ -1,19 +1,27 @@
-"""The search page in a real Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+"""The search page in a real Chromium (Debian's /usr/bin/chromium, driven by Playwright),
+as a shopper uses it, at desktop and phone widths.
 
-Types a query, applies a filter, uploads an image, follows "more like this", and saves
-a screenshot to test-artifacts/. Never downloads a browser: CI installs Debian's
-chromium with apt; where it is missing the test is skipped and says so.
+Covers per-product facet counts that follow the query and the filters, filter chips,
+sorting, product counts, paging that ends, "more like this", refining a photo with
+words, the empty, "no good match" and offline states, relevance labels instead of raw
+scores, and keyboard basics. Screenshots go to test-artifacts/ (git-ignored). Never
+downloads a browser: CI installs Debian's chromium with apt; where it is missing the
+tests are skipped and say so.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from service_fixtures import COLOURS, Catalog, product_image, running_server
 
 from clipsearch.retrieval.encoders import load_encoder
 from clipsearch.retrieval.service.app import create_app
+from clipsearch.retrieval.service.config import ServiceConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -26,6 +34,9 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+WIDTHS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+# A cosine printed on a card ("0.784") would match this.
+RAW_SCORE = re.compile(r"(?<![\d$])-?0\.\d{2,}")
 
 pytestmark = [
     pytest.mark.browser,
@@ -36,64 +47,252 @@ pytestmark = [
 ]
 
 
-def _card_ids(page: object) -> list[str]:
-    return page.eval_on_selector_all(".card", "els => els.map(e => e.dataset.docId)")  # type: ignore[attr-defined]
-
-
-def test_search_page_text_filter_upload_and_more_like_this(
-    catalog: Catalog, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    query_photo = tmp_path / "blue.png"
-    product_image(COLOURS["blue"], 1).save(query_photo)
     ARTIFACTS.mkdir(exist_ok=True)
-    app = create_app(catalog.index, encoder=load_encoder("fake"))
-    with running_server(app) as base, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(base + "/")
-            page.wait_for_selector("select[data-facet=category]")
-            assert "index v1" in page.inner_text("#index-status")
-
-            # A text query shows the red products first, with titles, prices, scores, time.
-            page.fill("#q", "red")
-            page.press("#q", "Enter")
-            page.wait_for_selector(".card")
-            assert set(_card_ids(page)[:2]) == {"SKU-00", "SKU-01"}
-            first = page.inner_text(".card")
-            assert "red shirt model 00" in first or "red shoe model 01" in first
-            assert "$" in first
-            assert "ms" in page.inner_text("#summary")
-            page.wait_for_function("document.querySelector('.card img').naturalWidth > 0")
-
-            # Filtering to shoes re-runs the search: only shoes (SKU-x1) remain.
-            page.select_option("select[data-facet=category]", "shoes")
-            page.wait_for_function(
-                "[...document.querySelectorAll('.card')].every(c => c.dataset.docId.endsWith('1'))"
-            )
-            assert _card_ids(page)[0] == "SKU-01"
-
-            # Uploading a photo searches by image (the filter stays on).
-            page.set_input_files("#file", str(query_photo))
-            page.wait_for_function("document.querySelector('.card')?.dataset.docId === 'SKU-11'")
-            assert page.is_visible("#query-image")
-            page.screenshot(path=str(ARTIFACTS / "service-search-page.png"), full_page=True)
-
-            # "More like this" on the top result: image->image from that product.
-            page.click(".card .more-like")
-            page.wait_for_function("document.querySelector('#summary').innerText.includes('like')")
-            assert "SKU-11" not in _card_ids(page)
-
-            # A query with no match shows the empty state, not a broken grid.
-            page.select_option("select[data-facet=category]", "")
-            page.fill("input[data-facet=price][data-kind=min]", "1000")
-            page.dispatch_event("input[data-facet=price][data-kind=min]", "change")
-            page.wait_for_selector("#empty:not([hidden])")
-            assert "No products match" in page.inner_text("#empty")
-            assert errors == []
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+def _page(browser: Any, viewport: dict[str, int]) -> tuple[Any, list[str]]:
+    page = browser.new_page(viewport=viewport)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, errors
+
+
+def _cards(page: Any) -> list[str]:
+    return page.eval_on_selector_all(".card", "els => els.map(e => e.dataset.docId)")  # type: ignore[no-any-return]
+
+
+def _count(page: Any, facet: str, value: str) -> int:
+    label = page.locator(f"input[data-facet={facet}][data-value='{value}']").locator("..")
+    return int(label.locator(".count").inner_text())
+
+
+def _open_filters(page: Any) -> None:
+    """On a phone the filters sit behind their toggle."""
+    toggle = page.locator("#filters-toggle")
+    if page.viewport_size["width"] < 760 and toggle.get_attribute("aria-expanded") == "false":
+        toggle.click()
+
+
+def _search(page: Any, text: str) -> None:
+    page.fill("#q", text)
+    page.press("#q", "Enter")
+
+
+def _settled(page: Any) -> None:
+    page.wait_for_function("!document.body.classList.contains('busy')")
+
+
+def _shot(page: Any, width: str, name: str) -> None:
+    # Load every (lazy) thumbnail, and scroll up so the sticky header sits on top.
+    page.evaluate("document.querySelectorAll('.card img').forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / f"page-{width}-{name}.png"), full_page=True)
+
+
+def _no_raw_scores(page: Any) -> None:
+    text = page.inner_text(".results-area")
+    assert not RAW_SCORE.search(text), text
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_facets_chips_sort_and_paging(
+    browser: Any, catalog: Catalog, width: str, tmp_path: Path
+) -> None:
+    app = create_app(catalog.index, encoder=load_encoder("fake"))
+    with running_server(app) as base:
+        page, errors = _page(browser, WIDTHS[width])
+        page.goto(base + "/?per_page=5")
+        page.wait_for_selector("fieldset[data-facet=category]", state="attached")
+        assert "index v1" in page.inner_text("#index-status")
+
+        _search(page, "red")
+        page.wait_for_selector(".card")
+        _settled(page)
+        assert set(_cards(page)[:2]) == {"SKU-00", "SKU-01"}
+        first = page.inner_text(".card")
+        assert "red" in first and "$" in first
+        # Products, not rows or photos: 12 products, 6 per category.
+        assert "among 12 products" in page.inner_text("#summary")
+        _open_filters(page)
+        assert _count(page, "category", "shoes") == 6
+        assert _count(page, "colour", "blue") == 2
+        _no_raw_scores(page)
+        _shot(page, width, "text-query")
+
+        # A filter: chip, counts of the other columns follow, product count follows.
+        page.check("input[data-facet=category][data-value=shoes]")
+        page.wait_for_selector("#chips .chip")
+        _settled(page)
+        assert "Category: shoes" in page.inner_text("#chips")
+        assert "among 6 products matching these filters" in page.inner_text("#summary")
+        assert _count(page, "colour", "blue") == 1
+        # Its own column still offers the other value with its count (multi-select).
+        assert _count(page, "category", "shirts") == 6
+        assert all(c.endswith("1") for c in _cards(page))  # SKU-x1 are the shoes
+
+        # Paging ends: 5 of 6 shoes, then the last one, then no "Show more".
+        assert len(_cards(page)) == 5 and page.is_visible("#more")
+        page.click("#more")
+        page.wait_for_function("document.querySelectorAll('.card').length === 6")
+        _settled(page)
+        assert not page.is_visible("#more")
+        assert "Showing all 6" in page.inner_text("#page-status")
+        _shot(page, width, "filtered-last-page")
+
+        # Sort by price, high to low: the cards follow the prices.
+        page.select_option("#sort", "price:desc")
+        page.wait_for_function(
+            "document.querySelector('.card')?.dataset.docId === 'SKU-51'"
+        )  # the dearest shoe
+        _settled(page)
+        prices = [catalog.products[c]["price"] for c in _cards(page)]
+        assert prices == sorted(prices, reverse=True)
+
+        # Removing the chip drops the filter.
+        page.click("#chips .chip")
+        page.wait_for_function("document.querySelector('#chips').hidden")
+        _settled(page)
+        assert "among 12 products" in page.inner_text("#summary")
+
+        # Keyboard: the search box, photo and search buttons in order; Space toggles a
+        # filter box; results are announced (aria-live).
+        page.focus("#q")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "upload"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "go"
+        assert page.get_attribute("#summary", "aria-live") == "polite"
+        page.focus("input[data-facet=in_stock]")
+        page.keyboard.press("Space")
+        page.wait_for_selector("#chips .chip")
+        _settled(page)
+        assert "In stock" in page.inner_text("#chips")
+        assert page.evaluate("document.activeElement.dataset.facet") == "in_stock"
+        page.keyboard.press("Space")  # and off again
+        page.wait_for_function("document.querySelector('#chips').hidden")
+        _settled(page)
+
+        # Empty state: "more like" the only red shoe, within red shoes, leaves nothing.
+        page.check("input[data-facet=category][data-value=shoes]")
+        _settled(page)
+        page.click("label.swatch:has(input[data-value=red])")
+        page.wait_for_function("document.querySelectorAll('.card').length === 1")
+        _settled(page)
+        page.click(".card .more-like")
+        page.wait_for_selector("#empty:not([hidden])")
+        assert "No products match" in page.inner_text("#empty")
+        assert page.is_visible("#empty-clear")
+        _shot(page, width, "empty")
+        page.click("#empty-clear")
+        page.wait_for_selector(".card")
+        assert "SKU-01" not in _cards(page)  # more like SKU-01 leaves SKU-01 out
+        assert errors == []
+
+
+def _cutoff(client_base: str) -> float:
+    """A relevance cutoff between the second and third score of "red": the two red
+    products are relevant, the rest is not."""
+    import httpx
+
+    hits = httpx.post(client_base + "/search", json={"text": "red", "k": 12}).json()["hits"]
+    return float((hits[1]["score"] + hits[2]["score"]) / 2)
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_relevance_refine_no_good_match_and_offline(
+    browser: Any, catalog: Catalog, width: str, tmp_path: Path
+) -> None:
+    import httpx
+
+    with running_server(create_app(catalog.index, encoder=load_encoder("fake"))) as probe:
+        cutoff = _cutoff(probe)
+        best_plaid = httpx.post(probe + "/search", json={"text": "plaid"}).json()["hits"][0]
+    assert best_plaid["score"] < cutoff  # precondition of the "no good match" step
+    photo = tmp_path / "blue.png"
+    product_image(COLOURS["blue"], 1).save(photo)
+    app = create_app(
+        catalog.index, ServiceConfig(relevance_cutoff=cutoff), encoder=load_encoder("fake")
+    )
+    server = running_server(app)
+    base = server.__enter__()
+    try:
+        page, errors = _page(browser, WIDTHS[width])
+        requests: list[dict[str, Any]] = []
+        page.on(
+            "request",
+            lambda r: requests.append(r.post_data_json) if r.url.endswith("/search") else None,
+        )
+        page.goto(base + "/")
+        page.wait_for_selector("fieldset[data-facet=category]", state="attached")
+
+        # Relevant products only, labelled in words; facets count those products.
+        _search(page, "red")
+        page.wait_for_selector(".card")
+        _settled(page)
+        assert "2 products match “red”" in page.inner_text("#summary")
+        assert sorted(_cards(page)) == ["SKU-00", "SKU-01"]
+        labels = page.eval_on_selector_all(".card .match", "els => els.map(e => e.innerText)")
+        assert labels == ["Best match", "Good match"]
+        _open_filters(page)
+        assert _count(page, "colour", "red") == 2
+        assert page.locator("input[data-facet=colour][data-value=blue]").count() == 0
+        _no_raw_scores(page)
+        # The rest is one click away, marked weak.
+        page.click("#weaker")
+        page.wait_for_function("document.querySelectorAll('.card').length === 12")
+        assert "Weak match" in page.inner_text(".card.weak")
+        _shot(page, width, "relevant")
+
+        # No good match: the closest products, said honestly.
+        _search(page, "plaid")
+        page.wait_for_selector("#notice:not([hidden])")
+        _settled(page)
+        assert "No good match for “plaid”" in page.inner_text("#summary")
+        assert page.locator(".card.weak").count() >= 1
+        _shot(page, width, "no-good-match")
+
+        # A photo, then refined with words: "like this, but red".
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.querySelector('#summary').innerText.includes('photo')")
+        _settled(page)
+        assert page.is_visible("#query-image")
+        assert "Refine" in (page.get_attribute("#q", "placeholder") or "")
+        photo_results = _cards(page)
+        _search(page, "red")
+        page.wait_for_function("document.querySelector('#summary').innerText.includes('but')")
+        _settled(page)
+        assert "your photo, but “red”" in page.inner_text("#summary")
+        sent = [r for r in requests if r and "terms" in r][-1]
+        assert sent["terms"][0]["image"].startswith("data:image/png;base64,")
+        assert sent["terms"][1] == {"text": "red"}
+        assert _cards(page) != photo_results
+        _shot(page, width, "refined-photo")
+
+        # Offline: the pill turns red, a message instead of "Failed to fetch", the old
+        # results stay (dimmed).
+        before = _cards(page)
+        server.__exit__(None, None, None)
+        server = None
+        _search(page, "green")
+        page.wait_for_selector("#index-status.down")
+        assert page.inner_text("#index-status").strip().endswith("offline")
+        banner = page.inner_text("#offline")
+        assert "Can’t reach the search server" in banner
+        assert "Failed to fetch" not in page.inner_text("body")
+        assert _cards(page) == before and page.evaluate("document.body.classList.contains('stale')")
+        _shot(page, width, "offline")
+        assert errors == []
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)

@@ -1,9 +1,18 @@
 // clipsearch search page: plain JS, no build step. Talks to the JSON API of this server.
+//
+// Every search is one POST /search (text, photo, "more like this", or a photo refined
+// with words as composed terms) with group_by_doc (one card per product) and facets:
+// the counts beside the results are per product, for this query and these filters. A
+// column with a selection gets its counts from a second request without its own
+// selection (so "red (4)" still says what adding red would give).
 "use strict";
 
-const PAGE = 24;
-const ORDER = ["category", "kind", "colour", "color", "price", "in_stock", "brand", "pattern", "material", "rating"];
-const HIDDEN_FACETS = new Set(["view", "image_path"]);
+// Products per page (?per_page=N in the address, 1..200).
+const PAGE = Math.min(200, Math.max(1, Number(new URLSearchParams(location.search).get("per_page")) || 24));
+const MAX_DEPTH = 1000;          // the server's max_page_depth default
+const ORDER = ["category", "kind", "colour", "color", "price", "rating", "in_stock", "brand", "pattern", "material"];
+const HIDDEN_FACETS = new Set(["view", "image_path", "title", "name", "caption", "description", "sku"]);
+const MAX_MENU = 30;             // string columns with more distinct values are not menus
 const COLOURS = {
   red: "#dc1e1e", orange: "#f58c14", yellow: "#f0dc1e", green: "#28aa3c", blue: "#1e46dc",
   purple: "#8228aa", pink: "#f582be", brown: "#78461e", black: "#0f0f0f", white: "#fafafa",
@@ -13,15 +22,26 @@ const COLOURS = {
 const $ = (id) => document.getElementById(id);
 const state = {
   apiKey: sessionStorage.getItem("clipsearch-api-key") || "",
-  facets: {},
-  query: null,      // {kind: "text"|"image"|"like", value, label}
+  columns: {},       // GET /facets: name -> {type, values, counts, min, max}
+  facetNames: [],    // columns offered as filters, in display order
+  counts: null,      // the last search's facets: name -> [{value, count, min, max}]
+  selected: {},      // name -> Map(key -> {label, clause})
+  query: null,       // {kind: "text"|"image"|"like"|"refine", text, image, like, label, base}
+  sort: "",
   offset: 0,
-  seq: 0,           // the latest search; answers to older ones are dropped
+  seq: 0,            // the latest search; answers to older ones are dropped
   hits: [],
+  total: null,       // products counted by the last answer
+  scope: null,       // "relevant" | "filter"
+  cutoff: null,      // relevance cutoff the server used (a hit's "relevant")
+  offline: false,
+  showWeak: false,   // also list hits below the relevance cutoff
   objectUrls: [],
 };
 
 // ------------------------------------------------------------------ API helpers
+
+class Offline extends Error {}
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -32,13 +52,20 @@ function headers(extra) {
 async function api(path, options) {
   const opts = Object.assign({}, options || {});
   opts.headers = headers(opts.headers);
-  const resp = await fetch(path, opts);
+  let resp;
+  try {
+    resp = await fetch(path, opts);
+  } catch (e) {
+    setOffline(true);
+    throw new Offline("offline");
+  }
+  setOffline(false);
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (resp.status === 401) $("apikey-bar").hidden = false;
   if (!resp.ok) {
     const err = (body && body.error) || {};
-    const e = new Error(err.message || `HTTP ${resp.status}`);
+    const e = new Error(err.message || `The server answered ${resp.status}.`);
     e.code = err.code || "http_error";
     e.status = resp.status;
     throw e;
@@ -46,186 +73,418 @@ async function api(path, options) {
   return body;
 }
 
+function postSearch(req) {
+  return api("/search", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(req),
+  });
+}
+
+// ------------------------------------------------------------------ offline state
+
+let healthTimer = null;
+
+function setOffline(off) {
+  if (off === state.offline) return;
+  state.offline = off;
+  const pill = $("index-status");
+  pill.classList.toggle("down", off);
+  pill.classList.toggle("ok", !off);
+  const banner = $("offline");
+  document.body.classList.toggle("stale", off && state.hits.length > 0);
+  if (off) {
+    pill.textContent = "offline";
+    banner.textContent = state.hits.length
+      ? "Can’t reach the search server. The results below may be out of date; this page retries on its own."
+      : "Can’t reach the search server. This page retries on its own.";
+    banner.hidden = false;
+    clearInterval(healthTimer);
+    healthTimer = setInterval(async () => {
+      if (await loadHealth()) {
+        clearInterval(healthTimer);
+        if (!Object.keys(state.columns).length) await loadFacets();
+        rerun();
+      }
+    }, 3000);
+  } else {
+    banner.hidden = true;
+    pill.textContent = "online";
+    loadHealth();
+  }
+}
+
 // ------------------------------------------------------------------ filters
 
 function quoteString(s) { return "'" + String(s).replace(/'/g, "''") + "'"; }
 function quoteColumn(c) { return /^[A-Za-z_][A-Za-z0-9_]*$/.test(c) ? c : "`" + c.replace(/`/g, "``") + "`"; }
+function titleCase(s) { return s.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
+function escapeHtml(s) {
+  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+function fmt(x, cents) { return Number.isInteger(x) ? String(x) : cents ? x.toFixed(2) : String(Math.round(x * 100) / 100); }
+function money(col) { return col === "price" || col === "cost"; }
 
-function filterExpression() {
+// The filter expression of the current selection, leaving out column ``except``.
+function filterExpression(except) {
   const parts = [];
-  document.querySelectorAll("[data-facet]").forEach((el) => {
-    const col = quoteColumn(el.dataset.facet);
-    const kind = el.dataset.kind;
-    if (kind === "select" && el.value) parts.push(`${col} = ${quoteString(el.value)}`);
-    if (kind === "swatches") {
-      const on = [...el.querySelectorAll("[aria-pressed=true]")].map((b) => quoteString(b.dataset.value));
-      if (on.length === 1) parts.push(`${col} = ${on[0]}`);
-      if (on.length > 1) parts.push(`${col} in (${on.join(", ")})`);
-    }
-    if (kind === "min" && el.value !== "") parts.push(`${col} >= ${Number(el.value)}`);
-    if (kind === "max" && el.value !== "") parts.push(`${col} <= ${Number(el.value)}`);
-    if (kind === "bool" && el.checked) parts.push(col);
-  });
+  for (const name of state.facetNames) {
+    if (name === except) continue;
+    const sel = state.selected[name];
+    if (!sel || !sel.size) continue;
+    const clauses = [...sel.values()].map((s) => s.clause);
+    parts.push(clauses.length === 1 ? clauses[0] : "(" + clauses.join(" or ") + ")");
+  }
   return parts.join(" and ");
 }
 
-function titleCase(s) { return s.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
-
-function renderFacets(columns) {
-  const box = $("facets");
-  box.innerHTML = "";
-  const names = Object.keys(columns)
-    .filter((n) => !HIDDEN_FACETS.has(n))
-    .sort((a, b) => (ORDER.indexOf(a) + 1 || 99) - (ORDER.indexOf(b) + 1 || 99) || a.localeCompare(b));
-  for (const name of names) {
-    const f = columns[name];
-    if (f.type === "string" && (!f.values || f.values.length < 2)) continue;
-    const div = document.createElement("div");
-    div.className = "facet";
-    const h = document.createElement("h3");
-    h.textContent = titleCase(name);
-    div.appendChild(h);
-    if (f.type === "string" && (name === "colour" || name === "color")) {
-      const sw = document.createElement("div");
-      sw.className = "swatches";
-      sw.dataset.facet = name; sw.dataset.kind = "swatches";
-      f.values.forEach((v) => {
-        const b = document.createElement("button");
-        b.type = "button"; b.className = "swatch"; b.dataset.value = v;
-        b.setAttribute("aria-pressed", "false");
-        b.innerHTML = `<i style="background:${COLOURS[v.toLowerCase()] || "#ccc"}"></i>`;
-        b.appendChild(document.createTextNode(v));
-        b.addEventListener("click", () => {
-          b.setAttribute("aria-pressed", b.getAttribute("aria-pressed") === "true" ? "false" : "true");
-          rerun();
-        });
-        sw.appendChild(b);
-      });
-      div.appendChild(sw);
-    } else if (f.type === "string") {
-      const sel = document.createElement("select");
-      sel.dataset.facet = name; sel.dataset.kind = "select";
-      sel.setAttribute("aria-label", titleCase(name));
-      sel.innerHTML = `<option value="">Any</option>`;
-      f.values.forEach((v, i) => {
-        const o = document.createElement("option");
-        o.value = v; o.textContent = `${v} (${f.counts[i]})`;
-        sel.appendChild(o);
-      });
-      sel.addEventListener("change", rerun);
-      div.appendChild(sel);
-    } else if (f.type === "number") {
-      const r = document.createElement("div");
-      r.className = "range";
-      for (const [kind, ph] of [["min", Math.floor(f.min)], ["max", Math.ceil(f.max)]]) {
-        const inp = document.createElement("input");
-        inp.type = "number"; inp.placeholder = ph; inp.step = "any";
-        inp.dataset.facet = name; inp.dataset.kind = kind;
-        inp.setAttribute("aria-label", `${titleCase(name)} ${kind}`);
-        inp.addEventListener("change", rerun);
-        r.appendChild(inp);
-        if (kind === "min") { const s = document.createElement("span"); s.textContent = "–"; r.appendChild(s); }
-      }
-      div.appendChild(r);
-    } else if (f.type === "bool") {
-      const label = document.createElement("label");
-      label.className = "check";
-      const cb = document.createElement("input");
-      cb.type = "checkbox"; cb.dataset.facet = name; cb.dataset.kind = "bool";
-      cb.addEventListener("change", rerun);
-      label.appendChild(cb);
-      label.appendChild(document.createTextNode(name === "in_stock" ? "In stock only" : titleCase(name)));
-      div.appendChild(label);
-    }
-    box.appendChild(div);
+function clauseFor(name, entry) {
+  const col = quoteColumn(name);
+  const f = state.columns[name];
+  if (f.type === "bool") return entry.value ? col : `not ${col}`;
+  if (f.type === "number") {
+    // Ranges are [min, max), the column's last one [min, max] (see retrieval/facets.py).
+    return `(${col} >= ${entry.min} and ${col} ${entry.last ? "<=" : "<"} ${entry.max})`;
   }
-  if (!box.children.length) box.innerHTML = `<p class="muted">This index has no filterable columns.</p>`;
+  return `${col} = ${quoteString(entry.value)}`;
+}
+
+function entryKey(name, entry) {
+  return state.columns[name].type === "number" ? `${entry.min}|${entry.max}` : String(entry.value);
+}
+
+function entryLabel(name, entry) {
+  const f = state.columns[name];
+  if (f.type === "bool") return name === "in_stock" ? (entry.value ? "In stock" : "Out of stock") : `${titleCase(name)}: ${entry.value ? "yes" : "no"}`;
+  if (f.type === "number") {
+    const pre = money(name) ? "$" : "";
+    return `${pre}${fmt(entry.min, pre)} – ${pre}${fmt(entry.max, pre)}`;
+  }
+  return String(entry.value);
+}
+
+function toggle(name, entry, on) {
+  const sel = state.selected[name] || (state.selected[name] = new Map());
+  const key = entryKey(name, entry);
+  if (on) sel.set(key, { label: entryLabel(name, entry), clause: clauseFor(name, entry), entry });
+  else sel.delete(key);
+  state.offset = 0;
+  renderChips();
+  if (state.query) runSearch(false);
+  else renderFacets();
+}
+
+function clearFilters() {
+  state.selected = {};
+  renderChips();
+  if (state.query) runSearch(false); else renderFacets();
+}
+
+function activeCount() {
+  return Object.values(state.selected).reduce((n, s) => n + s.size, 0);
+}
+
+function renderChips() {
+  const box = $("chips");
+  box.innerHTML = "";
+  if (state.scope === "relevant" && state.total === 0 && activeCount() === 0) {
+    box.innerHTML = `<p class="muted small">Filters count the products that match; nothing matches this search well.</p>`;
+    return;
+  }
+  for (const name of state.facetNames) {
+    const sel = state.selected[name];
+    if (!sel) continue;
+    for (const [key, s] of sel) {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "chip";
+      b.dataset.facet = name; b.dataset.key = key;
+      b.setAttribute("aria-label", `Remove filter ${titleCase(name)}: ${s.label}`);
+      b.innerHTML = `<span class="chip-col">${escapeHtml(titleCase(name))}:</span> ${escapeHtml(s.label)} <span aria-hidden="true" class="chip-close">×</span>`;
+      b.addEventListener("click", () => toggle(name, s.entry, false));
+      li.appendChild(b);
+      box.appendChild(li);
+    }
+  }
+  const n = activeCount();
+  box.hidden = n === 0;
+  $("clear-filters").hidden = n === 0;
+}
+
+// The entries to show for a column: the last answer's counts (per product, this query)
+// or, before any search, the catalog-wide counts of GET /facets. Selected entries stay.
+function entriesFor(name) {
+  const f = state.columns[name];
+  let list;
+  if (state.counts && state.counts[name]) {
+    list = state.counts[name].map((v) => ({ value: v.value, count: v.count, min: v.min, max: v.max, last: v.max != null && v.max >= f.max }));
+  } else if (f.type === "string") {
+    list = f.values.map((v, i) => ({ value: v, count: f.counts[i] }));
+  } else if (f.type === "bool") {
+    list = [{ value: true, count: null }];
+  } else {
+    list = [];
+  }
+  if (f.type === "bool") {
+    // One box: "In stock (n)", n = products whose value is true.
+    const yes = list.find((e) => e.value === true);
+    list = [{ value: true, count: yes ? yes.count : state.counts ? 0 : null }];
+  }
+  const sel = state.selected[name];
+  if (sel) {
+    const have = new Set(list.map((e) => entryKey(name, e)));
+    for (const [key, s] of sel) if (!have.has(key)) list.push(Object.assign({}, s.entry, { count: 0 }));
+  }
+  return list;
+}
+
+function renderFacets() {
+  const box = $("facets");
+  // Re-rendering must not throw keyboard users out of the panel: remember the box.
+  const active = document.activeElement;
+  const focused = active && active.closest && active.closest("#facets") && active.dataset.facet
+    ? [active.dataset.facet, active.dataset.value] : null;
+  box.innerHTML = "";
+  for (const name of state.facetNames) {
+    const f = state.columns[name];
+    const entries = entriesFor(name);
+    const sel = state.selected[name] || new Map();
+    const fs = document.createElement("fieldset");
+    fs.className = "facet";
+    fs.dataset.facet = name;
+    const legend = document.createElement("legend");
+    legend.textContent = titleCase(name);
+    fs.appendChild(legend);
+    if (!entries.length) {
+      const p = document.createElement("p");
+      p.className = "muted small";
+      p.textContent = "None in these results";
+      fs.appendChild(p);
+    }
+    const swatch = f.type === "string" && (name === "colour" || name === "color");
+    const list = document.createElement("div");
+    list.className = swatch ? "swatches" : "options";
+    entries.forEach((e, i) => {
+      const key = entryKey(name, e);
+      const id = `f-${name}-${i}`.replace(/[^A-Za-z0-9_-]/g, "_");
+      const label = document.createElement("label");
+      label.className = swatch ? "swatch" : "option";
+      const cb = document.createElement("input");
+      cb.type = "checkbox"; cb.id = id;
+      cb.checked = sel.has(key);
+      cb.dataset.facet = name; cb.dataset.value = key;
+      cb.disabled = e.count === 0 && !cb.checked;
+      cb.addEventListener("change", () => toggle(name, e, cb.checked));
+      label.appendChild(cb);
+      if (swatch) {
+        const dot = document.createElement("i");
+        dot.style.background = COLOURS[String(e.value).toLowerCase()] || "#ccc";
+        dot.setAttribute("aria-hidden", "true");
+        label.appendChild(dot);
+      }
+      const text = document.createElement("span");
+      text.className = "option-label";
+      text.textContent = entryLabel(name, e);
+      label.appendChild(text);
+      if (e.count != null) {
+        const c = document.createElement("span");
+        c.className = "count";
+        c.textContent = e.count.toLocaleString();
+        c.setAttribute("aria-label", `${e.count} product${e.count === 1 ? "" : "s"}`);
+        label.appendChild(c);
+      }
+      list.appendChild(label);
+    });
+    fs.appendChild(list);
+    box.appendChild(fs);
+  }
+  if (!state.facetNames.length) box.innerHTML = `<p class="muted">This index has no filterable columns.</p>`;
+  if (focused) {
+    const again = [...box.querySelectorAll("input[data-facet]")].find((el) => el.dataset.facet === focused[0] && el.dataset.value === focused[1]);
+    if (again) again.focus();
+  }
+}
+
+function chooseFacets(columns) {
+  return Object.keys(columns)
+    .filter((n) => !HIDDEN_FACETS.has(n))
+    .filter((n) => {
+      const f = columns[n];
+      if (f.type === "string") return f.values && f.values.length >= 2 && f.values.length <= MAX_MENU;
+      return f.type === "bool" || f.type === "number";
+    })
+    .sort((a, b) => (ORDER.indexOf(a) + 1 || 99) - (ORDER.indexOf(b) + 1 || 99) || a.localeCompare(b));
+}
+
+function renderSortOptions(columns) {
+  const sel = $("sort");
+  const opts = [["", "Relevance"]];
+  if (columns.price && columns.price.type === "number") opts.push(["price:asc", "Price: low to high"], ["price:desc", "Price: high to low"]);
+  const dates = Object.keys(columns).filter((n) => columns[n].type === "date");
+  const newest = dates.find((n) => /created|added|date|updated|published/.test(n)) || dates[0];
+  if (newest) opts.push([`${newest}:desc`, "Newest"]);
+  if (columns.rating && columns.rating.type === "number") opts.push(["rating:desc", "Rating"]);
+  sel.innerHTML = "";
+  for (const [v, label] of opts) {
+    const o = document.createElement("option");
+    o.value = v; o.textContent = label;
+    sel.appendChild(o);
+  }
+  sel.value = state.sort;
 }
 
 async function loadFacets() {
   try {
     const body = await api("/facets");
-    state.facets = body.columns;
-    renderFacets(body.columns);
+    state.columns = body.columns;
+    state.facetNames = chooseFacets(body.columns);
+    renderSortOptions(body.columns);
+    renderFacets();
   } catch (e) {
-    $("facets").innerHTML = `<p class="muted">Filters unavailable: ${escapeHtml(e.message)}</p>`;
+    if (!(e instanceof Offline)) $("facets").innerHTML = `<p class="muted">Filters unavailable: ${escapeHtml(e.message)}</p>`;
   }
 }
 
 // ------------------------------------------------------------------ search
 
-function escapeHtml(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+function queryFields(q) {
+  if (q.kind === "text") return { text: q.text };
+  if (q.kind === "image") return { image: q.image };
+  if (q.kind === "like") return { like_doc: q.like };
+  // "refine": the photo (or product) plus words: "like this, but blue".
+  const base = q.base.kind === "image" ? { image: q.base.image } : { like_doc: q.base.like };
+  return { terms: [base, { text: q.text }] };
+}
+
+function searchBody(offset, where, facets) {
+  const req = Object.assign({ k: PAGE, offset, group_by_doc: true }, queryFields(state.query));
+  if (where) req.filter = where;
+  if (state.sort) {
+    req.sort = state.sort;
+    // Sort the relevant products only (not the whole catalogue by price).
+    if (state.cutoff != null) req.min_score = state.cutoff;
+  }
+  if (facets && facets.length) req.facets = facets;
+  const q = state.query;
+  if (q.kind === "refine" && q.base.kind === "like") {
+    // like_doc leaves its own product out; a refined one must too.
+    const self = `doc_id != ${quoteString(q.base.like)}`;
+    req.filter = req.filter ? `${req.filter} and ${self}` : self;
+  }
+  return req;
 }
 
 async function runSearch(append) {
   if (!state.query) return;
-  if (!append) state.offset = 0;
+  if (!append) { state.offset = 0; state.showWeak = false; }
   const seq = ++state.seq;
-  const where = filterExpression();
-  const started = performance.now();
+  const where = filterExpression(null);
   $("error").hidden = true;
   document.body.classList.add("busy");
+  $("results").setAttribute("aria-busy", "true");
   try {
-    let body;
-    if (state.query.kind === "image") {
-      const form = new FormData();
-      form.append("image", state.query.value, state.query.value.name || "query.jpg");
-      form.append("k", String(PAGE));
-      form.append("offset", String(state.offset));
-      form.append("group_by_doc", "true");
-      if (where) form.append("filter", where);
-      body = await api("/search/image", { method: "POST", body: form });
-    } else {
-      const req = { k: PAGE, offset: state.offset, group_by_doc: true };
-      if (state.query.kind === "text") req.text = state.query.value;
-      else req.like_doc = state.query.value;
-      if (where) req.filter = where;
-      body = await api("/search", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(req),
-      });
-    }
+    const countable = state.facetNames.filter((n) => state.columns[n].type !== "date");
+    const main = postSearch(searchBody(state.offset, where, append ? [] : countable));
+    // Columns with a selection: their counts without their own selection.
+    const own = append ? [] : state.facetNames.filter((n) => state.selected[n] && state.selected[n].size);
+    const side = own.map((n) => {
+      const req = searchBody(0, filterExpression(n), [n]);
+      req.k = 1;
+      return postSearch(req).then((b) => [n, b.facets[n]], () => [n, null]);
+    });
+    const body = await main;
+    const extra = await Promise.all(side);
     if (seq !== state.seq) return;  // a newer search was started meanwhile
-    const roundTrip = performance.now() - started;
+    if (!append) {
+      state.counts = Object.assign({}, body.facets || {});
+      for (const [n, values] of extra) if (values) state.counts[n] = values;
+      state.total = body.total_products != null ? body.total_products : null;
+      state.scope = body.facets_scope || null;
+      state.cutoff = body.relevance_cutoff != null ? body.relevance_cutoff : state.cutoff;
+      renderFacets();
+    }
     state.hits = append ? state.hits.concat(body.hits) : body.hits;
-    renderResults(body, roundTrip, append);
+    renderResults(body, append);
   } catch (e) {
     if (seq === state.seq) showError(e);
   } finally {
-    if (seq === state.seq) document.body.classList.remove("busy");
+    if (seq === state.seq) {
+      document.body.classList.remove("busy");
+      $("results").setAttribute("aria-busy", "false");
+    }
   }
 }
 
 function rerun() { if (state.query) runSearch(false); }
 
 function showError(e) {
+  if (e instanceof Offline) return;  // the offline banner says it
   const box = $("error");
   box.textContent = e.status === 429 ? "The server is busy right now; try again in a moment." : e.message;
   box.hidden = false;
   if (!state.hits.length) { $("results").innerHTML = ""; $("empty").hidden = true; }
 }
 
-function describeQuery() {
+function describeQuery(html) {
   const q = state.query;
-  if (q.kind === "text") return `“${escapeHtml(q.value)}”`;
+  const esc = html ? escapeHtml : (s) => s;
+  const b = (s) => (html ? `<b>${s}</b>` : s);
+  if (q.kind === "text") return `“${esc(q.text)}”`;
   if (q.kind === "image") return "your photo";
-  return `products like <b>${escapeHtml(q.label || q.value)}</b>`;
+  if (q.kind === "like") return `products like ${b(esc(q.label || q.like))}`;
+  const base = q.base.kind === "image" ? "your photo" : b(esc(q.base.label || q.base.like));
+  return `${base}, but “${esc(q.text)}”`;
 }
 
-function renderResults(body, roundTrip, append) {
+function renderResults(body, append, keep) {
   const grid = $("results");
-  if (!append) { revokeUrls(); grid.innerHTML = ""; }
-  body.hits.forEach((hit) => grid.appendChild(card(hit)));
-  const n = state.hits.length;
-  const filtered = body.total_matches != null ? ` · ${body.total_matches} match the filters` : "";
-  $("summary").innerHTML = n
-    ? `<b>${n}</b> result${n === 1 ? "" : "s"} for ${describeQuery()} in <b id="took">${Math.round(roundTrip)} ms</b>` +
-      ` <span class="muted">(server ${body.took_ms.toFixed(1)} ms · index v${body.index_version}${filtered})</span>`
-    : "";
-  $("empty").hidden = n > 0;
-  if (!n) $("empty-text").innerHTML = `No products match ${describeQuery()}${filterExpression() ? " with these filters" : ""}.`;
-  $("pager").hidden = body.hits.length < PAGE;
+  const before = grid.children.length;
+  // Paging and "weaker matches" keep the cards already shown (no image reloads).
+  const old = new Map();
+  if (append || keep) for (const el of grid.children) old.set(el.dataset.key, el);
+  else revokeUrls();
+  grid.innerHTML = "";
   state.offset += body.hits.length;
+  const all = state.hits;
+  const relevant = all.filter((h) => h.relevant !== false);
+  const weak = all.length - relevant.length;
+  // Below the cutoff a product is not a match: listed only on request, or when nothing
+  // reaches it ("no good match": the closest products, marked weak).
+  const noGood = state.cutoff != null && all.length > 0 && relevant.length === 0;
+  const shown = state.showWeak || noGood ? all : relevant;
+  shown.forEach((hit) => grid.appendChild(old.get(`${hit.doc_id}|${hit.row_id}`) || card(hit)));
+  const n = shown.length;
+  const filtered = activeCount() > 0;
+  const total = state.total;
+  let summary;
+  if (!all.length) summary = "";
+  else if (noGood) summary = `No good match for ${describeQuery(true)}${filtered ? " with these filters" : ""}`;
+  else if (state.scope === "relevant" && total != null) summary = `<b>${total.toLocaleString()}</b> product${total === 1 ? "" : "s"} match ${describeQuery(true)}${filtered ? " with these filters" : ""}`;
+  else if (total != null) summary = `Best matches for ${describeQuery(true)} among <b>${total.toLocaleString()}</b> product${total === 1 ? "" : "s"}${filtered ? " matching these filters" : ""}`;
+  else summary = `Best matches for ${describeQuery(true)}`;
+  $("summary").innerHTML = summary;
+  $("notice").hidden = !noGood;
+  if (noGood) $("notice").textContent = "Nothing in the catalogue is a confident match; these are the closest products. Try other words, a clearer photo, or fewer filters.";
+  $("empty").hidden = all.length > 0;
+  $("empty-clear").hidden = !(all.length === 0 && filtered);
+  $("empty-hint").hidden = all.length === 0 && state.query != null;
+  if (!all.length) $("empty-text").innerHTML = `No products match ${describeQuery(true)}${filtered ? " with these filters" : ""}.`;
+  // Paging ends: a short page, every counted product shown, the server's depth limit,
+  // or (relevant results only) the first product below the cutoff.
+  const limit = total != null && (state.scope !== "relevant" || !(state.showWeak || noGood)) ? Math.min(total, MAX_DEPTH) : MAX_DEPTH;
+  const full = body.hits.length === PAGE && state.offset < limit;
+  const more = full && (state.showWeak || noGood || weak === 0);
+  $("pager").hidden = all.length === 0;
+  $("more").hidden = !more;
+  $("weaker").hidden = !(weak > 0 && !state.showWeak && !noGood);
+  $("page-status").textContent = more
+    ? `Showing ${n.toLocaleString()}${total != null && !(state.scope === "relevant" && state.showWeak) ? ` of ${total.toLocaleString()}` : ""}`
+    : `Showing all ${n.toLocaleString()} ${state.scope === "relevant" && !state.showWeak && !noGood ? "matching product" : "result"}${n === 1 ? "" : "s"}`;
+  if (append && grid.children[before]) grid.children[before].querySelector("button").focus();
+}
+
+function relevanceBadge(hit) {
+  if (hit.relevant === true) return hit.rank === 1 ? "Best match" : "Good match";
+  if (hit.relevant === false) return "Weak match";
+  return "";
 }
 
 function card(hit) {
@@ -233,23 +492,33 @@ function card(hit) {
   const el = document.createElement("article");
   el.className = "card";
   el.dataset.docId = hit.doc_id;
+  el.dataset.key = `${hit.doc_id}|${hit.row_id}`;
+  if (hit.relevant === false) el.classList.add("weak");
   const title = m.title || m.name || m.caption || hit.text || hit.doc_id;
   const sub = [m.brand, m.colour || m.color, m.category].filter(Boolean).join(" · ");
   const price = typeof m.price === "number" ? `$${m.price.toFixed(2)}` : "";
+  const rating = typeof m.rating === "number" ? `★ ${m.rating.toFixed(1)}` : "";
+  const badge = relevanceBadge(hit);
   el.innerHTML = `
     <div class="thumb"></div>
     <div class="card-body">
-      <div class="title"></div>
+      <h3 class="title"></h3>
       <div class="meta"></div>
       <div class="row">
         <span class="price">${escapeHtml(price)}</span>
+        ${rating ? `<span class="rating">${escapeHtml(rating)}</span>` : ""}
         ${m.in_stock === false ? '<span class="badge">out of stock</span>' : ""}
-        <span class="score" title="similarity">${hit.score.toFixed(3)}</span>
       </div>
-      <button type="button" class="more-like">More like this</button>
+      ${badge ? `<span class="match ${hit.relevant ? "good" : "weak"}">${badge}</span>` : ""}
+      <div class="actions">
+        <button type="button" class="more-like">More like this</button>
+        <button type="button" class="refine">Refine…</button>
+      </div>
     </div>`;
   el.querySelector(".title").textContent = title;
   el.querySelector(".meta").textContent = sub;
+  el.querySelector(".more-like").setAttribute("aria-label", `More like ${title}`);
+  el.querySelector(".refine").setAttribute("aria-label", `Refine ${title} with words`);
   const thumb = el.querySelector(".thumb");
   if (hit.image_url) {
     const img = document.createElement("img");
@@ -259,11 +528,19 @@ function card(hit) {
   } else {
     thumb.innerHTML = `<div class="noimg">${escapeHtml(hit.text || "no image")}</div>`;
   }
+  const like = { kind: "like", like: hit.doc_id, label: title, thumb: hit.image_url };
   el.querySelector(".more-like").addEventListener("click", () => {
-    state.query = { kind: "like", value: hit.doc_id, label: title };
-    clearImageChip();
+    state.query = like;
+    showQueryImage(hit.image_url, `Photo of ${title}`);
     $("q").value = "";
     runSearch(false);
+    window.scrollTo({ top: 0, behavior: "smooth" });
+  });
+  el.querySelector(".refine").addEventListener("click", () => {
+    state.query = like;
+    showQueryImage(hit.image_url, `Photo of ${title}`);
+    $("q").value = "";
+    $("q").focus();
     window.scrollTo({ top: 0, behavior: "smooth" });
   });
   return el;
@@ -283,36 +560,60 @@ function revokeUrls() { state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
 
 // ------------------------------------------------------------------ image input
 
-function useImage(file) {
-  if (!file || !file.type.startsWith("image/")) {
-    showError(new Error("That file is not an image; drop a JPEG, PNG or WebP photo."));
-    return;
-  }
-  state.query = { kind: "image", value: file };
-  $("query-image-preview").src = URL.createObjectURL(file);
-  $("query-image").hidden = false;
-  $("q").value = "";
-  runSearch(false);
+function showQueryImage(src, alt) {
+  $("query-image-preview").src = src || "";
+  $("query-image-preview").alt = alt || "";
+  $("query-image").hidden = !src;
+  $("q").placeholder = src ? "Refine with words, e.g. “but blue”" : "Describe a product, e.g. “red striped shirt”, or add a photo";
 }
 
-function clearImageChip() { $("query-image").hidden = true; $("file").value = ""; }
+function useImage(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    showError(new Error("That file is not an image; add a JPEG, PNG or WebP photo."));
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    state.query = { kind: "image", image: reader.result, label: file.name };
+    showQueryImage(reader.result, "Your photo");
+    $("q").value = "";
+    runSearch(false);
+  };
+  reader.onerror = () => showError(new Error("Could not read that file."));
+  reader.readAsDataURL(file);
+}
+
+function clearImage() {
+  showQueryImage(null);
+  $("file").value = "";
+  const q = state.query;
+  if (!q) return;
+  if (q.kind === "refine") { state.query = { kind: "text", text: q.text }; rerun(); return; }
+  if (q.kind !== "text") state.query = null;
+}
 
 // ------------------------------------------------------------------ wiring
 
 async function loadHealth() {
   const pill = $("index-status");
   try {
-    const h = await fetch("/health").then((r) => r.json());
-    if (h.status === "ok") {
+    const resp = await fetch("/health");
+    const h = await resp.json();
+    setOffline(false);
+    if (resp.ok && h.status === "ok") {
       pill.textContent = `index v${h.index_version} · ${h.rows.toLocaleString()} rows`;
       pill.classList.add("ok");
-    } else {
-      pill.textContent = "index loading…";
-      setTimeout(init, 1000);
-      return false;
+      pill.classList.remove("down");
+      return true;
     }
-  } catch (e) { pill.textContent = "server unreachable"; return false; }
-  return true;
+    pill.textContent = "index loading…";
+    pill.classList.remove("ok");
+    setTimeout(init, 1000);
+    return false;
+  } catch (e) {
+    setOffline(true);
+    return false;
+  }
 }
 
 async function init() {
@@ -322,20 +623,28 @@ async function init() {
 $("search-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = $("q").value.trim();
+  const q = state.query;
+  const base = q && (q.kind === "image" || q.kind === "like") ? q : q && q.kind === "refine" ? q.base : null;
   if (!text) {
-    if (state.query && state.query.kind !== "text") { runSearch(false); return; }
+    if (base) { state.query = base; runSearch(false); return; }
     showError(new Error("Type what you are looking for, or add a photo."));
     return;
   }
-  clearImageChip();
-  state.query = { kind: "text", value: text };
+  state.query = base && !$("query-image").hidden ? { kind: "refine", base, text } : { kind: "text", text };
+  if (state.query.kind === "text") showQueryImage(null);
   runSearch(false);
 });
 $("upload").addEventListener("click", () => $("file").click());
 $("file").addEventListener("change", (ev) => useImage(ev.target.files[0]));
-$("query-image-clear").addEventListener("click", () => { clearImageChip(); state.query = null; });
+$("query-image-clear").addEventListener("click", () => { clearImage(); $("q").focus(); });
 $("more").addEventListener("click", () => runSearch(true));
-$("clear-filters").addEventListener("click", () => { renderFacets(state.facets); rerun(); });
+$("weaker").addEventListener("click", () => {
+  state.showWeak = true;
+  renderResults({ hits: [] }, false, true);
+});
+$("clear-filters").addEventListener("click", clearFilters);
+$("empty-clear").addEventListener("click", clearFilters);
+$("sort").addEventListener("change", () => { state.sort = $("sort").value; rerun(); });
 $("apikey-save").addEventListener("click", () => {
   state.apiKey = $("apikey").value.trim();
   sessionStorage.setItem("clipsearch-api-key", state.apiKey);
