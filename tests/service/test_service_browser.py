@@ -62,6 +62,8 @@ def browser() -> Iterator[Any]:
 
 def _page(browser: Any, viewport: dict[str, int]) -> tuple[Any, list[str]]:
     page = browser.new_page(viewport=viewport)
+    # Waits end on events; the bound only stops a broken run (a loaded CI box is slow).
+    page.set_default_timeout(120_000)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     return page, errors
