@@ -16,6 +16,12 @@ Fusion (``SearchOptions.fusion``), over each list's best ``max(pool, FUSION_DEPT
   row's scores min-max normalised over their list (1 when a list's scores are equal),
   0 when absent.
 
+With ``all_words_first`` (default), a row whose text holds every query word (a
+misspelt word within its edits) gets ``vector_weight + lexical_weight`` added, more than
+any fused score, so complete matches rank first, in fused order ("Northwind mug": the
+Northwind mugs, the ones the photos agree on first; a SKU: that product). RRF alone lets
+a vector list that cannot read brands or codes outvote an exact match.
+
 Ties break on the better of the row's two ranks, then on a lexical match (an exact word
 is the stronger evidence of equal rank: a SKU query's product beats the vector list's
 first row), then on the row id. Every fused row can explain itself
@@ -86,9 +92,11 @@ def fuse(
     lexical: Ranked,
     opts: SearchOptions,
     row_starts: Sequence[int],
+    complete: frozenset[tuple[int, int]] = frozenset(),
 ) -> tuple[Ranked, dict[tuple[int, int], dict[str, Any]]]:
     """Fuse one query's two lists (see the module docstring): the fused list (best
-    first) and, per (shard position, local row), what its score is made of."""
+    first) and, per (shard position, local row), what its score is made of.
+    ``complete``: the lexical rows holding every query word."""
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for name, ranked in (("vector", vector), ("lexical", lexical)):
         for rank, (score, si, local) in enumerate(ranked, 1):
@@ -111,6 +119,9 @@ def fuse(
     keyed = []
     for (si, local), e in rows.items():
         fused = sum(contrib(side, e[side]) for side in ("vector", "lexical") if e[side])
+        e["all_words"] = (si, local) in complete
+        if opts.all_words_first and e["all_words"]:
+            fused += opts.vector_weight + opts.lexical_weight
         e["fused"] = fused
         e["fusion"] = opts.fusion
         best_rank = min(e[side]["rank"] for side in ("vector", "lexical") if e[side])
@@ -147,17 +158,23 @@ class HybridSearch:
         # Per query: global row id -> explanation (filled by the last search).
         self.explains: list[dict[int, dict[str, Any]]] = [{} for _ in terms]
 
-    def lexical_lists(self, depth: int) -> Merged:
+    def lexical_lists(self, depth: int) -> tuple[Merged, list[frozenset[tuple[int, int]]]]:
         """Per query, the best ``depth`` allowed rows by BM25 over every shard (scores
-        are per shard BM25; ties by row id)."""
+        are per shard BM25; ties by row id), and those holding every query word."""
         tick = time.perf_counter()
         out: Merged = []
+        complete: list[frozenset[tuple[int, int]]] = []
+        whole = self.mode == "hybrid" and self.opts.all_words_first
         for terms in self.terms:
             lists = []
+            full: set[tuple[int, int]] = set()
             for si, index in enumerate(self.lexical):
                 if index is None or terms is None:
                     continue
-                scores, rows = index.search(terms, depth, self.allowed[si])
+                scores, rows, every = index.search(
+                    terms, depth, self.allowed[si], with_complete=whole
+                )
+                full.update((si, int(j)) for j in rows[every])
                 start = self.row_starts[si]
                 lists.append(
                     [
@@ -167,14 +184,15 @@ class HybridSearch:
                 )
             best = itertools.islice(heapq.merge(*lists), depth)
             out.append([(-neg, si, j) for neg, _, si, j in best])
+            complete.append(frozenset(full))
         self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(tick)
-        return out
+        return out, complete
 
     def search(
         self, vector_search: Callable[[int], tuple[Merged, dict[str, str]]], pool: int
     ) -> tuple[Merged, dict[str, str]]:
         depth = max(pool, FUSION_DEPTH)
-        lexical = self.lexical_lists(depth)
+        lexical, complete = self.lexical_lists(depth)
         names = [s.record.name for s, x in zip(self.shards, self.lexical, strict=True) if x]
         if self.mode == "lexical":
             vector: Merged = [[] for _ in self.terms]
@@ -187,7 +205,7 @@ class HybridSearch:
                 out.append(v[:pool])
                 self.explains[qi] = {}
                 continue
-            fused, parts = fuse(v, lex, self.opts, self.row_starts)
+            fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi])
             if self.mode == "lexical":
                 fused = lex
             fused = fused[:pool]
@@ -204,6 +222,7 @@ class HybridSearch:
             row = np.asarray(self.shards[si].vectors[local], np.float32)
             out["vector"] = {"score": float(row @ self.xq[qi]), "rank": None}
         if self.mode == "lexical":
+            out.pop("all_words", None)
             out["fusion"] = "none"
             out["fused"] = out["lexical"]["score"]
         out["mode"] = self.mode

@@ -28,7 +28,8 @@ idf = ln(1 + (N - n + 0.5) / (n + 0.5))):
   every row has a SKU) only add to the score of rows that match a rarer term, as Lucene's
   common-terms query does, so "SKU-000102" returns that product and not every row;
 * a word the shard does not know (a misspelling: "nortwind") matches words within one
-  edit (two from 9 characters on) at the constant score ``FUZZY_SCORE``; when nothing
+  edit (two from 8 characters on) of it or of its stem at the constant score
+  ``FUZZY_SCORE``; when nothing
   matches it (nor another rare term), the query matches nothing rather than every row
   holding its common terms ("SKU-999999" returns no row, not every SKU).
 
@@ -71,6 +72,8 @@ COMMON_TERM_SHARE = 0.5
 FUZZY_SCORE = 1.0
 # Words shorter than this are never matched fuzzily ("mg" is not a misspelt "mug").
 FUZZY_MIN_CHARS = 4
+# Misspelt words this long or longer match words two edits away (shorter: one edit).
+FUZZY_TWO_EDITS_CHARS = 8
 # Tokens longer than this (bytes) are dropped (hashes, base64 blobs).
 MAX_TOKEN_BYTES = 40
 # Hiragana, katakana, CJK unified ideographs (and extension A), compatibility
@@ -151,18 +154,36 @@ class QueryTerms:
 
     words: tuple[str, ...]
     cjk: tuple[str, ...]
+    # Per word, the lower-cased word before stemming (the pattern of a fuzzy match:
+    # stems of misspellings drift, "oakhave" -> "oakhav" against "oakhaven").
+    surface: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.words or self.cjk)
+
+
+@functools.cache
+def _surface_analyzer() -> Any:
+    """``ANALYZER``'s words analysis without stemming (same tokens, same order)."""
+    tantivy = require_tantivy()
+    builder, tok, filt = tantivy.TextAnalyzerBuilder, tantivy.Tokenizer, tantivy.Filter
+    return (
+        builder(tok.simple()).filter(filt.remove_long(MAX_TOKEN_BYTES)).filter(filt.lowercase())
+    ).build()
 
 
 def analyze(text: str) -> QueryTerms:
     """Tokens of ``text`` exactly as a document holding it was indexed."""
     words, cjk = analyzers()
     latin, grams = split_cjk(text)
-    w = tuple(dict.fromkeys(words.analyze(latin))) if latin.strip() else ()
+    pairs: dict[str, str] = {}
+    if latin.strip():
+        for stem, word in zip(
+            words.analyze(latin), _surface_analyzer().analyze(latin), strict=True
+        ):
+            pairs.setdefault(stem, word)
     c = tuple(dict.fromkeys(cjk.analyze(grams))) if grams else ()
-    return QueryTerms(w, c)
+    return QueryTerms(tuple(pairs), c, tuple(pairs.values()))
 
 
 def lexical_folder(name: str) -> str:
@@ -198,45 +219,70 @@ class LexicalIndex:
                 f"{record.rows}"
             )
 
-    def _query(self, terms: QueryTerms) -> Any | None:
+    def _query(self, terms: QueryTerms) -> tuple[Any | None, Any | None]:
         """The tantivy query of ``terms`` on this shard (see the module docstring), or
-        None when nothing can match."""
+        None when nothing can match; and the query of rows holding every term (a
+        misspelt one within its edits), or None when no row can."""
         import tantivy
 
         rare: list[Any] = []
         common: list[Any] = []
+        every: list[Any] | None = []
         unknown = 0
-        fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
-        for field, token in fields:
+        surface = terms.surface or terms.words
+        fields = [(FIELD_WORDS, t, w) for t, w in zip(terms.words, surface, strict=True)]
+        fields += [(FIELD_CJK, t, t) for t in terms.cjk]
+        for field, token, word in fields:
             df = int(self.searcher.doc_freq(field, token))
             if df == 0:
                 unknown += 1
-                if field == FIELD_WORDS and len(token) >= FUZZY_MIN_CHARS and not token.isdigit():
-                    distance = 1 if len(token) < 9 else 2
-                    fuzzy = tantivy.Query.fuzzy_term_query(self.schema, field, token, distance)
+                if field == FIELD_WORDS and len(word) >= FUZZY_MIN_CHARS and not word.isdigit():
+                    fuzzy = self._fuzzy(token, word)
                     rare.append(tantivy.Query.boost_query(fuzzy, FUZZY_SCORE))
+                    every = None if every is None else [*every, fuzzy]
+                else:
+                    every = None
                 continue
             q = tantivy.Query.term_query(self.schema, field, token, index_option="freq")
             (common if df > COMMON_TERM_SHARE * self.docs else rare).append(q)
-        should = tantivy.Occur.Should
+            every = None if every is None else [*every, q]
+        should, must = tantivy.Occur.Should, tantivy.Occur.Must
+        complete = tantivy.Query.boolean_query([(must, q) for q in every]) if every else None
         if not rare:
             if not common or unknown:  # "SKU-999999": no row has the specific word
-                return None
-            return tantivy.Query.boolean_query([(should, q) for q in common])
+                return None, None
+            return tantivy.Query.boolean_query([(should, q) for q in common]), complete
         need = tantivy.Query.boolean_query([(should, q) for q in rare])
-        return tantivy.Query.boolean_query(
-            [(tantivy.Occur.Must, need), *((should, q) for q in common)]
-        )
+        return tantivy.Query.boolean_query([(must, need), *((should, q) for q in common)]), complete
+
+    def _fuzzy(self, stem: str, word: str) -> Any:
+        """Indexed words within one edit of the misspelt ``word`` (two edits from
+        ``FUZZY_TWO_EDITS_CHARS`` characters on), matched from its surface form and its
+        stem (stems of misspellings drift: "tidewate" -> "tidew" vs "tidewat")."""
+        import tantivy
+
+        distance = 1 if len(word) < FUZZY_TWO_EDITS_CHARS else 2
+        patterns = dict.fromkeys([word, stem])
+        fuzzy = [
+            tantivy.Query.fuzzy_term_query(self.schema, FIELD_WORDS, p, distance) for p in patterns
+        ]
+        return fuzzy[0] if len(fuzzy) == 1 else tantivy.Query.disjunction_max_query(fuzzy)
 
     def search(
-        self, terms: QueryTerms, limit: int, allowed: AllowedRows | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        terms: QueryTerms,
+        limit: int,
+        allowed: AllowedRows | None = None,
+        *,
+        with_complete: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The best ``limit`` allowed rows for ``terms``: (float32 BM25 scores descending,
-        int64 local rows), ties by row. With ``allowed``, rows outside its mask are
-        skipped and the search widens until ``limit`` allowed rows are found or no
-        matching row is left, so a filter never costs results."""
-        empty = np.zeros(0, np.float32), np.zeros(0, np.int64)
-        query = self._query(terms) if terms and self.docs else None
+        int64 local rows, bool "holds every query term"), ties by row. With ``allowed``,
+        rows outside its mask are skipped and the search widens until ``limit`` allowed
+        rows are found or no matching row is left, so a filter never costs results.
+        ``with_complete=False`` leaves the third array all False (one search less)."""
+        empty = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
+        query, every = self._query(terms) if terms and self.docs else (None, None)
         if query is None or limit < 1:
             return empty
         mask = None if allowed is None else allowed.mask
@@ -255,7 +301,16 @@ class LexicalIndex:
             fetch = min(n_matching, fetch * 4)
         scores, rows = scores[keep], rows[keep]
         order = np.lexsort((rows, -scores))[:limit]
-        return scores[order], rows[order]
+        scores, rows = scores[order], rows[order]
+        complete = np.zeros(len(rows), bool)
+        if with_complete and every is not None and len(rows):
+            # A complete row's score is the same under both queries, so one among the
+            # first `fetch` hits has fewer than `fetch` complete rows above it: the best
+            # `fetch` complete rows hold every complete row of this list.
+            found = self.searcher.search(every, limit=max(fetch, len(rows)), count=False).hits
+            whole = self.searcher.fast_field_values(FIELD_ROW, [h[1] for h in found])
+            complete = np.isin(rows, np.asarray(whole, np.int64))
+        return scores, rows, complete
 
 
 def open_lexical(root: Path, record: LexicalRecord) -> LexicalIndex:

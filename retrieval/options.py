@@ -84,6 +84,10 @@ class SearchOptions:
     # Weights of the vector and lexical lists in the fusion (>= 0, not both 0).
     vector_weight: float = 1.0
     lexical_weight: float = 1.0
+    # Hybrid: rows whose text holds every query word (a misspelt word within its edits)
+    # rank before the others, each group by fused score: "Northwind mug" lists Northwind
+    # mugs first, in the order both lists agree on. False: the plain fused order.
+    all_words_first: bool = True
 
     def __post_init__(self) -> None:
         _set = object.__setattr__
@@ -139,6 +143,11 @@ class SearchOptions:
             if weight < 0:
                 raise InvalidOptionError(name, f"{name} must be >= 0, got {weight}")
             _set(self, name, weight)
+        if not isinstance(self.all_words_first, bool):
+            raise InvalidOptionError(
+                "all_words_first",
+                f"all_words_first must be true or false, got {self.all_words_first!r}",
+            )
         if self.vector_weight == 0 and self.lexical_weight == 0:
             raise InvalidOptionError(
                 "vector_weight", "vector_weight and lexical_weight cannot both be 0"
@@ -202,6 +211,7 @@ class SearchOverrides(TypedDict, total=False):
     rrf_k: int
     vector_weight: float
     lexical_weight: float
+    all_words_first: bool
 
 
 def resolve_options(

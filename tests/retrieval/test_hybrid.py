@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lexical_fixtures import build_catalog, products, write_catalog
+from lexical_fixtures import build_catalog, doc_text, products, write_catalog
 from typer.testing import CliRunner
 
 from clipsearch.cli.app import app
 from clipsearch.retrieval.engine import SearchEngine
 from clipsearch.retrieval.errors import InvalidOptionError, QueryError
 from clipsearch.retrieval.hybrid import FUSION_DEPTH
+from clipsearch.retrieval.lexical import analyze
 from clipsearch.retrieval.options import SearchOptions
 from clipsearch.retrieval.queries import ComposedQuery
 
@@ -37,7 +38,17 @@ def _lists(engine: SearchEngine, q: str, **kw: object) -> tuple[list, list]:
     return [(h.row_id, h.score) for h in vec], [(h.row_id, h.score) for h in lex]
 
 
-def _by_hand(vec: list, lex: list, *, fusion: str, k: int, wv: float, wl: float, rrf_k: int = 60):
+def _by_hand(
+    vec: list,
+    lex: list,
+    *,
+    fusion: str,
+    k: int,
+    wv: float,
+    wl: float,
+    rrf_k: int = 60,
+    complete: frozenset[int] = frozenset(),
+):
     parts: dict[int, dict[str, tuple[float, int]]] = {}
     for name, ranked in (("v", vec), ("l", lex)):
         for rank, (row, score) in enumerate(ranked, 1):
@@ -56,6 +67,8 @@ def _by_hand(vec: list, lex: list, *, fusion: str, k: int, wv: float, wl: float,
             else:
                 lo, hi = bounds[n]
                 total += weight[n] * ((score - lo) / (hi - lo) if hi > lo else 1.0)
+        if row in complete and "l" in p:
+            total += wv + wl
         best = min(rank for _, rank in p.values())
         out.append((-total, best, "l" not in p, row))
     out.sort()
@@ -85,10 +98,36 @@ def test_hybrid_equals_fusion_of_the_two_lists_by_hand(
             vector_weight=wv,
             lexical_weight=wl,
             rrf_k=rrf_k,
+            all_words_first=False,
         )
     want = _by_hand(vec, lex, fusion=fusion, k=10, wv=wv, wl=wl, rrf_k=rrf_k)
     assert got.row_ids == [r for r, _ in want]
     assert [h.score for h in got] == pytest.approx([s for _, s in want], rel=1e-5)
+
+
+def _holds_every_word(rows: list[dict[str, object]], query: str) -> frozenset[int]:
+    q = analyze(query)
+    out = set()
+    for i, r in enumerate(rows):
+        d = analyze(doc_text(r, ("title", "title_zh", "sku")))
+        if set(q.words) <= set(d.words) and set(q.cjk) <= set(d.cjk):
+            out.add(i)  # row id == product index: one text row per product, in order
+    return frozenset(out)
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_rows_holding_every_word_rank_first_in_fused_order(index: Path, query: str) -> None:
+    complete = _holds_every_word(products(160), query)
+    assert complete
+    with SearchEngine.open(index) as engine:
+        vec, lex = _lists(engine, query)
+        got = engine.search(query, k=10, mode="hybrid")
+    want = _by_hand(vec, lex, fusion="rrf", k=10, wv=1.0, wl=1.0, complete=complete)
+    assert got.row_ids == [r for r, _ in want]
+    assert [h.score for h in got] == pytest.approx([s for _, s in want], rel=1e-5)
+    n_first = min(10, len(complete & {r for r, _ in lex}))
+    assert set(got.row_ids[:n_first]) <= complete
+    assert all(h.explain and h.explain["all_words"] == (h.row_id in complete) for h in got)
 
 
 def test_every_hit_explains_its_score(index: Path) -> None:
@@ -105,7 +144,8 @@ def test_every_hit_explains_its_score(index: Path) -> None:
             lexical = e["lexical"]
             assert (lexical and lexical["rank"]) == lex_rank.get(h.row_id)
             parts = [1 / (60 + p["rank"]) for p in (e["vector"], lexical) if p and p["rank"]]
-            assert sum(parts) == pytest.approx(h.score, rel=1e-5)
+            bonus = 2.0 if e["all_words"] else 0.0  # vector_weight + lexical_weight
+            assert sum(parts) + bonus == pytest.approx(h.score, rel=1e-5)
             assert "explain" in h.to_dict()
         # A row outside the vector list still reports its cosine (exact, unranked).
         outside = [h for h in res if h.explain and h.explain["vector"]["rank"] is None]

@@ -1,0 +1,208 @@
+"""Hybrid search quality on the demo catalog: P@1 and nDCG@10 per query type and mode.
+
+A held-out catalog (``generate_catalog`` with ``--seed``, not the training seed) is
+indexed with the bundled demo model (photos + titles, one document per product; the
+lexical part over the default text fields: every string column plus the SKU). Labelled
+queries are generated from the catalog's metadata with another seed:
+
+* ``brand+kind``: "Northwind mug"; relevant: products of that brand and kind;
+* ``sku``: "SKU-000102"; relevant: that product;
+* ``title words``: brand, material and kind of a product ("Cobalt Lane linen t-shirt");
+  relevant: products sharing the three;
+* ``attributes``: "red striped t-shirt"; relevant: products with that colour, pattern, kind;
+* ``chinese``: "红色条纹T恤" (colour, pattern, kind in Chinese); relevant: as attributes;
+* ``misspelled``: "Nortwind mug" (one character dropped from the brand); as brand+kind.
+
+Each query searches the image rows, grouped by product (``group_by_doc``), in the modes
+``vector``, ``lexical`` and ``hybrid`` (RRF, k = 60). Binary relevance; nDCG@10's ideal
+ranks min(10, relevant) products first. Writes ``benchmarks/results/hybrid_eval.json``
+and ``.md``:
+
+    nice .venv/bin/python benchmarks/hybrid_eval.py --products 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("vector", "lexical", "hybrid")
+TYPES = ("brand+kind", "sku", "title words", "attributes", "chinese", "misspelled")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_queries(
+    products: list[dict[str, Any]], n_per_type: int, seed: int
+) -> list[tuple[str, str, set[str]]]:
+    """(type, query text, relevant skus), ``n_per_type`` of each type."""
+    from clipsearch.indexer.demo.catalog import COLOURS_ZH, KINDS_ZH, PATTERNS_ZH
+
+    rng = np.random.default_rng(seed)
+
+    def where(pred: Callable[[dict[str, Any]], bool]) -> set[str]:
+        return {p["sku"] for p in products if pred(p)}
+
+    out: list[tuple[str, str, set[str]]] = []
+    for i in rng.choice(len(products), size=n_per_type * len(TYPES), replace=True).tolist():
+        p = products[i]
+        kind = str(p["kind"])
+        brand_kind = where(lambda q, p=p: q["brand"] == p["brand"] and q["kind"] == p["kind"])
+        attrs = where(
+            lambda q, p=p: (
+                (q["colour"], q["pattern"], q["kind"]) == (p["colour"], p["pattern"], p["kind"])
+            )
+        )
+        n = len(out) % len(TYPES)
+        t = TYPES[n]
+        if t == "brand+kind":
+            out.append((t, f"{p['brand']} {kind}", brand_kind))
+        elif t == "sku":
+            out.append((t, str(p["sku"]), {p["sku"]}))
+        elif t == "title words":
+            rel = where(
+                lambda q, p=p: (
+                    (q["brand"], q["material"], q["kind"]) == (p["brand"], p["material"], p["kind"])
+                )
+            )
+            out.append((t, f"{p['brand']} {p['material']} {kind}", rel))
+        elif t == "attributes":
+            out.append((t, f"{p['colour']} {p['pattern']} {kind}", attrs))
+        elif t == "chinese":
+            zh = f"{COLOURS_ZH[p['colour']]}{PATTERNS_ZH[p['pattern']]}{KINDS_ZH[kind]}"
+            out.append((t, zh, attrs))
+        else:
+            brand = str(p["brand"]).split()[0]
+            cut = int(rng.integers(1, len(brand)))  # never the first letter
+            typo = brand[:cut] + brand[cut + 1 :]
+            rest = " ".join(str(p["brand"]).split()[1:])
+            out.append((t, f"{typo} {rest} {kind}".replace("  ", " "), brand_kind))
+    return out
+
+
+def ndcg_at_10(ranked: list[str], relevant: set[str]) -> float:
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(ranked[:10]) if d in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(10, len(relevant))))
+    return dcg / ideal if ideal else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--products", type=int, default=1500)
+    parser.add_argument("--catalog-seed", type=int, default=907, help="held-out catalog seed")
+    parser.add_argument("--query-seed", type=int, default=4242)
+    parser.add_argument("--per-type", type=int, default=50)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.demo.generate import generate_catalog
+    from clipsearch.indexer.sources import SourceOptions
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.engine import SearchEngine
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="hybrid-eval-"))
+    catalog_dir, index_dir = work / "catalog", work / "index"
+    t0 = time.perf_counter()
+    if not (catalog_dir / "products.parquet").exists():
+        log(f"generating {args.products} products (seed {args.catalog_seed}) in {catalog_dir}")
+        generate_catalog(catalog_dir, products=args.products, seed=args.catalog_seed)
+    encoder = load_encoder("clipsearch-demo")
+    if not (index_dir / "CURRENT").exists():
+        log("indexing photos and titles with the demo model")
+        build(
+            [catalog_dir / "products.parquet"],
+            index_dir,
+            encoder=encoder,
+            options=BuildOptions(
+                sources=SourceOptions(
+                    image_col="image_path", text_cols=("title",), id_col="sku", on_duplicate="group"
+                )
+            ),
+        )
+    table = pq.read_table(catalog_dir / "products.parquet")
+    seen: dict[str, dict[str, Any]] = {}
+    for row in table.to_pylist():
+        seen.setdefault(row["sku"], row)
+    products = list(seen.values())
+    queries = make_queries(products, args.per_type, args.query_seed)
+    scores: dict[str, dict[str, dict[str, list[float]]]] = {
+        t: {m: {"p@1": [], "ndcg@10": []} for m in MODES} for t in TYPES
+    }
+    examples: dict[str, list[dict[str, Any]]] = {t: [] for t in TYPES}
+    with SearchEngine.open(index_dir, encoder=encoder) as engine:
+        fields = [s.lexical.record.fields for s in engine.snapshot.shards if s.lexical]
+        log(f"searching {len(queries)} queries x {len(MODES)} modes")
+        for qtype, text, relevant in queries:
+            tops: dict[str, list[str]] = {}
+            for mode in MODES:
+                res = engine.search(text, k=10, mode=mode, group_by_doc=True, modality="image")
+                ranked = res.doc_ids
+                tops[mode] = ranked[:3]
+                scores[qtype][mode]["p@1"].append(float(bool(ranked) and ranked[0] in relevant))
+                scores[qtype][mode]["ndcg@10"].append(ndcg_at_10(ranked, relevant))
+            if len(examples[qtype]) < 3:
+                examples[qtype].append({"query": text, "relevant": len(relevant), "top3": tops})
+    summary = {
+        t: {m: {k: round(float(np.mean(v)), 3) for k, v in d.items()} for m, d in modes.items()}
+        for t, modes in scores.items()
+    }
+    for t in TYPES:
+        s = summary[t]
+        best = max(s["vector"]["p@1"], s["lexical"]["p@1"])
+        s["hybrid >= best of both (p@1)"] = s["hybrid"]["p@1"] >= best  # type: ignore[assignment]
+    out = {
+        "products": len(products),
+        "catalog_seed": args.catalog_seed,
+        "query_seed": args.query_seed,
+        "queries_per_type": args.per_type,
+        "lexical_fields": [list(f) for f in fields[:1]],
+        "model": "clipsearch-demo (bundled)",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average": list(os.getloadavg()),
+        "results": summary,
+        "examples": examples,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "hybrid_eval.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "# Hybrid search quality on the demo catalog",
+        "",
+        f"{len(products)} products (held-out seed {args.catalog_seed}), {args.per_type} "
+        f"queries per type (seed {args.query_seed}), image rows grouped by product, bundled "
+        "demo model, RRF k=60. Command: `nice .venv/bin/python benchmarks/hybrid_eval.py "
+        f"--products {args.products}`. Load average: {out['load_average']}.",
+        "",
+        "| query type | P@1 vector | P@1 lexical | P@1 hybrid | nDCG@10 vector | nDCG@10 lexical | nDCG@10 hybrid |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in TYPES:
+        s = summary[t]
+        lines.append(
+            f"| {t} | "
+            + " | ".join(f"{s[m]['p@1']:.3f}" for m in MODES)
+            + " | "
+            + " | ".join(f"{s[m]['ndcg@10']:.3f}" for m in MODES)
+            + " |"
+        )
+    (RESULTS / "hybrid_eval.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
