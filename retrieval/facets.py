@@ -101,6 +101,10 @@ class _Column:
     pair_value: np.ndarray
     # code -> value: the string, the bool, or (lo, hi) of a range.
     labels: tuple[Any, ...]
+    # int32 [docs]: the value code of each doc_id (-1: null), when every product has at
+    # most one value in this column (the usual case: a product's category, price...).
+    # Counting then reads one entry per selected product instead of one per row.
+    doc_value: np.ndarray | None = None
 
 
 class FacetIndex:
@@ -188,11 +192,17 @@ class FacetIndex:
         pairs, inverse = np.unique(key[valid], return_inverse=True)
         pair_ids = np.full(len(codes), -1, np.int32)
         pair_ids[valid] = inverse.astype(np.int32)
+        pair_docs = pairs // max(n_values, 1)
+        doc_value = None
+        if len(pair_docs) == len(np.unique(pair_docs)):  # one value per product at most
+            doc_value = np.full(self.doc_codes()[1], -1, np.int32)
+            doc_value[pair_docs] = pairs % max(n_values, 1)
         return _Column(
             kind=kind,
             pair_ids=pair_ids,
             pair_value=(pairs % max(n_values, 1)).astype(np.int32),
             labels=labels,
+            doc_value=doc_value,
         )
 
     # ------------------------------------------------------------------ selections
@@ -249,15 +259,19 @@ class FacetIndex:
             part = _take(docs, pick)
             rows += len(part)
             seen_docs[part] = True
-        out = {name: self._count_column(self.column(name), picks) for name in columns}
-        return FacetCounts(columns=out, products=int(np.count_nonzero(seen_docs)), rows=rows)
+        selected = np.flatnonzero(seen_docs)
+        out = {name: self._count_column(self.column(name), picks, selected) for name in columns}
+        return FacetCounts(columns=out, products=len(selected), rows=rows)
 
-    def _count_column(self, col: _Column, picks: list[Any]) -> list[FacetValue]:
-        seen = np.zeros(len(col.pair_value) + 1, bool)  # the last slot absorbs nulls (-1)
-        for pick in picks:
-            seen[_take(col.pair_ids, pick)] = True
-        seen = seen[:-1]
-        counts = np.bincount(col.pair_value[seen], minlength=len(col.labels))
+    def _count_column(self, col: _Column, picks: list[Any], docs: np.ndarray) -> list[FacetValue]:
+        if col.doc_value is not None:
+            values = col.doc_value[docs]
+            counts = np.bincount(values[values >= 0], minlength=len(col.labels))
+        else:
+            seen = np.zeros(len(col.pair_value) + 1, bool)  # the last slot absorbs nulls
+            for pick in picks:
+                seen[_take(col.pair_ids, pick)] = True
+            counts = np.bincount(col.pair_value[seen[:-1]], minlength=len(col.labels))
         if col.kind == "number":
             last = len(col.labels) - 1
             return [

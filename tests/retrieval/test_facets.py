@@ -171,3 +171,46 @@ def test_string_facets_are_capped(tmp_path: Path) -> None:
     got = index.count(["category"], {s.record.name: None for s in snap.shards})
     assert sum(v.count for v in got.columns["category"]) == 30
     assert pa.types.is_string(snap.schema.field("category").type)
+
+
+class _Shard:
+    def __init__(self, name: str, start: int, table: Any) -> None:
+        from types import SimpleNamespace
+
+        self.record = SimpleNamespace(name=name, row_id_start=start, modality="image")
+        self.metadata = table
+
+
+class _Snapshot:
+    def __init__(self, shards: list[_Shard]) -> None:
+        self.version = 1
+        self.shards = tuple(shards)
+        self.schema = shards[0].metadata.schema
+
+
+def test_a_product_with_rows_of_different_values_counts_under_each() -> None:
+    """Photos of one product in two colours, across shards: the product counts once
+    under each colour, and once in the total."""
+    import pyarrow as pa
+
+    def table(docs: list[str], colours: list[str | None]) -> Any:
+        return pa.table({"doc_id": docs, "colour": pa.array(colours, pa.string())})
+
+    snap = _Snapshot(
+        [
+            _Shard("s0", 0, table(["a", "a", "b"], ["red", "blue", "red"])),
+            _Shard("s1", 3, table(["a", "c", "c"], ["red", None, "green"])),
+        ]
+    )
+    index = FacetIndex(snap)  # type: ignore[arg-type]
+    everything = index.count(["colour"], {"s0": None, "s1": None})
+    assert everything.products == 3 and everything.rows == 6
+    assert {v.value: v.count for v in everything.columns["colour"]} == {
+        "red": 2,
+        "blue": 1,
+        "green": 1,
+    }
+    # Only a's blue photo and c's colourless one: c counts as a product, under no colour.
+    some = index.count(["colour"], {"s0": np.array([1]), "s1": np.array([1])})
+    assert some.products == 2
+    assert {v.value: v.count for v in some.columns["colour"]} == {"blue": 1}
