@@ -223,6 +223,8 @@ class SearchEngine:
         self,
         queries: Sequence[Any],
         options: SearchOptions | None = None,
+        *,
+        texts: Sequence[str | None] | None = None,
         **overrides: Unpack[SearchOverrides],
     ) -> list[SearchResults]:
         """Search with several queries at once (one encoder pass, one batched scan).
@@ -234,6 +236,9 @@ class SearchEngine:
                 defaults (top 10 by relevance).
             overrides: any SearchOptions field by keyword, applied on top of ``options``
                 (``engine.search("red mug", k=5, where="price < 30")``).
+            texts: per query, the text lexical and hybrid modes match (None: none), for
+                callers that pass queries already encoded as vectors (the service's
+                batcher); default: the queries' own text (clipsearch.retrieval.hybrid).
         Raises:
             QueryError for bad options, FilterError for a filter that does not fit the
             index's schema.
@@ -256,7 +261,10 @@ class SearchEngine:
         search = lambda pool: self._search_shards(shards, allowed, xq, pool)  # noqa: E731
         # Lexical / hybrid queries wrap the search step (clipsearch.retrieval.hybrid).
         lexical = {s.record.name: s.lexical for s in state.snapshot.shards}
-        hybrid = plan_hybrid(opts, queries, shards, allowed, lexical, xq, timings, target)
+        if texts is not None and len(texts) != len(queries):
+            raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
+        words = queries if texts is None else texts
+        hybrid = plan_hybrid(opts, words, shards, allowed, lexical, xq, timings, target)
         if hybrid is not None:
             search = functools.partial(hybrid.search, search)
         ranked, plans = rank_queries(
