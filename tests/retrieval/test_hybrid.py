@@ -242,3 +242,17 @@ def test_cli_search_mode_and_build_text_fields(tmp_path: Path) -> None:
          "--text-col", "title", "--text-fields", "title,nope"],
     )  # fmt: skip
     assert r.exit_code != 0 and "'nope' is not a column" in r.output
+
+
+def test_pre_encoded_queries_search_lexically_with_their_texts(index: Path) -> None:
+    texts = ["Northwind mug", "SKU-000017", None]
+    with SearchEngine.open(index) as engine:
+        assert engine.encoder is not None
+        vectors = list(engine.encoder.encode_texts(["Northwind mug", "SKU-000017", "blue"]))
+        got = engine.search_batch(vectors, k=5, texts=texts)
+        assert got[0].row_ids == engine.search("Northwind mug", k=5).row_ids
+        assert got[1].row_ids == engine.search("SKU-000017", k=5).row_ids
+        assert got[2].row_ids == engine.search(vectors[2], k=5).row_ids
+        assert got[2].hits[0].explain is None
+        with pytest.raises(QueryError, match="2 texts for 3 queries"):
+            engine.search_batch(vectors, k=5, texts=texts[:2])
