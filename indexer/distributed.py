@@ -33,7 +33,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +49,7 @@ from clipsearch.retrieval.manifest import ShardRecord
 from clipsearch.retrieval.progress import Progress, ProgressCallback
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
-    from clipsearch.indexer.ann import IndexOptions
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -591,17 +588,10 @@ class RayShardWriter:
     _remote: Any = field(default=None, repr=False)
 
     def __call__(
-        self,
-        root: Path,
-        *,
-        name: str,
-        modality: str,
-        row_id_start: int,
-        vectors: np.ndarray,
-        metadata: pa.Table,
-        index_options: IndexOptions,
-        progress: ProgressCallback | None = None,
+        self, root: Path, *, progress: ProgressCallback | None = None, **kwargs: Any
     ) -> ShardRecord:
+        """``write_shard(root, **kwargs)`` in a Ray task; ``progress`` stays here (the
+        task reports nothing until the shard is written)."""
         import ray
 
         from clipsearch.retrieval.store import check_file
@@ -610,17 +600,10 @@ class RayShardWriter:
             self._remote = ray.remote(num_cpus=1, max_retries=self.options.write_retries)(
                 _write_shard_remote
             )
-        detail: dict[str, int | str] = {"shard": name, "rows": len(vectors)}
+        name = str(kwargs["name"])
+        detail: dict[str, int | str] = {"shard": name, "rows": len(kwargs["vectors"])}
         if progress:
             progress(Progress("write shard", 0, 3, "files", detail=detail))
-        kwargs = {
-            "name": name,
-            "modality": modality,
-            "row_id_start": row_id_start,
-            "vectors": vectors,
-            "metadata": metadata,
-            "index_options": index_options,
-        }
         record: ShardRecord = ray.get(self._remote.remote(str(root), kwargs))
         problems = [p for f in record.files if (p := check_file(root, f, verify_hash=False))]
         if problems:
@@ -635,17 +618,3 @@ class RayShardWriter:
         if progress:
             progress(Progress("write shard", 3, 3, "files", detail=detail))
         return record
-
-
-def cluster_summary() -> dict[str, Any]:
-    """Nodes, CPUs and GPUs of the joined cluster (for logs and the CLI)."""
-    import ray
-
-    res = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return {
-        "nodes": len(nodes),
-        "cpus": res.get("CPU", 0),
-        "gpus": res.get("GPU", 0),
-        "pid": os.getpid(),
-    }
