@@ -10,6 +10,7 @@ worker threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,12 +120,14 @@ HIDDEN_COLUMNS = frozenset({"source"})
 def _refuse_hidden_columns(options: SearchOptions) -> None:
     """400 ``bad_filter`` / 422 ``invalid_request`` when a filter, sort or boost names a
     hidden column: even a prefix filter on ``source`` reveals server paths."""
-    from clipsearch.retrieval.filters import from_json, parse
+    from clipsearch.retrieval.filters import from_json
     from clipsearch.retrieval.filters.nodes import columns_of
 
     if options.where is not None:
-        node = parse(options.where) if isinstance(options.where, str) else from_json(options.where)
-        hidden = sorted(columns_of(node) & HIDDEN_COLUMNS)
+        if isinstance(options.where, str):
+            hidden = _hidden_in_text(options.where)
+        else:
+            hidden = tuple(sorted(columns_of(from_json(options.where)) & HIDDEN_COLUMNS))
         if hidden:
             raise ApiError(
                 400,
@@ -145,6 +148,15 @@ def _refuse_hidden_columns(options: SearchOptions) -> None:
                     "file paths)",
                     details={"field": field, "column": column},
                 )
+
+
+@functools.lru_cache(maxsize=1024)
+def _hidden_in_text(where: str) -> tuple[str, ...]:
+    """Hidden columns a filter text names (a page repeats a few filters: parsed once)."""
+    from clipsearch.retrieval.filters import parse
+    from clipsearch.retrieval.filters.nodes import columns_of
+
+    return tuple(sorted(columns_of(parse(where)) & HIDDEN_COLUMNS))
 
 
 def check_text_budget(texts: list[str], config: ServiceConfig, *, field: str) -> None:
