@@ -56,6 +56,7 @@ class ServiceState:
         self._facets: tuple[int, dict[str, Any]] | None = None
         self._image_roots: tuple[int, tuple[Path, ...]] | None = None
         self._thresholds: dict[tuple[int | None, str], float | None] = {}
+        self._background: set[asyncio.Future[None]] = set()
         from clipsearch.retrieval.facets import Faceter
 
         # Facet counts of the current version (per-version codes, filter-only LRU).
@@ -138,6 +139,25 @@ class ServiceState:
             return
         self._engine = engine
         log.info("serving %s version %s", self.index_path, self.version)
+        self._warm_facets()
+
+    def _warm_facets(self) -> None:
+        """In the background, build what the first page load needs of this version:
+        the catalog facets (GET /facets) and the facet codes of their columns (1M rows:
+        a few seconds, which the first shopper would otherwise wait for)."""
+
+        def warm() -> None:
+            try:
+                _version, columns = self.facets()
+                names = [n for n, f in columns.items() if f.get("type") != "date"]
+                if names:
+                    self.faceter.count(self.engine, names)
+            except Exception as e:  # a cache warm-up; the request path reports errors
+                log.warning("facet warm-up failed: %s", e)
+
+        task = asyncio.get_running_loop().run_in_executor(None, warm)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ engine access
 
@@ -287,6 +307,7 @@ class ServiceState:
             self.metrics.observe_reload("changed" if current != previous else "unchanged")
             if current != previous:
                 log.info("reloaded index: version %d -> %d", previous, current)
+                self._warm_facets()
             return previous, current
 
     async def _watch(self) -> None:
