@@ -148,7 +148,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--markdown-only", action="store_true", help="rewrite facets.md from facets.json"
+    )
     args = ap.parse_args()
+    if args.markdown_only:
+        results = json.loads((args.out / "facets.json").read_text())
+        results.setdefault("reps", args.reps)
+        write(results, args.out)
+        return
     from clipsearch.retrieval.engine import SearchEngine
     from clipsearch.retrieval.facets import Faceter
 
@@ -211,11 +219,26 @@ def main() -> None:
         "column_codes_ms_once_per_version": round(codes_ms, 1),
         "filters": rows_out,
         "goal_ms": goal_ms,
-        "worst_count_ms": max(r["count"]["median_ms"] for r in rows_out.values()),
-        "goal_met": all(r["count"]["median_ms"] <= goal_ms for r in rows_out.values()),
+        "reps": args.reps,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "facets.json").write_text(json.dumps(results, indent=2) + "\n")
+    write(results, args.out)
+    print(f"wrote {args.out / 'facets.json'} and .md", flush=True)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    """facets.json (with the goal fields derived from the measurements) and facets.md."""
+    rows_out, goal_ms, reps = results["filters"], results["goal_ms"], results["reps"]
+    load_start = results["load_average_at_start"]
+    # A repeated filter (its counts cached with it) and the first count of a filter
+    # whose AllowedRows the engine has cached: both readings of "a cached filter".
+    results["worst_repeated_ms"] = max(r["cached"]["median_ms"] for r in rows_out.values())
+    results["worst_first_count_ms"] = max(r["count"]["median_ms"] for r in rows_out.values())
+    results["goal_met_repeated_filter"] = results["worst_repeated_ms"] <= goal_ms
+    results["goal_met_first_count"] = results["worst_first_count_ms"] <= goal_ms
+    results.pop("worst_count_ms", None)
+    results.pop("goal_met", None)
+    (out / "facets.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Facet counts at scale (`benchmarks/facets.py`)",
         "",
@@ -223,7 +246,7 @@ def main() -> None:
         f"Machine: {results['machine']}; load average {load_start} at the start, "
         f"{results['load_average_at_end']} at the end (a shared box: compare within this run).",
         "",
-        f"{args.rows:,} rows, ~2.5 rows per product, 1% of products tombstoned; 5 columns "
+        f"{results['rows']:,} rows, ~2.5 rows per product, 1% of products tombstoned; 5 columns "
         f"({', '.join(COLUMNS)}) plus the product total per request. Column codes are built "
         f"once per index version: {results['column_codes_ms_once_per_version']} ms.",
         "",
@@ -231,7 +254,7 @@ def main() -> None:
         "filter answered from the Faceter's LRU; `relevant`: over 1000 relevant row ids; "
         "`baseline`: pyarrow group_by count_distinct over the filtered rows (the obvious way), "
         "same run. Medians of "
-        f"{args.reps} runs (baseline: {max(3, args.reps // 5)}).",
+        f"{reps} runs (baseline: {max(3, reps // 5)}).",
         "",
         "| filter | selectivity | products | count ms | cached ms | relevant ms | baseline ms | count vs baseline |",
         "|---|---|---|---|---|---|---|---|",
@@ -242,15 +265,19 @@ def main() -> None:
             f"{r['cached']['median_ms']} | {r['relevant_1000_rows']['median_ms']} | "
             f"{r['baseline']['median_ms']} | {r['speedup_vs_baseline']}x faster |"
         )
+    met = {True: "met", False: "NOT met"}
     lines += [
         "",
-        f"Goal (issue 16): <= {goal_ms} ms at 1M rows with a cached filter: "
-        f"{'met' if results['goal_met'] else 'NOT met'} (worst fresh count "
-        f"{results['worst_count_ms']} ms).",
+        f"Goal (issue 16): <= {goal_ms} ms at 1M rows with a cached filter. A repeated "
+        f"filter (its counts cached with it): {met[results['goal_met_repeated_filter']]} "
+        f"(worst {results['worst_repeated_ms']} ms). The first count of a filter whose rows "
+        f"the engine has cached: {met[results['goal_met_first_count']]} (worst "
+        f"{results['worst_first_count_ms']} ms, a broad filter: one pass over its ~1M rows "
+        "to mark their products, then a gather per column over the marked products; "
+        "selective filters stay under the goal).",
         "",
     ]
-    (args.out / "facets.md").write_text("\n".join(lines))
-    print(f"wrote {args.out / 'facets.json'} and .md", flush=True)
+    (out / "facets.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
