@@ -35,6 +35,7 @@ version they started with (hosts keep the previous one).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -395,9 +396,12 @@ class DistributedSearchEngine:
         self,
         queries: Sequence[Any],
         options: SearchOptions | None = None,
+        *,
+        texts: Sequence[str | None] | None = None,
         **overrides: Unpack[SearchOverrides],
     ) -> list[SearchResults]:
-        """As :meth:`SearchEngine.search_batch <clipsearch.retrieval.engine.SearchEngine.search_batch>`.
+        """As :meth:`SearchEngine.search_batch <clipsearch.retrieval.engine.SearchEngine.search_batch>`
+        (lexical and hybrid modes included: the BM25 lists come from the hosts).
 
         Raises:
             QueryError, FilterError as SearchEngine; ShardsUnavailableError when a group
@@ -456,15 +460,28 @@ class DistributedSearchEngine:
                 for qi, m in enumerate(merged)
             ]
 
+        if texts is not None and len(texts) != len(queries):
+            raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
+        hybrid = self._hybrid(
+            layout, opts, queries if texts is None else texts, shards, xq, timings
+        )
+        step: Callable[[int], Any] = search
+        if hybrid is not None:
+            step = functools.partial(hybrid.search, search)
+
+        def total() -> int:  # lexical mode runs no vector search, so no counts
+            return sum(counts.values()) if counts else self._count(layout, shards, opts)
+
         ranked, plans = rank_queries(
             opts,
-            total=lambda: sum(counts.values()),
-            search=search,
+            total=total,
+            search=step,
             candidates=candidates,
             headroom=lambda: boost_headroom(opts, lambda f: self._field_range(layout, f)),
             timings=timings,
         )
-        return page_results(ranked, opts, sum(counts.values()), plans, timings, t0, layout.version)
+        results = page_results(ranked, opts, total(), plans, timings, t0, layout.version)
+        return results if hybrid is None else hybrid.attach(results)
 
     def classify(self, image: Any, labels: Sequence[str]) -> list[tuple[str, float]]:
         """Zero-shot label probabilities for an image (runs here, like SearchEngine)."""
@@ -488,6 +505,27 @@ class DistributedSearchEngine:
         return sum(int(n) for _, n in answers)
 
     # ------------------------------------------------------------------ internals
+
+    def _count(self, layout: _Layout, shards: list[ShardRecord], opts: SearchOptions) -> int:
+        answers = self._fanout(
+            layout, shards, lambda h, names: h.count.remote(layout.version, names, opts.where)
+        )
+        return sum(int(n) for _, n in answers)
+
+    def _hybrid(
+        self,
+        layout: _Layout,
+        opts: SearchOptions,
+        queries: Sequence[Any],
+        shards: list[ShardRecord],
+        xq: np.ndarray,
+        timings: dict[str, float],
+    ) -> Any:
+        """The hybrid module's search step over the hosts' BM25 lists, or None for
+        vector mode (decided by the local engine's rule)."""
+        from clipsearch.retrieval.distributed.lexical import remote_hybrid
+
+        return remote_hybrid(self, layout, opts, queries, shards, xq, timings)
 
     def _fetch_rows(
         self,

@@ -68,8 +68,9 @@ class ShardHost:
         self.config = config or PlannerConfig()
         self._lock = threading.Lock()
         self._versions: dict[int, _Version] = {}
-        # Shard name -> (CPU index, fp16 vectors, metadata as stored): files read once.
-        self._files: dict[str, tuple[Any, np.ndarray, pa.Table]] = {}
+        # Shard name -> (CPU index, fp16 vectors, metadata as stored, lexical index or
+        # None): files read once.
+        self._files: dict[str, tuple[Any, np.ndarray, pa.Table, Any]] = {}
 
     # ---------------------------------------------------------------- versions
 
@@ -92,7 +93,7 @@ class ShardHost:
         import ray
 
         with self._lock:
-            nbytes = sum(v.nbytes + t.nbytes for _, v, t in self._files.values())
+            nbytes = sum(v.nbytes + t.nbytes for _, v, t, _ in self._files.values())
             return {
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),
@@ -139,8 +140,10 @@ class ShardHost:
 
         files = self._files.get(record.name)
         if files is None:
-            files = self._files[record.name] = load_shard(self.root, ver.manifest, record)
-        index, vectors, table = files
+            index, vectors, table = load_shard(self.root, ver.manifest, record)
+            lexical = _open_lexical(self.root, record)
+            files = self._files[record.name] = (index, vectors, table, lexical)
+        index, vectors, table, _ = files
         metadata = conform(table, ver.schema, lenient=True)
         return ShardSearcher.create(
             record, index, vectors, metadata, ver.tombstones, config=self.config
@@ -188,6 +191,37 @@ class ShardHost:
             out.append((s.metadata.take(pa.array(local)), vecs))
         return out
 
+    def lexical(
+        self,
+        version: int,
+        names: list[str],
+        terms: list[Any],
+        depth: int,
+        where: str | dict[str, Any] | None,
+        with_complete: bool,
+    ) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None]:
+        """Per shard of ``names`` (None: it has no lexical index here), per query terms
+        (None: no text), the shard's ``LexicalIndex.search`` under the filter's rows."""
+        from clipsearch.retrieval.engine import allowed_rows
+
+        ver, shards = self._shards(version, names)
+        allowed = allowed_rows(shards, where, ver.schema, ver.masks)
+        out: list[list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None] = []
+        for name, a in zip(names, allowed, strict=True):
+            index = self._files[name][3]
+            if index is None:
+                out.append(None)
+                continue
+            out.append(
+                [
+                    index.search(t, depth, a, with_complete=with_complete)
+                    if t is not None
+                    else None
+                    for t in terms
+                ]
+            )
+        return out
+
     def field_range(self, version: int, names: list[str], name: str) -> tuple[float, float]:
         from clipsearch.retrieval.engine import field_range
 
@@ -196,3 +230,18 @@ class ShardHost:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _open_lexical(root: Path, record: ShardRecord) -> Any:
+    """The shard's lexical index as the store opens it (file sizes checked), or None
+    when it has none or tantivy is missing (then the coordinator searches by vectors)."""
+    from clipsearch.retrieval.errors import IndexFormatError
+    from clipsearch.retrieval.lexical import have_tantivy, open_lexical
+    from clipsearch.retrieval.store import check_file
+
+    if record.lexical is None or not have_tantivy():
+        return None
+    problems = [p for f in record.lexical.files if (p := check_file(root, f, verify_hash=False))]
+    if problems:
+        raise IndexFormatError(f"shard {record.name}: lexical index: {'; '.join(problems)}")
+    return open_lexical(root, record.lexical)
