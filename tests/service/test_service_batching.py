@@ -205,3 +205,21 @@ def test_pipelined_batches_encode_the_next_batch_while_one_is_searched() -> None
     assert answers == [i * 10 + 1 for i in range(11)]
     # The batch grew with the queue: the ten waiting jobs went in one batch.
     assert prepared_sizes[0] == 1 and max(prepared_sizes[1:]) >= 5
+
+
+def test_an_idle_pipelined_batcher_does_not_wait_for_company() -> None:
+    """max_wait_s applies only while an earlier batch is in flight: a lone job on an idle
+    batcher starts at once (here the wait, 60 s, is past the job's deadline, 10 s: a
+    batcher that waited would fail it with DeadlineExceededError)."""
+
+    async def main() -> int:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            lambda xs: [x + 1 for x in xs], prepare=lambda xs: list(xs), max_wait_s=60.0
+        )
+        batcher.start()
+        try:
+            return await batcher.submit(41, deadline=_later(10))
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == 42

@@ -33,7 +33,8 @@ const state = {
   hits: [],
   total: null,       // products counted by the last answer
   scope: null,       // "relevant" | "filter"
-  cutoff: null,      // relevance cutoff the server used (a hit's "relevant")
+  cutoff: null,      // relevance cutoff the server used for the last answer
+  cutoffs: {},       // query modality ("text" / "image") -> the server's last cutoff
   offline: false,
   showWeak: false,   // also list hits below the relevance cutoff
   objectUrls: [],
@@ -354,13 +355,18 @@ function queryFields(q) {
   return { terms: [base, { text: q.text }] };
 }
 
+function queryModality(q) {
+  return q.kind === "text" ? "text" : "image";  // what the server calibrates a cutoff for
+}
+
 function searchBody(offset, where, facets) {
   const req = Object.assign({ k: PAGE, offset, group_by_doc: true }, queryFields(state.query));
   if (where) req.filter = where;
   if (state.sort) {
     req.sort = state.sort;
     // Sort the relevant products only (not the whole catalogue by price).
-    if (state.cutoff != null) req.min_score = state.cutoff;
+    const cutoff = state.cutoffs[queryModality(state.query)];
+    if (cutoff != null) req.min_score = cutoff;
   }
   if (facets && facets.length) req.facets = facets;
   const q = state.query;
@@ -398,7 +404,8 @@ async function runSearch(append) {
       for (const [n, values] of extra) if (values) state.counts[n] = values;
       state.total = body.total_products != null ? body.total_products : null;
       state.scope = body.facets_scope || null;
-      state.cutoff = body.relevance_cutoff != null ? body.relevance_cutoff : state.cutoff;
+      state.cutoff = body.relevance_cutoff != null ? body.relevance_cutoff : null;
+      if (state.cutoff != null && !state.sort) state.cutoffs[queryModality(state.query)] = state.cutoff;
       renderFacets();
     }
     state.hits = append ? state.hits.concat(body.hits) : body.hits;
