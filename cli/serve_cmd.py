@@ -39,8 +39,21 @@ def serve(
         250.0, help="Refuse (429) while queued queries have waited longer than this (ms)."
     ),
     timeout: float = typer.Option(10.0, help="Per-request deadline in seconds (then 504)."),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="Host the shards on Ray actors ('auto': the cluster `ray start` joined, "
+        "host:port, ray://host:10001, 'local'); this process runs the coordinator and the "
+        "HTTP app. INDEX must be on storage every node mounts (needs clipsearch[ray]).",
+    ),
+    ray_groups: int | None = typer.Option(
+        None, help="With --ray: shard groups, one actor each (default: one per node)."
+    ),
+    ray_replicas: int = typer.Option(1, help="With --ray: actors per shard group."),
 ) -> None:
     """Serve INDEX over HTTP: JSON API, OpenAPI docs at /docs, and a search page at /."""
+    from clipsearch.retrieval.errors import ConfigError
     from clipsearch.retrieval.service.config import ServiceConfig
     from clipsearch.retrieval.service.server import serve as run_server
 
@@ -57,4 +70,16 @@ def serve(
             request_timeout_s=timeout,
         )
         console.print(f"serving [bold]{index}[/] on http://{host}:{port}/  (API docs: /docs)")
+        if ray is not None:
+            from clipsearch.retrieval.distributed import DistributedOptions
+            from clipsearch.retrieval.distributed.serve import serve_distributed
+
+            if workers != 1:
+                raise ConfigError(
+                    "--workers must be 1 with --ray (one coordinator per process; run more "
+                    "serve processes behind a load balancer for more HTTP capacity)"
+                )
+            options = DistributedOptions(address=ray, groups=ray_groups, replicas=ray_replicas)
+            serve_distributed(index, config, options, host=host, port=port)
+            return
         run_server(index, config, host=host, port=port, workers=workers)

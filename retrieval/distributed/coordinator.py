@@ -326,6 +326,50 @@ class DistributedSearchEngine:
     def target_modality(self, modality: str | None = None) -> str:
         return self._layout.target(modality)
 
+    def allowed_rows(
+        self, where: str | dict[str, Any] | None = None, modality: str | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """As SearchEngine.allowed_rows (facet counts): the metadata-only
+        :attr:`snapshot` and, per shard of the target modality, the rows ``where``
+        allows (tombstones removed; None: every row), computed here from the metadata."""
+        from clipsearch.retrieval.filters import compile_filter
+        from clipsearch.retrieval.planner import AllowedRows
+
+        snap = self.snapshot
+        compiled = None if where is None else compile_filter(where, snap.schema)
+        target = self.target_modality(modality)
+        out: dict[str, Any] = {}
+        for s in snap.shards:
+            if s.record.modality != target:
+                continue
+            live = None
+            if len(snap.tombstones):
+                row_ids = s.metadata.column("row_id").to_numpy()
+                dead = np.isin(row_ids, snap.tombstones)
+                live = ~dead if dead.any() else None
+            mask = None if compiled is None else compiled.mask(s.metadata)
+            if mask is not None and live is not None:
+                mask = mask & live
+            mask = live if mask is None else mask
+            out[s.record.name] = None if mask is None else AllowedRows(mask)
+        return snap, out
+
+    def watch(self, interval_s: float) -> threading.Event:
+        """Roll out new versions as they are committed: a daemon thread calls
+        :meth:`reload` every ``interval_s`` seconds (errors are logged; the served version
+        stays). Set the returned event to stop it."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self.reload()
+                except Exception as e:
+                    log.warning("%s: could not roll out the new version: %s", self.root, e)
+
+        threading.Thread(target=run, name="clipsearch-ray-watch", daemon=True).start()
+        return stop
+
     # ------------------------------------------------------------------ lifecycle
 
     def reload(self) -> bool:
