@@ -55,7 +55,8 @@ def default_text_fields(
 ) -> tuple[str, ...]:
     """The text a shard's lexical part indexes when none are chosen: the row's text
     (``source``) for text rows, the document id when it comes from a column of the
-    user's (``id_col``: a SKU), plus every string metadata column of the user's."""
+    user's (``id_col``: a SKU), plus every string metadata column of the user's; none for
+    image rows without string columns."""
     import pyarrow as pa
 
     user = [
@@ -64,6 +65,8 @@ def default_text_fields(
         if f.name not in FIXED_COLUMNS
         and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
     ]
+    if modality != "text" and not user:
+        return ()  # images without any text: no lexical part (ids alone are no text)
     own = (("source",) if modality == "text" else ()) + (("doc_id",) if id_col else ())
     return own + tuple(user)
 

@@ -22,6 +22,9 @@ any fused score, so complete matches rank first, in fused order ("Northwind mug"
 Northwind mugs, the ones the photos agree on first; a SKU: that product). RRF alone lets
 a vector list that cannot read brands or codes outvote an exact match.
 
+A query no row matches lexically keeps its vector ranking and cosine scores (explained
+with ``fusion: "none"``).
+
 Ties break on the better of the row's two ranks, then on a lexical match (an exact word
 is the stronger evidence of equal rank: a SKU query's product beats the vector list's
 first row), then on the row id. Every fused row can explain itself
@@ -208,6 +211,10 @@ class HybridSearch:
             fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi])
             if self.mode == "lexical":
                 fused = lex
+            elif not lex:  # no row matches a word: the vector ranking, cosine scores kept
+                fused = v
+                for e in parts.values():
+                    e["fused"], e["fusion"] = e["vector"]["score"], "none"
             fused = fused[:pool]
             self.explains[qi] = {
                 self.row_starts[si] + local: self._explain(qi, si, local, parts[(si, local)])

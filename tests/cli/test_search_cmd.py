@@ -244,8 +244,10 @@ def test_weights_beyond_the_terms_are_a_usage_error(index: Path) -> None:
 
 
 def test_boost_orders_like_the_library(index: Path) -> None:
-    got = _hits(_search_json(index, "-t", "red", "--boost", "price=0.1", "-k", "4"))
-    want = _library(index, "red", SearchOptions(k=4, boosts={"price": 0.1}))
+    # Vector mode: boosts on cosine scores (hybrid, the default here, boosts fused scores).
+    vector = ("--mode", "vector")
+    got = _hits(_search_json(index, "-t", "red", "--boost", "price=0.1", "-k", "4", *vector))
+    want = _library(index, "red", SearchOptions(k=4, boosts={"price": 0.1}, mode="vector"))
     assert [h[:2] for h in got] == [h[:2] for h in want]
     assert [h[2] for h in got] == pytest.approx([h[2] for h in want], abs=1e-6)
     # the boost outweighs the colour: the dearest shirt first, the red one last

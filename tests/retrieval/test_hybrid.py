@@ -256,3 +256,12 @@ def test_pre_encoded_queries_search_lexically_with_their_texts(index: Path) -> N
         assert got[2].hits[0].explain is None
         with pytest.raises(QueryError, match="2 texts for 3 queries"):
             engine.search_batch(vectors, k=5, texts=texts[:2])
+
+
+def test_a_query_no_row_matches_lexically_keeps_its_vector_ranking(index: Path) -> None:
+    with SearchEngine.open(index) as engine:
+        hybrid = engine.search("qqqq zzzz", k=5, mode="hybrid", group_by_doc="mean")
+        vector = engine.search("qqqq zzzz", k=5, mode="vector", group_by_doc="mean")
+        assert hybrid.row_ids == vector.row_ids
+        assert [h.score for h in hybrid] == [h.score for h in vector]
+        assert all(h.explain and h.explain["fusion"] == "none" for h in hybrid)
