@@ -72,6 +72,9 @@ class RayOptions:
     gpus_per_encoder: float | None = None
     # CPUs each CPU encoder actor reserves (GPU actors reserve one for their feeder).
     cpus_per_encoder: float = 1.0
+    # ONNX Runtime threads per encoder actor (None: its default, every core of the node;
+    # set it to cores / actors when several CPU actors share a node).
+    threads_per_encoder: int | None = None
     # Items per decode task; a block is also the unit Ray retries after a failure.
     block_items: int = 256
     # Retries of a shard-write task lost with its worker (-1: unlimited). Encoder actors
@@ -95,6 +98,8 @@ class RayOptions:
             raise ConfigError(f"gpus_per_encoder must be >= 0, got {self.gpus_per_encoder}")
         if self.cpus_per_encoder <= 0 or self.block_items < 1:
             raise ConfigError("cpus_per_encoder must be > 0 and block_items >= 1")
+        if self.threads_per_encoder is not None and self.threads_per_encoder < 1:
+            raise ConfigError(f"threads_per_encoder must be >= 1, got {self.threads_per_encoder}")
         if self.write_retries < -1:
             raise ConfigError(
                 f"write_retries must be >= -1 (-1: unlimited), got {self.write_retries}"
@@ -211,6 +216,8 @@ class EncoderRecipe:
     precision: str
     batch_size: int | None
     factory: Callable[[], Encoder] | None = None
+    # ONNX intra-op threads (None: onnxruntime's default).
+    threads: int | None = None
 
     def create(self) -> Encoder:
         if self.factory is not None:
@@ -219,7 +226,11 @@ class EncoderRecipe:
             from clipsearch.retrieval.encoders import encoder_from_fingerprint
 
             encoder = encoder_from_fingerprint(
-                self.fingerprint, device=self.device, precision=self.precision, backend=self.backend
+                self.fingerprint,
+                device=self.device,
+                precision=self.precision,
+                backend=self.backend,
+                threads=self.threads,
             )
         diff = self.fingerprint.diff(encoder.fingerprint)
         if diff:
@@ -239,6 +250,7 @@ def encoder_recipe(encoder: Encoder, options: RayOptions, gpus: float) -> Encode
         precision=precision,
         batch_size=getattr(encoder, "batch_size", None),
         factory=options.encoder_factory,
+        threads=options.threads_per_encoder,
     )
 
 
