@@ -99,6 +99,8 @@ def _shot(page: Any, width: str, name: str) -> None:
     page.evaluate("document.querySelectorAll('.card img').forEach(i => { i.loading = 'eager'; })")
     page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete)")
     page.evaluate("window.scrollTo(0, 0)")
+    # Nothing sticks out sideways (a phone would scroll the whole page horizontally).
+    assert page.evaluate("document.documentElement.scrollWidth") <= page.viewport_size["width"]
     page.screenshot(path=str(ARTIFACTS / f"page-{width}-{name}.png"), full_page=True)
 
 
