@@ -172,10 +172,9 @@ def ray_session(address: str) -> Iterator[None]:
         yield
         return
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # "local" is Ray's own spelling for "start a new cluster here", even when one
+        # already runs on this machine (a bare ray.init() would join that one).
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"cannot join the Ray cluster at {address!r}: {e}; start one with `ray start "

@@ -705,7 +705,8 @@ class DistributedSearchEngine:
                 if need:
                     options["memory"] = int(need * self.options.memory_headroom)
                 handle = remote.options(**options).remote(str(self.root), self.options.planner)
-                reps[i] = _Replica(g, handle)
+                with self._lock:
+                    reps[i] = _Replica(g, handle)
 
     def _load_everywhere(self, layout: _Layout) -> None:
         """Load ``layout``'s version on every live replica; a replica that fails is marked
@@ -754,10 +755,9 @@ def _join(address: str) -> tuple[Any, bool]:
     if ray.is_initialized():
         return ray, False
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # "local" is Ray's own spelling for "start a new cluster here", even when one
+        # already runs on this machine (a bare ray.init() would join that one).
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"cannot join the Ray cluster at {address!r}: {e}; start one with `ray start "
