@@ -11,7 +11,8 @@ synthetic index is built), then the script
    server is not allowed to slow the client down, and latency is counted from the
    scheduled send time, so queueing in the client counts too);
 3. finds the capacity (highest rate with p99 < 200 ms and no error: doubling, then
-   bisection), then runs 0.5x, 1x and 2x capacity and reports p50/p95/p99, status
+   bisection; a failing rate is run twice, since one stall of a shared box can sink a
+   short run), then runs 0.5x, 1x and 2x capacity and reports p50/p95/p99, status
    counts, the share and latency of fast 429/503 rejections at 2x, other 5xx (must be
    0), the mean micro-batch of the 2x phase, and the server's RSS after each phase
    (memory must stay flat);
@@ -195,6 +196,30 @@ def make_queries(n: int, filters: list[str], seed: int = 1) -> list[dict[str, An
 
 
 # ---------------------------------------------------------------------------- library
+
+
+def library_in_subprocess(index: Path, filters: list[str], seconds: float) -> dict[str, Any]:
+    """:func:`library_baseline` in a fresh process that opens the index with its own
+    encoder (re-created from the manifest, as the server does): the same start as the
+    server, with none of this process's thread pools (the indexer's, faiss's OpenMP
+    threads) competing with it."""
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--library-only",
+                json.dumps({"index": str(index), "filters": filters, "seconds": seconds}),
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def library_baseline(
@@ -421,19 +446,31 @@ def run_rate(
     return asyncio.run(_run_rate(base, bodies, rate, seconds))
 
 
-def good(result: dict[str, Any]) -> bool:
-    return result["errors"] == 0 and result["ok_ms"]["p99"] < P99_BUDGET_MS
+def good(result: dict[str, Any], budget_ms: float = P99_BUDGET_MS) -> bool:
+    return result["errors"] == 0 and result["ok_ms"]["p99"] < budget_ms
 
 
 def find_capacity(
-    base: str, bodies: list[dict[str, Any]], start: float, seconds: float
+    base: str,
+    bodies: list[dict[str, Any]],
+    start: float,
+    seconds: float,
+    budget_ms: float = P99_BUDGET_MS,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Double from ``start`` until a rate fails, then bisect; at most MAX_CAPACITY_STEPS runs."""
     steps: list[dict[str, Any]] = []
     lo, hi, rate = 0.0, None, start
     while len(steps) < MAX_CAPACITY_STEPS:
         res = run_rate(base, bodies, rate, seconds)
-        res["ok"] = good(res)
+        res["ok"] = good(res, budget_ms)
+        if not res["ok"]:
+            # One stall of a shared box can sink a few seconds' p99: a rate fails only
+            # when a second run at it fails too.
+            time.sleep(1.0)
+            again = run_rate(base, bodies, rate, seconds)
+            again["ok"] = good(again, budget_ms)
+            again["retry_of_failed_run"] = res
+            res = again
         steps.append(res)
         print(
             f"    {rate:7.1f}/s  p99 {res['ok_ms']['p99']:8.1f} ms  errors {res['errors']}",
@@ -445,7 +482,7 @@ def find_capacity(
             hi = rate
         if hi is None:
             rate *= 2
-        elif hi - lo <= max(2.0, 0.1 * hi) or (lo == 0.0 and rate <= 1):
+        elif hi - lo <= max(0.5 if hi < 8 else 2.0, 0.1 * hi) or (lo == 0.0 and rate <= 0.5):
             break
         else:
             rate = (lo + hi) / 2 if lo else hi / 2
@@ -461,7 +498,8 @@ def bench_index(
 ) -> dict[str, Any]:
     bodies = make_queries(512, filters)
     print(f"[{name}] library baseline", flush=True)
-    lib = library_baseline(index, encoder, bodies, seconds=args.step_seconds * 2)
+    lib_before = library_in_subprocess(index, filters, seconds=args.step_seconds * 2)
+    lib = lib_before
     print(f"  {lib}", flush=True)
     config = {
         "max_batch_size": 16,
@@ -474,7 +512,9 @@ def bench_index(
         run_rate(base, bodies, 10, 2)  # warm-up
         rss = {"after_warmup": rss_mb(proc.pid)}
         print(f"[{name}] capacity search", flush=True)
-        capacity, steps = find_capacity(base, bodies, args.start_rate, args.step_seconds)
+        budget = _budget(args, name)
+        start = args.start_rate if budget <= P99_BUDGET_MS else max(1.0, args.start_rate / 8)
+        capacity, steps = find_capacity(base, bodies, start, args.step_seconds, budget)
         rss["after_capacity_search"] = rss_mb(proc.pid)
         phases = {}
         import httpx
@@ -492,6 +532,12 @@ def bench_index(
     finally:
         proc.terminate()
         proc.wait(30)
+    # The box is shared: measure the library again after the HTTP runs and compare the
+    # service with the better of the two (faster rate, lower p50): conservative ratios.
+    print(f"[{name}] library baseline again", flush=True)
+    lib_after = library_in_subprocess(index, filters, seconds=args.step_seconds * 2)
+    print(f"  {lib_after}", flush=True)
+    lib = _best(lib_before, lib_after)
     batch_sum = _metric(metrics, "clipsearch_batch_size_sum")
     batch_count = _metric(metrics, "clipsearch_batch_size_count")
     growth = rss["after_2x"] - rss["after_capacity_search"]
@@ -518,6 +564,9 @@ def bench_index(
         "memory_flat": bool(growth < max(50.0, 0.1 * rss["after_capacity_search"])),
     }
     return {
+        "p99_budget_ms": _budget(args, name),
+        "library_before": lib_before,
+        "library_after": lib_after,
         "ratios": ratios,
         "library": lib,
         "capacity_rps": capacity,
@@ -533,6 +582,36 @@ def bench_index(
         "memory_stable": bool(growth < max(50.0, 0.1 * rss["after_capacity_search"])),
         "no_unexpected_5xx": all(p["other_5xx"] == 0 for p in phases.values()),
     }
+
+
+def _best(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The library baseline at its best of two measurements."""
+    return {
+        "single_query_ms": min(a["single_query_ms"], b["single_query_ms"], key=lambda x: x["p50"]),
+        "single_query_qps": max(a["single_query_qps"], b["single_query_qps"]),
+        "batch16_qps": max(a["batch16_qps"], b["batch16_qps"]),
+        "measured": "best of before and after the HTTP runs",
+    }
+
+
+def _server_stack() -> str:
+    """uvicorn's event loop and HTTP parser as it will pick them (auto)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn, {loop} event loop, {http} HTTP parser, orjson responses"
+
+
+def _budget(args: argparse.Namespace, name: str) -> float:
+    """The p99 budget of capacity for index ``name`` ("demo/<encoder>"): --p99-budget-ms,
+    or an --encoder-budget override (a slow encoder on a loaded box cannot answer in
+    200 ms even alone)."""
+    for item in args.encoder_budget:
+        kind, _, ms = item.partition("=")
+        if name.endswith("/" + kind):
+            return float(ms)
+    return float(args.p99_budget_ms)
 
 
 def _batch_mean(before: str, after: str) -> float | None:
@@ -571,6 +650,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "Capacity = highest fixed arrival rate with p99 < 200 ms and no error "
         "(latency counted from each request's scheduled send time).",
         "",
+        f"Server stack: {results.get('server_stack', 'uvicorn')}.  ",
         "Server: one process (the default of `clipsearch serve`; see the script's "
         "docstring for why on this box), micro-batches of up to 16, pipelined (the next "
         "batch is encoded while one is searched).",
@@ -582,7 +662,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += [
             f"## {name} ({r['rows']:,} rows, encoder: {r.get('encoder', results['encoder'])})",
             "",
-            f"- Library, no HTTP: one query at a time p50 {lib['single_query_ms']['p50']} ms / "
+            f"- Capacity budget: p99 < {r.get('p99_budget_ms', P99_BUDGET_MS)} ms, no errors.",
+            f"- Library before / after the HTTP runs: one at a time "
+            f"{r['library_before']['single_query_qps']} / {r['library_after']['single_query_qps']} q/s, "
+            f"batch-16 {r['library_before']['batch16_qps']} / {r['library_after']['batch16_qps']} q/s "
+            "(the ratios use the better of each).",
+            f"- Library, no HTTP (best): one query at a time p50 {lib['single_query_ms']['p50']} ms / "
             f"p99 {lib['single_query_ms']['p99']} ms ({lib['single_query_qps']} q/s); "
             f"`search_batch` of 16: {lib['batch16_qps']} q/s.",
             f"- HTTP capacity: **{r['capacity_rps']} req/s** "
@@ -631,12 +716,27 @@ def main() -> None:
         default="demo,vit-b-32-random",
         help="comma-separated query encoders of the demo index: demo, vit-b-32-random, fake",
     )
+    ap.add_argument("--p99-budget-ms", type=float, default=P99_BUDGET_MS)
+    ap.add_argument(
+        "--encoder-budget",
+        action="append",
+        default=[],
+        metavar="ENCODER=MS",
+        help="p99 budget for one encoder's index, e.g. vit-b-32-random=1000",
+    )
     ap.add_argument("--name", default="load", help="results file stem (NAME.json, NAME.md)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--markdown-only", action="store_true", help="rewrite load.md from an existing load.json"
     )
+    ap.add_argument("--library-only", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.library_only:  # the child of library_in_subprocess
+        spec = json.loads(args.library_only)
+        bodies = make_queries(512, spec["filters"])
+        result = library_baseline(Path(spec["index"]), None, bodies, spec["seconds"])
+        Path(args.out).write_text(json.dumps(result))
+        return
     if args.markdown_only:
         write_markdown(
             json.loads((args.out / f"{args.name}.json").read_text()), args.out / f"{args.name}.md"
@@ -654,6 +754,7 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "encoder": ", ".join(kinds),
             "p99_budget_ms": P99_BUDGET_MS,
+            "server_stack": _server_stack(),
             "indexes": {},
         }
         from clipsearch.retrieval.manifest import read_current

@@ -69,7 +69,16 @@ def check_facets(names: list[str] | None, state: ServiceState) -> tuple[str, ...
             f"facets: at most {MAX_FACETS} columns per request, got {len(names)}",
             details={"field": "facets"},
         )
-    schema = state.engine.schema
+    engine = state.engine
+    if not hasattr(engine, "allowed_rows"):  # e.g. a distributed coordinator
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"facets: this server's engine ({type(engine).__name__}) cannot count facets; "
+            "leave facets out",
+            details={"field": "facets"},
+        )
+    schema = engine.schema
     for name in names:
         try:
             check_facet_column(schema, name)
