@@ -145,6 +145,8 @@ def test_wheel_holds_one_top_level_package_with_model_and_assets(tmp_path: Path)
         "clipsearch/retrieval/models/clipsearch-demo.json",
         "clipsearch/retrieval/service/static/index.html",
         "clipsearch/retrieval/service/static/app.js",
+        "clipsearch/retrieval/models/clipsearch-demo-onnx/clipsearch-onnx.json",
+        "clipsearch/retrieval/models/clipsearch-demo-onnx/text.onnx",
     ):
         assert asset in names
     sources = {
