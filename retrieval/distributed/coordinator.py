@@ -86,6 +86,9 @@ class DistributedOptions:
     replicas: int = 1
     # CPUs each host reserves (its share of the node's cores for shard scans).
     cpus_per_host: float = 1.0
+    # Calls a host serves at once (queries from several coordinator threads, a rollout's
+    # load beside queries); its shards are searched in parallel within a call.
+    host_concurrency: int = 4
     # Memory each host reserves = estimated bytes of its shards x this (room for filter
     # caches and the next version during a rollout).
     memory_headroom: float = 1.5
@@ -105,6 +108,8 @@ class DistributedOptions:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.cpus_per_host < 0 or self.memory_headroom < 1:
             raise ConfigError("cpus_per_host must be >= 0 and memory_headroom >= 1")
+        if self.host_concurrency < 1:
+            raise ConfigError(f"host_concurrency must be >= 1, got {self.host_concurrency}")
         if self.max_restarts < -1 or not self.call_timeout_s > 0:
             raise ConfigError("max_restarts must be >= -1 and call_timeout_s > 0")
 
@@ -701,6 +706,7 @@ class DistributedSearchEngine:
                     "max_restarts": self.options.max_restarts,
                     "max_task_retries": -1 if self.options.max_restarts != 0 else 0,
                     "scheduling_strategy": "SPREAD",
+                    "max_concurrency": self.options.host_concurrency,
                 }
                 if need:
                     options["memory"] = int(need * self.options.memory_headroom)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsearch.retrieval.kernels import single_threaded_worker
 from clipsearch.retrieval.manifest import Manifest, ShardRecord, read_manifest
 from clipsearch.retrieval.planner import PlannerConfig, ShardSearcher
 
@@ -67,6 +69,11 @@ class ShardHost:
         self.root = Path(root)
         self.config = config or PlannerConfig()
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(8, os.cpu_count() or 1)),
+            thread_name_prefix="clipsearch-host",
+            initializer=single_threaded_worker,
+        )
         self._versions: dict[int, _Version] = {}
         # Shard name -> (CPU index, fp16 vectors, metadata as stored, lexical index or
         # None): files read once.
@@ -127,11 +134,16 @@ class ShardHost:
         with self._lock:
             ver = self._version(version)
             missing = [n for n in names if n not in ver.shards]
-            if missing:
-                records = {s.name: s for s in ver.manifest.shards}
-                for name in missing:
-                    ver.shards[name] = self._searcher(ver, records[name])
-                log.info("host %d: version %d serves %d shards", os.getpid(), version, len(names))
+        if missing:
+            # Read outside the lock: queries on loaded shards (the live version, during a
+            # rollout) go on meanwhile. Two calls may read one shard twice; one wins.
+            records = {s.name: s for s in ver.manifest.shards}
+            built = {n: self._searcher(ver, records[n]) for n in missing}
+            with self._lock:
+                for name, searcher in built.items():
+                    ver.shards.setdefault(name, searcher)
+            log.info("host %d: version %d serves %d shards", os.getpid(), version, len(names))
+        with self._lock:
             return ver, [ver.shards[n] for n in names]
 
     def _searcher(self, ver: _Version, record: ShardRecord) -> ShardSearcher:
@@ -165,11 +177,20 @@ class ShardHost:
 
         ver, shards = self._shards(version, names)
         allowed = allowed_rows(shards, where, ver.schema, ver.masks)
-        out = []
-        for s, a in zip(shards, allowed, strict=True):
-            d, i, plan = s.search(np.asarray(xq, np.float32), pool, a)
-            out.append((d, i, plan, s.rows if a is None else a.count))
-        return out
+        xq = np.asarray(xq, np.float32)
+
+        def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
+            return shards[i].search(xq, pool, allowed[i])
+
+        # As SearchEngine._search_shards: ANN shards in the pool (one OpenMP thread
+        # each), flat scans inline (BLAS already uses every core).
+        ann = [i for i, s in enumerate(shards) if s.kind != "flat"]
+        futures = {i: self._pool.submit(one, i) for i in ann} if len(ann) > 1 else {}
+        results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
+        return [
+            (d, i, plan, s.rows if a is None else a.count)
+            for s, a, (d, i, plan) in zip(shards, allowed, results, strict=True)
+        ]
 
     def count(self, version: int, names: list[str], where: str | dict[str, Any] | None) -> int:
         from clipsearch.retrieval.engine import allowed_rows
