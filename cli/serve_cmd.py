@@ -69,16 +69,16 @@ def serve(
             max_queue_delay_ms=max_queue_delay,
             request_timeout_s=timeout,
         )
+        if ray is not None and workers != 1:
+            raise ConfigError(
+                "--workers must be 1 with --ray (one coordinator per process; run more "
+                "serve processes behind a load balancer for more HTTP capacity)"
+            )
         console.print(f"serving [bold]{index}[/] on http://{host}:{port}/  (API docs: /docs)")
         if ray is not None:
             from clipsearch.retrieval.distributed import DistributedOptions
             from clipsearch.retrieval.distributed.serve import serve_distributed
 
-            if workers != 1:
-                raise ConfigError(
-                    "--workers must be 1 with --ray (one coordinator per process; run more "
-                    "serve processes behind a load balancer for more HTTP capacity)"
-                )
             options = DistributedOptions(address=ray, groups=ray_groups, replicas=ray_replicas)
             serve_distributed(index, config, options, host=host, port=port)
             return

@@ -50,3 +50,13 @@ def test_http_app_over_the_distributed_engine_answers_like_the_local_one(
                     got.append(payload)
                 answers.append(got)
     assert answers[0] == answers[1]
+
+
+def test_serve_ray_refuses_several_workers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clipsearch.cli.app import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--ray", "auto", "--workers", "2"])
+    assert result.exit_code != 0
+    assert "--workers must be 1 with --ray" in result.output
