@@ -13,15 +13,16 @@ kill and commits the manifest. This module replaces two of its stages through th
   (``preserve_order``), so the rows, their order, the shard cuts and the row ids are
   those of a single-process build.
 * **write** (:class:`RayShardWriter`): each full shard is written (FAISS index trained,
-  three files fsynced and renamed) by a Ray task on some node, straight into the index's
+  every file fsynced and renamed) by a Ray task on some node, straight into the index's
   ``shards/`` folder; the driver only journals the returned record. This needs the index
   path to be one shared filesystem seen at the same path by every node (NFS, a Lustre /
   GPFS / CephFS mount, EFS / Filestore / Azure Files); the driver checks that it sees the
   files a worker wrote and says so when it does not.
 
 Failures: a dead encoder actor is restarted by Ray Data and its lost batches retried
-(Ray Data's actor-pool policy: ``max_restarts=-1``, ``max_task_retries=-1``); decode
-tasks and shard-write tasks lost with their worker are retried (``write_retries``).
+(Ray Data's actor-pool policy: ``max_restarts=-1``, ``max_task_retries=-1``); a decode
+task lost with its worker is retried by Ray (3 times by default), a shard-write task
+``write_retries`` times.
 A killed driver leaves the journal of the local build: running the same command again
 resumes after the last journaled checkpoint, like a local build, and ends with the same
 index. Ray is imported only here, inside the functions that need it.
