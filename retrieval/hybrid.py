@@ -263,6 +263,8 @@ def plan_hybrid(
     from clipsearch.retrieval.lexical import analyze
 
     texts = [query_text(q) for q in queries]
+    if mode == "hybrid" and all(t is None for t in texts):
+        return None  # images and vectors only: the plain vector search, at its own depth
     if mode == "lexical" and any(t is None for t in texts):
         raise QueryError(
             "mode 'lexical' needs a text query (a string, or a composed query with text "
