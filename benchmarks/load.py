@@ -223,12 +223,12 @@ def library_in_subprocess(index: Path, filters: list[str], seconds: float) -> di
 
 
 def library_baseline(
-    index: Path, encoder: Any, bodies: list[dict[str, Any]], seconds: float
+    index: Path, encoder: Any, bodies: list[dict[str, Any]], seconds: float, engine: Any = None
 ) -> dict[str, Any]:
     """The same queries through SearchEngine in-process: one by one, and in batches of 16."""
     from clipsearch.retrieval.engine import SearchEngine
 
-    engine = SearchEngine.open(index, encoder=encoder)
+    engine = engine or SearchEngine.open(index, encoder=encoder)
     try:
         for b in bodies[:8]:
             engine.search(b["text"], k=10, where=b.get("filter"))
@@ -734,15 +734,19 @@ def main() -> None:
     if args.library_only:  # the child of library_in_subprocess
         spec = json.loads(args.library_only)
         bodies = make_queries(512, spec["filters"])
-        # In a worker thread, as the server encodes and searches: torch gives the main
-        # thread every core for intra-op work and other threads one, and on a loaded
-        # box the main thread's parallel regions stall (ViT-B-32 text: 0.3-2 s a query
-        # on the main thread, 77 ms on a worker, measured while writing this).
+        # Threads as in the server: the index (and torch) opened on one worker thread,
+        # queries run on another. torch gives the first thread that uses it every core
+        # for intra-op work and later threads one; on a loaded box those parallel
+        # regions stall (ViT-B-32 text: 0.3-2 s a query on the first thread, 77 ms on a
+        # later one, measured while writing this).
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(1) as pool:
-            result = pool.submit(
-                library_baseline, Path(spec["index"]), None, bodies, spec["seconds"]
+        from clipsearch.retrieval.engine import SearchEngine
+
+        with ThreadPoolExecutor(1) as opener, ThreadPoolExecutor(1) as runner:
+            engine = opener.submit(SearchEngine.open, Path(spec["index"])).result()
+            result = runner.submit(
+                library_baseline, Path(spec["index"]), None, bodies, spec["seconds"], engine
             ).result()
         Path(args.out).write_text(json.dumps(result))
         return
