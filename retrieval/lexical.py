@@ -41,6 +41,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Name and version of the analysis below; a change in tokenization bumps it.
-ANALYZER = "clipsearch-bm25-v1"
+ANALYZER = "clipsearch-bm25-v2"
 # Suffix of a shard's lexical folder: shards/s000042.lex/.
 LEXICAL_SUFFIX = ".lex"
 # tantivy fields: analysed words, CJK bigrams, and the shard-local row (fast field).
@@ -74,6 +76,11 @@ FUZZY_SCORE = 1.0
 FUZZY_MIN_CHARS = 4
 # Misspelt words this long or longer match words two edits away (shorter: one edit).
 FUZZY_TWO_EDITS_CHARS = 8
+# A filter allowing at most this many rows of a shard (and under TERM_SET_SHARE of them)
+# is applied inside tantivy as a set of row terms; broader ones skip the hits they do
+# not allow, which costs little when most hits pass.
+TERM_SET_MAX_ROWS = 100_000
+TERM_SET_SHARE = 0.25
 # Tokens longer than this (bytes) are dropped (hashes, base64 blobs).
 MAX_TOKEN_BYTES = 40
 # Hiragana, katakana, CJK unified ideographs (and extension A), compatibility
@@ -137,7 +144,8 @@ def schema() -> Any:
     sb = tantivy.SchemaBuilder()
     sb.add_text_field(FIELD_WORDS, tokenizer_name=WORDS_TOKENIZER, index_option="freq")
     sb.add_text_field(FIELD_CJK, tokenizer_name=CJK_TOKENIZER, index_option="freq")
-    sb.add_integer_field(FIELD_ROW, fast=True)
+    # Indexed too: a selective filter becomes a term-set clause on it.
+    sb.add_integer_field(FIELD_ROW, indexed=True, fast=True)
     return sb.build()
 
 
@@ -212,6 +220,9 @@ class LexicalIndex:
             raise IndexFormatError(f"{path}: not a readable tantivy index ({e})") from e
         self.record = record
         self.schema = self.index.schema
+        # AllowedRows -> its term-set clause (entries go with the filter cache's objects).
+        self._restrictions: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         self.docs = int(self.searcher.num_docs)
         if self.docs != record.rows:
             raise IndexFormatError(
@@ -286,6 +297,15 @@ class LexicalIndex:
         if query is None or limit < 1:
             return empty
         mask = None if allowed is None else allowed.mask
+        restrict = self._restriction(allowed)
+        if restrict is not None:  # the query itself returns only allowed rows
+            import tantivy
+
+            must = tantivy.Occur.Must
+            query = tantivy.Query.boolean_query([(must, query), (must, restrict)])
+            if every is not None:
+                every = tantivy.Query.boolean_query([(must, every), (must, restrict)])
+            mask = None
         fetch = limit
         while True:
             result = self.searcher.search(query, limit=fetch, count=mask is not None)
@@ -303,7 +323,9 @@ class LexicalIndex:
         order = np.lexsort((rows, -scores))[:limit]
         scores, rows = scores[order], rows[order]
         complete = np.zeros(len(rows), bool)
-        if with_complete and every is not None and len(rows):
+        if with_complete and len(terms.words) + len(terms.cjk) == 1:
+            complete[:] = True  # one word: every matching row holds it
+        elif with_complete and every is not None and len(rows):
             # A complete row's score is the same under both queries, so one among the
             # first `fetch` hits has fewer than `fetch` complete rows above it: the best
             # `fetch` complete rows hold every complete row of this list.
@@ -311,6 +333,23 @@ class LexicalIndex:
             whole = self.searcher.fast_field_values(FIELD_ROW, [h[1] for h in found])
             complete = np.isin(rows, np.asarray(whole, np.int64))
         return scores, rows, complete
+
+    def _restriction(self, allowed: AllowedRows | None) -> Any | None:
+        """A score-free clause matching only ``allowed``'s rows, for selective filters
+        (cached per AllowedRows: the engine keeps one per filter); None otherwise."""
+        if allowed is None or allowed.count > min(TERM_SET_MAX_ROWS, TERM_SET_SHARE * self.docs):
+            return None
+        with self._lock:
+            cached = self._restrictions.get(allowed)
+        if cached is None:
+            import tantivy
+
+            rows = [int(r) for r in allowed.rows]
+            terms = tantivy.Query.term_set_query(self.schema, FIELD_ROW, rows)
+            cached = tantivy.Query.const_score_query(terms, 0.0)
+            with self._lock:
+                self._restrictions[allowed] = cached
+        return cached
 
 
 def open_lexical(root: Path, record: LexicalRecord) -> LexicalIndex:

@@ -88,15 +88,22 @@ def test_stemming_cjk_and_misspellings(catalog) -> None:
         assert _lexical(engine, "zzzz qqqq") == []
 
 
-def test_filters_apply_to_the_lexical_side(catalog) -> None:
+# 25 of 60 rows: hits outside the filter are skipped; 10 of 60: the filter becomes a
+# term-set clause inside tantivy (TERM_SET_SHARE).
+@pytest.mark.parametrize("price", [30, 15])
+def test_filters_apply_to_the_lexical_side(catalog, price: int) -> None:
     root, rows = catalog
-    keep = {i for i, r in enumerate(rows) if float(r["price"]) < 30}  # type: ignore[arg-type]
+    where = f"price < {price}"
+    keep = {i for i, r in enumerate(rows) if float(r["price"]) < price}  # type: ignore[arg-type]
     with SearchEngine.open(root) as engine:
-        got = _lexical(engine, "Northwind mug", where="price < 30")
+        for query in ("Northwind mug", "red striped mugs", "blue hat"):
+            got = _lexical(engine, query, where=where)
+            want = _expected(rows, query, keep)
+            assert [d for d, _ in got] == [d for d, _ in want]
+            assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-5)
         want = _expected(rows, "Northwind mug", keep)
-        assert [d for d, _ in got] == [d for d, _ in want]
         # k smaller than the matches: exactly k, the best of them.
-        few = engine.search("Northwind mug", k=2, mode="lexical", where="price < 30")
+        few = engine.search("Northwind mug", k=2, mode="lexical", where=where)
         assert [h.doc_id for h in few] == [d for d, _ in want[:2]]
 
 
