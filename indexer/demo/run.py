@@ -151,7 +151,9 @@ def search_demo_index(
     """
     if k < 1:
         raise QueryError(f"k must be >= 1, got {k}")
-    options: dict[str, Any] = {}
+    # Vector scores (cosines) are what the thresholds were calibrated on; the index's
+    # lexical side would make a text query hybrid, with fused rank scores instead.
+    options: dict[str, Any] = {"mode": "vector"}
     if sort is not None:
         options["sort"] = sort
         if threshold is not None:
@@ -221,7 +223,9 @@ def run_demo(
     report = progress or ignore
     t = time.monotonic()
     report(Progress("load model", 0, 1, "models"))
-    encoder = load_encoder(model, pretrained, device="cpu")
+    # fp32: the relevance thresholds were calibrated in fp32, and on CPUs where "auto"
+    # picks bf16 for the image tower the text tower gets slower, not faster.
+    encoder = load_encoder(model, pretrained, device="cpu", precision="fp32")
     report(Progress("load model", 1, 1, "models", detail={"model": model}))
     timings["load_model"] = time.monotonic() - t
     t = time.monotonic()

@@ -217,7 +217,7 @@ def _train(
     ckpt_path = latest_checkpoint(cfg.out_dir)
     distilled: dict[str, float] = {}
     if ckpt_path is not None:
-        start, losses, metrics = _resume(ckpt_path, cfg, trainee, optimizer, scaler)
+        start, losses, metrics, distilled = _resume(ckpt_path, cfg, trainee, optimizer, scaler)
     elif cfg.distill_steps and built.tower is not None:
         distilled = _distill(cfg, model, tokenizer, train_set, progress)
     norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
@@ -291,7 +291,13 @@ def _train(
                 model=trainee,
                 optimizer=optimizer,
                 scaler_state=scaler.state_dict() if scaler is not None else None,
-                state={"config": cfg.resume_key(), "losses": losses, "metrics": metrics},
+                state={
+                    "config": cfg.resume_key(),
+                    "losses": losses,
+                    "metrics": metrics,
+                    # What the new tokens' distillation reached, for the model card.
+                    "distillation": distilled,
+                },
                 keep=cfg.keep_checkpoints,
             )
     steps_done = max(end, start)
@@ -534,7 +540,7 @@ def _resume(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: Any,
-) -> tuple[int, list[float], dict[str, float]]:
+) -> tuple[int, list[float], dict[str, float], dict[str, float]]:
     ckpt = load_checkpoint(path)
     saved = ckpt.state.get("config", {})
     now = cfg.resume_key()
@@ -550,7 +556,12 @@ def _resume(
         scaler.load_state_dict(ckpt.state["scaler"])
     restore_rng(ckpt)
     log.info("resumed from %s at step %d", path, ckpt.step)
-    return ckpt.step, list(ckpt.state.get("losses", [])), dict(ckpt.state.get("metrics", {}))
+    return (
+        ckpt.step,
+        list(ckpt.state.get("losses", [])),
+        dict(ckpt.state.get("metrics", {})),
+        dict(ckpt.state.get("distillation", {})),
+    )
 
 
 def _positives(captions: Sequence[str], groups: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Tokenizer, text-tower config and model card of clipsearch-demo."""
