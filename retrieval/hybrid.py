@@ -35,10 +35,13 @@ outside the vector list) and rank, lexical score and rank, fused score.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -195,13 +198,16 @@ class HybridSearch:
         self, vector_search: Callable[[int], tuple[Merged, dict[str, str]]], pool: int
     ) -> tuple[Merged, dict[str, str]]:
         depth = max(pool, FUSION_DEPTH)
-        lexical, complete = self.lexical_lists(depth)
+        # The lexical lists are searched in another thread while the vector search runs
+        # (faiss releases the GIL while it scans).
+        pending = _executor().submit(self.lexical_lists, depth)
         names = [s.record.name for s, x in zip(self.shards, self.lexical, strict=True) if x]
         if self.mode == "lexical":
             vector: Merged = [[] for _ in self.terms]
             plans = dict.fromkeys(names, "lexical")
         else:
             vector, plans = vector_search(depth)
+        lexical, complete = pending.result()
         out: Merged = []
         for qi, (v, lex) in enumerate(zip(vector, lexical, strict=True)):
             if self.terms[qi] is None:  # an image or vector query in hybrid mode
@@ -279,6 +285,13 @@ def plan_hybrid(
         allowed=allowed,
         xq=xq,
         timings=timings,
+    )
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="clipsearch-lexical"
     )
 
 
