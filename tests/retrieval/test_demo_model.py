@@ -76,7 +76,7 @@ def test_chinese_and_english_tokenize_and_encode_into_one_space() -> None:
 
     from clipsearch.retrieval.encoders import load_encoder
 
-    enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32")
+    enc = load_encoder("clipsearch-demo", device="cpu", precision="fp32", backend="torch")
     ids = enc.tokenizer(["红色条纹T恤", "a red striped t-shirt"])  # type: ignore[attr-defined]
     unk = enc.tokenizer.tokenizer.unk_token_id  # type: ignore[attr-defined]
     assert ids.shape == (2, 32) and not (ids == unk).any()
@@ -90,6 +90,10 @@ def test_chinese_and_english_tokenize_and_encode_into_one_space() -> None:
     assert np.isclose(np.linalg.norm(zh_red), 1.0, atol=1e-5)
     assert zh_red @ en_red > zh_red @ en_mug + 0.2
     assert zh_mug @ en_mug > zh_mug @ en_red + 0.2
+    # the torch-free runtime (the shipped ONNX export) follows the same contract
+    onnx = load_encoder("clipsearch-demo", backend="onnx")
+    got = onnx.encode_texts(["红色条纹T恤", "a red striped t-shirt"])
+    assert (got * np.stack([zh_red, en_red])).sum(axis=1).min() > 0.999
 
 
 def test_calibrated_thresholds_are_stored_for_these_weights() -> None:
