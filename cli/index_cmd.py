@@ -176,6 +176,12 @@ _DUP = typer.Option(
     help="Rows sharing an id: reject (keep first), last (keep last), group (all, one document).",
 )
 _JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+_RANDOM_WEIGHTS = typer.Option(
+    False,
+    "--random-weights",
+    help="Allow an architecture without pretrained weights (random vectors: for tests and "
+    "benchmarks only; without it such a --model is refused).",
+)
 _MAX_ERRORS = typer.Option(
     None,
     "--max-errors",
@@ -251,6 +257,7 @@ def build_cmd(
     ray: str | None = _RAY,
     ray_encoders: int | None = _RAY_ENCODERS,
     text_fields: str | None = _TEXT_FIELDS,
+    random_weights: bool = _RANDOM_WEIGHTS,
     as_json: bool = _JSON,
 ) -> None:
     """Embed SOURCES and write a new index version to --out (rerun to resume after a crash)."""
@@ -266,7 +273,14 @@ def build_cmd(
             fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
             fetch_cache=fetch_cache, text_fields=text_fields,
         )  # fmt: skip
-        encoder = load_encoder(model, pretrained, device=device, batch_size=batch_size)
+        encoder = load_encoder(
+            model,
+            pretrained,
+            device=device,
+            batch_size=batch_size,
+            allow_random=random_weights,
+            purpose="build",
+        )
         with progress_bars(quiet=as_json) as progress:
             if ray is not None:
                 from clipsearch.indexer.distributed import RayOptions, build_on_ray
@@ -326,7 +340,9 @@ def add_cmd(
             fetch_concurrency=fetch_concurrency, fetch_timeout=fetch_timeout,
             fetch_cache=fetch_cache, text_fields=text_fields,
         )  # fmt: skip
-        encoder = encoder_from_fingerprint(read_current(index_dir).encoder, device=device)
+        encoder = encoder_from_fingerprint(
+            read_current(index_dir).encoder, device=device, purpose="build"
+        )
         with progress_bars(quiet=as_json) as progress:
             if ray is not None:
                 from clipsearch.indexer.distributed import RayOptions, add_on_ray

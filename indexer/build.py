@@ -358,7 +358,7 @@ def add(
     root = Path(root)
     base = read_current(root)
     if encoder is None:
-        encoder = encoder_from_fingerprint(base.encoder)
+        encoder = encoder_from_fingerprint(base.encoder, purpose="build")
     diff = base.encoder.diff(encoder.fingerprint)
     if diff:
         fields = ", ".join(f"{k}: index has {a!r}, encoder has {b!r}" for k, (a, b) in diff.items())

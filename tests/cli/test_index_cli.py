@@ -174,3 +174,18 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(
     text = " ".join(r.output.split())
     assert "kept 2 of 4 items (1 embedded rows)" in text
     assert "re-run the same command to resume" in text and "Traceback" not in text
+
+
+def test_build_refuses_random_weights_unless_asked(tmp_path: Path, tiny_arch: str) -> None:
+    """An architecture without weights would index random vectors: refused by default."""
+    make_images(tmp_path / "photos", 3)
+    out = tmp_path / "idx"
+    base = ["index", "build", str(tmp_path / "photos"), "--out", str(out), "--model", tiny_arch]
+    refused = runner.invoke(app, [*base, "--json"])
+    assert refused.exit_code != 0
+    assert "--random-weights" in refused.output
+    assert not (out / "CURRENT").exists()
+    ok = runner.invoke(app, [*base, "--random-weights", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["indexed"] == 3
+    assert read_current(out).encoder.pretrained == ""
