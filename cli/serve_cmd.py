@@ -51,6 +51,26 @@ def serve(
         None, help="With --ray: shard groups, one actor each (default: one per node)."
     ),
     ray_replicas: int = typer.Option(1, help="With --ray: actors per shard group."),
+    expose_source: bool = typer.Option(
+        False,
+        "--expose-source",
+        help="Let HTTP clients see, filter, sort and boost the `source` column (server "
+        "paths). Off by default: paths can reveal the server's layout.",
+    ),
+    admin_without_key: bool = typer.Option(
+        False,
+        "--admin-without-key",
+        help="Allow /admin/* without --api-key, only for loopback clients of a loopback "
+        "--host (refused otherwise).",
+    ),
+    max_text_chars: int = typer.Option(
+        8192, help="Characters of text one request may send in all (413 above)."
+    ),
+    decode_pixel_budget: int = typer.Option(
+        80_000_000,
+        help="Decoded image pixels in flight across all requests (bounds memory; requests "
+        "wait for room, 504 at their deadline).",
+    ),
 ) -> None:
     """Serve INDEX over HTTP: JSON API, OpenAPI docs at /docs, and a search page at /."""
     from clipsearch.retrieval.errors import ConfigError
@@ -68,6 +88,10 @@ def serve(
             max_queue=max_queue,
             max_queue_delay_ms=max_queue_delay,
             request_timeout_s=timeout,
+            expose_source=expose_source,
+            admin_without_key=admin_without_key,
+            max_text_chars=max_text_chars,
+            decode_pixel_budget=decode_pixel_budget,
         )
         if ray is not None and workers != 1:
             raise ConfigError(
