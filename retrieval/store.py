@@ -494,13 +494,24 @@ def _load_lexical(root: Path, s: ShardRecord, level: VerifyLevel) -> LexicalInde
     global _warned_no_tantivy
     if s.lexical is None:
         return None
-    from clipsearch.retrieval.lexical import have_tantivy, open_lexical
+    from clipsearch.retrieval.lexical import ANALYZER, have_tantivy, open_lexical
 
     record: LexicalRecord = s.lexical
     for f in record.files:
         buf = _map_checked(root, f, level)
         if isinstance(buf, mmap.mmap):
             buf.close()
+    if record.analyzer != ANALYZER:
+        log.warning(
+            "%s: shard %s has a lexical index written with analyzer %r; this clipsearch "
+            "reads %r: searching it by vectors only (`clipsearch index add INDEX SOURCES "
+            "--text-fields ...` writes a new one)",
+            root,
+            s.name,
+            record.analyzer,
+            ANALYZER,
+        )
+        return None
     if not have_tantivy():
         if not _warned_no_tantivy:
             log.warning(

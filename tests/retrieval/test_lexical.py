@@ -175,3 +175,17 @@ def test_a_missing_lexical_file_is_detected(tmp_path: Path) -> None:
     (root / record.files[-1].path).unlink()
     with pytest.raises(IndexFormatError, match="missing"):
         open_snapshot(root)
+
+
+def test_a_lexical_part_of_another_analyzer_is_searched_by_vectors(tmp_path: Path) -> None:
+    import json
+
+    root = build_catalog(tmp_path / "index", write_catalog(tmp_path, products(10)))
+    path = root / "manifests" / "v000001.json"
+    data = json.loads(path.read_text())
+    data.pop("checksum")
+    data["shards"][0]["lexical"]["analyzer"] = "clipsearch-bm25-v0"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    with SearchEngine.open(root) as engine:
+        assert engine.snapshot.shards[0].lexical is None
+        assert all(h.explain is None for h in engine.search("Northwind mug", k=3))
