@@ -503,7 +503,7 @@ def bench_index(
     print(f"  {lib}", flush=True)
     config = {
         "max_batch_size": 16,
-        "max_batch_wait_ms": 5.0,
+        "max_batch_wait_ms": args.batch_wait_ms,
         "max_queue": 64,
         "request_timeout_s": 10.0,
     }
@@ -653,7 +653,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Server stack: {results.get('server_stack', 'uvicorn')}.  ",
         "Server: one process (the default of `clipsearch serve`; see the script's "
         "docstring for why on this box), micro-batches of up to 16, pipelined (the next "
-        "batch is encoded while one is searched).",
+        f"batch is encoded while one is searched), max_batch_wait_ms "
+        f"{results.get('batch_wait_ms', 5.0)}.",
         "",
         *results.get("notes", []),
     ]
@@ -718,6 +719,12 @@ def main() -> None:
     )
     ap.add_argument("--p99-budget-ms", type=float, default=P99_BUDGET_MS)
     ap.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="ServiceConfig.max_batch_wait_ms of the server under test",
+    )
+    ap.add_argument(
         "--encoder-budget",
         action="append",
         default=[],
@@ -768,6 +775,7 @@ def main() -> None:
             "encoder": ", ".join(kinds),
             "p99_budget_ms": P99_BUDGET_MS,
             "server_stack": _server_stack(),
+            "batch_wait_ms": args.batch_wait_ms,
             "indexes": {},
         }
         from clipsearch.retrieval.manifest import read_current

@@ -15,15 +15,18 @@ class ServiceConfig:
     """How ``clipsearch serve`` answers requests and protects itself.
 
     The defaults suit a 2-core CPU box serving a product catalog: batches of 16 are where
-    a CPU text tower reaches its throughput, and 5 ms of waiting costs little next to the
-    ~20 ms one encode takes while gathering most concurrent requests into one call.
+    a CPU text tower reaches its throughput, and they form by themselves under load (the
+    queries that arrive while a batch is encoded or searched make the next one).
     """
 
     # Largest number of queries encoded and searched together in one worker call.
     max_batch_size: int = 16
     # How long a query waits for company (ms) while an earlier batch is still being
-    # searched; an idle server starts a query at once (no added latency at low load).
-    max_batch_wait_ms: float = 5.0
+    # encoded or searched; an idle server starts a query at once. 0 = never wait: the
+    # pipelined batcher already gathers every query that arrives while a stage is busy,
+    # so batches grow with the queue anyway (benchmarks/load.py, demo model, 2 cores:
+    # 0 ms gave capacity 144 req/s and p50 14 ms at half of it; 5 ms, 128 req/s and 25 ms).
+    max_batch_wait_ms: float = 0.0
     # Queries admitted but not yet answered, beyond which requests get a fast 429.
     max_queue: int = 64
     # Refuse new queries (429) while the oldest queued one has waited longer than this
