@@ -131,7 +131,9 @@ class MinScore:
     threshold: float
 
     def __call__(self, c: Candidates) -> Candidates:
-        return c.take(np.flatnonzero(c.scores >= self.threshold))
+        # Compared in float64: a threshold beyond float32's range (any finite float is a
+        # valid option) must not overflow a cast of it to the scores' float32.
+        return c.take(np.flatnonzero(c.scores.astype(np.float64) >= self.threshold))
 
 
 @dataclass(frozen=True)

@@ -454,8 +454,12 @@ def to_response(
         }
         if expose_source:
             hit["source"] = h.source
+        if h.explain is not None:
+            hit["explain"] = h.explain
         if cutoff is not None:
-            hit["relevant"] = h.score >= cutoff
+            # The cutoff is a cosine; a fused (hybrid) score is not, so use the row's own.
+            cosine = h.explain["vector"]["score"] if h.explain and h.explain.get("vector") else None
+            hit["relevant"] = (h.score if cosine is None else cosine) >= cutoff
         hits.append(hit)
     body: dict[str, Any] = {
         "index_version": int(results.index_version),

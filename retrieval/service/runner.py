@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clipsearch.retrieval.hybrid import query_text
 from clipsearch.retrieval.options import SearchOptions
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,9 @@ def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> lis
     for members in groups.values():
         options = searches[members[0]][1].options
         try:
-            answers = engine.search_batch(list(vectors[members]), options)
+            # The query texts ride along: lexical / hybrid modes match them by BM25.
+            texts = [query_text(searches[pos][1].query) for pos in members]
+            answers = engine.search_batch(list(vectors[members]), options, texts=texts)
             for pos, answer in zip(members, answers, strict=True):
                 results[searches[pos][0]] = _with_encode_time(answer, batch.encode_ms)
         except Exception as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,6 +82,23 @@ class SearchRequest(BaseModel):
         description="Linear score boosts over numeric metadata columns: score += weight * "
         'value (null = 0), e.g. {"rating": 0.01}.',
     )
+    mode: Literal["vector", "lexical", "hybrid"] | None = Field(
+        default=None,
+        description="'vector', 'lexical' (BM25 over the index's text fields) or 'hybrid' "
+        "(both, fused); default hybrid when the index has a lexical part, else vector.",
+    )
+    fusion: Literal["rrf", "weighted"] = Field(
+        default="rrf",
+        description="How hybrid fuses the two lists: 'rrf' (reciprocal rank fusion) or "
+        "'weighted' (a weighted sum of normalised scores).",
+    )
+    rrf_k: int = Field(default=60, ge=1, description="The k of reciprocal rank fusion.")
+    vector_weight: float = Field(default=1.0, ge=0, description="Weight of the vector list.")
+    lexical_weight: float = Field(default=1.0, ge=0, description="Weight of the lexical list.")
+    all_words_first: bool = Field(
+        default=True,
+        description="Hybrid: rows holding every query word rank first (in fused order).",
+    )
     facets: list[str] | None = Field(
         default=None,
         description="Metadata columns to count per product for this query and filter "
@@ -141,6 +158,9 @@ class HitOut(BaseModel):
     # Whether the score reaches the relevance cutoff (SearchResponse.relevance_cutoff);
     # omitted when there is none.
     relevant: bool | None = None
+    # Lexical and hybrid queries: the vector score and rank, the lexical (BM25) score and
+    # rank and the fused score of this row; omitted for plain vector queries.
+    explain: dict[str, Any] | None = None
     metadata: dict[str, Any]
 
 

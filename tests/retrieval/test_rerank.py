@@ -92,3 +92,19 @@ def test_default_pipeline_follows_the_options_in_the_documented_order() -> None:
         SortBy("price", descending=True),
     ]
     assert default_pipeline(SearchOptions(group_by_doc=True), mmr_limit=10) == [GroupByDoc("max")]
+
+
+def test_min_score_beyond_float32_range_neither_overflows_nor_drops_wrongly() -> None:
+    import warnings
+
+    c = Candidates(
+        scores=np.array([0.5, -0.2], np.float32),
+        row_ids=np.array([1, 2], np.int64),
+        metadata=pa.table({"doc_id": ["a", "b"]}),
+        vectors=np.zeros((2, 0), np.float32),
+        query=np.zeros(0, np.float32),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(MinScore(-2.36e263)(c)) == 2
+        assert len(MinScore(1e300)(c)) == 0

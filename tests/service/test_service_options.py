@@ -180,7 +180,13 @@ class _RecordingEngine:
         self.manifest = SimpleNamespace(dim=4)
         self.calls: list[tuple[int, SearchOptions]] = []
 
-    def search_batch(self, queries: list[Any], options: SearchOptions) -> list[SearchResults]:
+    def search_batch(
+        self,
+        queries: list[Any],
+        options: SearchOptions,
+        texts: list[str | None] | None = None,
+    ) -> list[SearchResults]:
+        assert texts is None or len(texts) == len(queries)
         self.calls.append((len(queries), options))
         return [SearchResults(hits=(), timings={"total": 1.0}) for _ in queries]
 
