@@ -210,3 +210,16 @@ def test_batches_group_queries_by_equal_search_options() -> None:
     assert sorted(n for n, _ in engine.calls) == [1, 2]
     assert {o.k for _, o in engine.calls} == {3, 4}
     assert all(isinstance(a, SearchResults) and "encode" in a.timings for a in answers)
+
+
+def test_lexical_and_hybrid_modes_rank_exact_words_over_http(make_client: Any) -> None:
+    """A SKU is found by its exact words: lexical and hybrid put it first over HTTP (the
+    fake encoder's vectors cannot read it), and every hit explains its scores."""
+    client = make_client()
+    for mode in ("lexical", "hybrid"):
+        body = client.post("/search", json={"text": "SKU-21", "k": 3, "mode": mode}).json()
+        assert body["hits"][0]["doc_id"] == "SKU-21", (mode, body["hits"])
+        explain = body["hits"][0]["explain"]
+        assert explain["mode"] == mode and explain["lexical"]["rank"] == 1
+    plain = client.post("/search", json={"text": "SKU-21", "k": 3, "mode": "vector"}).json()
+    assert all("explain" not in h for h in plain["hits"])
