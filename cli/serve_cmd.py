@@ -33,7 +33,11 @@ def serve(
         [], help="Extra folder the indexed images may be served from (repeatable)."
     ),
     max_batch: int = typer.Option(16, help="Largest micro-batch of queries."),
-    batch_wait_ms: float = typer.Option(5.0, help="How long a query waits for batch company (ms)."),
+    batch_wait_ms: float = typer.Option(
+        0.0,
+        help="How long a query waits for batch company (ms); 0: batches form from what "
+        "arrives while the previous batch is encoded and searched.",
+    ),
     max_queue: int = typer.Option(64, help="Queued queries beyond which requests get 429."),
     max_queue_delay: float = typer.Option(
         250.0, help="Refuse (429) while queued queries have waited longer than this (ms)."
@@ -63,6 +67,11 @@ def serve(
         help="Allow /admin/* without --api-key, only for loopback clients of a loopback "
         "--host (refused otherwise).",
     ),
+    relevance_cutoff: float | None = typer.Option(
+        None,
+        help="Cosine below which hits are 'weak' and facets ignore them (default: the "
+        "model's calibrated threshold when it has one).",
+    ),
     max_text_chars: int = typer.Option(
         8192, help="Characters of text one request may send in all (413 above)."
     ),
@@ -91,6 +100,7 @@ def serve(
             expose_source=expose_source,
             admin_without_key=admin_without_key,
             max_text_chars=max_text_chars,
+            relevance_cutoff=relevance_cutoff,
             decode_pixel_budget=decode_pixel_budget,
         )
         if ray is not None and workers != 1:
