@@ -423,7 +423,9 @@ def _parquet_from_buffer(buf: mmap.mmap | bytes, where: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(pa.BufferReader(pa.py_buffer(buf)))
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose
+        # import pulls in pandas when it is installed (~0.25 s of every CLI query).
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(buf))).read()
     except (pa.ArrowException, OSError, ValueError) as e:
         raise IndexFormatError(f"{where}: not a readable Parquet file ({e})") from e
 
@@ -435,7 +437,7 @@ def read_metadata(path: Path) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        return pq.ParquetFile(path).read()
     except (pa.ArrowException, OSError) as e:
         raise IndexFormatError(f"{path}: not a readable Parquet file ({e})") from e
 
