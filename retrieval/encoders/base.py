@@ -203,6 +203,18 @@ def load_image_for(encoder: Encoder | None, source: ImageInput) -> Image.Image:
     return load_image(source, min_side=decode_side(encoder))
 
 
+def check_prepared(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` as contiguous float32 ``[n, 3, size, size]``; ConfigError for any other shape
+    (what every backend's ``encode_prepared`` takes)."""
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+        raise ConfigError(
+            f"encode_prepared expects float32 [n, 3, {size}, {size}], got {batch.shape}; "
+            "prepare images with this encoder's prepare_image"
+        )
+    return batch
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation in float32; zero rows stay zero instead of becoming NaN."""
     x = np.asarray(x, dtype=np.float32)

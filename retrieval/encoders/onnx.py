@@ -33,6 +33,7 @@ from clipsearch.retrieval.encoders.base import (
     BaseEncoder,
     EncoderFingerprint,
     TextEncoding,
+    check_prepared,
     l2_normalize,
 )
 from clipsearch.retrieval.encoders.bpe import ClipTokenizer
@@ -338,13 +339,7 @@ class OnnxEncoder(BaseEncoder):
 
     def encode_prepared(self, batch: np.ndarray) -> np.ndarray:
         """float32 ``[n, 3, S, S]`` -> float32 ``[n, dim]``."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        size = self._fingerprint.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise ConfigError(
-                f"encode_prepared expects float32 [n, 3, {size}, {size}], got {batch.shape}; "
-                "prepare images with this encoder's prepare_image"
-            )
+        batch = check_prepared(batch, self._fingerprint.image_size)
         return self._run("image", batch)
 
     def encode_texts_detailed(self, texts: Sequence[str]) -> TextEncoding:

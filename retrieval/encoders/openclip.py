@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipsearch.retrieval.encoders.base import BaseEncoder, EncoderFingerprint, TextEncoding
+from clipsearch.retrieval.encoders.base import (
+    BaseEncoder,
+    EncoderFingerprint,
+    TextEncoding,
+    check_prepared,
+)
 from clipsearch.retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
 from clipsearch.retrieval.errors import ConfigError, ModelNotFoundError
 from clipsearch.retrieval.images import to_rgb
@@ -164,13 +169,7 @@ class OpenClipEncoder(BaseEncoder):
         """float32 ``[n, 3, S, S]`` -> float32 ``[n, dim]`` in chunks of ``batch_size``."""
         import torch
 
-        batch = np.asarray(batch, dtype=np.float32)
-        size = self._fingerprint.image_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise ConfigError(
-                f"encode_prepared expects float32 [n, 3, {size}, {size}], got {batch.shape}; "
-                "prepare images with this encoder's prepare_image"
-            )
+        batch = check_prepared(batch, self._fingerprint.image_size)
         out = [np.zeros((0, self.dim), np.float32)]
         dtype = torch.bfloat16 if self.precision == "bf16-weights" else torch.float32
         for start in range(0, len(batch), self.batch_size):
