@@ -15,9 +15,9 @@ import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
@@ -27,6 +27,8 @@ from fastapi.responses import (
     Response,
 )
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import clipsearch
@@ -208,11 +210,7 @@ def _document_limits(app: FastAPI, config: ServiceConfig, state: ServiceState) -
                 },
             }
         },
-        "Body_search_image_search_image_post": {
-            "k": search["k"],
-            "offset": search["offset"],
-            "image": {"minLength": 1},
-        },
+        IMAGE_FORM: {**search, "image": {"minLength": 1}},
     }
 
     def openapi() -> dict[str, Any]:
@@ -220,7 +218,8 @@ def _document_limits(app: FastAPI, config: ServiceConfig, state: ServiceState) -
             return app.openapi_schema
         schema = original()
         facetable = _facetable_columns(state)
-        models = schema.get("components", {}).get("schemas", {})
+        models = schema.setdefault("components", {}).setdefault("schemas", {})
+        models[IMAGE_FORM] = _image_form_schema()
         for model, fields in limits.items():
             props = models.get(model, {}).get("properties", {})
             for name, extra in fields.items():
@@ -236,10 +235,11 @@ def _document_limits(app: FastAPI, config: ServiceConfig, state: ServiceState) -
                         else:
                             branch.update(extra)
         if facetable is not None:
-            props = models.get("SearchRequest", {}).get("properties", {})
-            for branch in props.get("facets", {}).get("anyOf", []):
-                if branch.get("type") == "array":
-                    branch["items"] = {"type": "string", "enum": facetable}
+            for model in ("SearchRequest", IMAGE_FORM):
+                props = models.get(model, {}).get("properties", {})
+                for branch in props.get("facets", {}).get("anyOf", []):
+                    if branch.get("type") == "array":
+                        branch["items"] = {"type": "string", "enum": facetable}
             app.openapi_schema = schema  # cached once the index (its columns) is known
         return schema
 
@@ -291,28 +291,38 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
         response_model_exclude_unset=True,
         responses=_QUERY_ERRORS,
         tags=["search"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"$ref": f"#/components/schemas/{IMAGE_FORM}"}
+                    }
+                },
+            }
+        },
     )
-    async def search_image(
-        image: UploadFile = File(..., description="The query image (JPEG, PNG, WebP...)."),
-        k: int = Form(10),
-        offset: int = Form(0),
-        filter: str | None = Form(None),
-        modality: str | None = Form(None),
-        group_by_doc: bool = Form(False),
-    ) -> Response:
-        """Image query by multipart upload (what a browser form sends)."""
+    async def search_image(request: Request) -> Response:
+        """Image query by multipart upload (what a browser form sends): the ``image`` file
+        plus any option of ``POST /search`` as form fields (``facets`` repeated, objects
+        such as ``boosts`` as JSON text), validated into the same SearchOptions. A
+        ``text`` field refines the photo with words ("like this, but blue")."""
         start = time.perf_counter()
         deadline = deadline_for(config)
-        raw = await _read_upload(image, config)
+        raw, body = await _image_form(request, config)
+        options = queries.search_options(body, config)
+        text = (body.text or "").strip()  # blank form fields arrive as not given
+        queries.check_text_budget([text], config, field="text")
         min_side = decode_side(state.engine.encoder)
         pil = await decode_image_async(
             raw, config, state.pixels, field="image", deadline=deadline, min_side=min_side
         )
-        body = SearchRequest(
-            k=k, offset=offset, filter=filter, modality=modality, group_by_doc=group_by_doc
-        )
-        options = queries.search_options(body, config)
-        query = queries.Query(value=pil, options=options, query_modality="image")
+        value: Any = pil
+        if text:
+            from clipsearch.retrieval.queries import ComposedQuery
+
+            value = ComposedQuery(terms=((1.0, pil), (1.0, text)))
+        query = queries.Query(value=value, options=options, query_modality="image")
         query = queries.with_relevance(query, body, state)
         return await _run_search(state, query, start, deadline)
 
@@ -332,6 +342,131 @@ def _add_search_routes(app: FastAPI, state: ServiceState) -> None:
             took_ms=(time.perf_counter() - start) * 1000,
             labels=[{"label": str(lab), "probability": float(p)} for lab, p in answer],  # type: ignore[misc]
         )
+
+
+# The multipart form of POST /search/image (documented in OpenAPI under this name).
+IMAGE_FORM = "SearchImageForm"
+# SearchRequest fields that name another query than the uploaded photo.
+_NOT_IN_IMAGE_FORM = frozenset({"image", "image_url", "like_doc", "terms"})
+# Form fields a request may repeat (a browser form's checkboxes) and values per field.
+_MAX_FORM_FIELDS = 256
+
+
+def _form_kinds() -> dict[str, set[str]]:
+    """SearchRequest field -> the JSON types it accepts ("array", "object", "boolean"...),
+    read from its JSON schema so a field added there is taken by the form too."""
+    out: dict[str, set[str]] = {}
+    for name, prop in SearchRequest.model_json_schema()["properties"].items():
+        if name in _NOT_IN_IMAGE_FORM:
+            continue
+        branches = prop.get("anyOf", [prop])
+        out[name] = {str(b.get("type", "object" if "$ref" in b else "")) for b in branches}
+    return out
+
+
+def _image_form_schema() -> dict[str, Any]:
+    """OpenAPI schema of the multipart form: the photo, then SearchRequest's option fields
+    (an object-valued field becomes JSON text: a form carries strings)."""
+    props = SearchRequest.model_json_schema()["properties"]
+    fields: dict[str, Any] = {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The query image (JPEG, PNG, WebP...).",
+        }
+    }
+    for name, kinds in _form_kinds().items():
+        prop = dict(props[name])
+        if name == "text":
+            prop["description"] = "Words refining the photo ('but blue'); optional."
+        if "object" in kinds:
+            prop = {
+                "type": "string",
+                "description": f"{prop.get('description', '')} In this form: text (JSON for "
+                "an object).",
+            }
+        fields[name] = prop
+    return {"type": "object", "properties": fields, "required": ["image"]}
+
+
+async def _image_form(request: Request, config: ServiceConfig) -> tuple[bytes, SearchRequest]:
+    """The uploaded photo's bytes and the form's options as one SearchRequest (the JSON
+    route's model and validation). Blank fields count as not given; a field that is not
+    an option of /search, a second photo, or a field of the wrong type is 422."""
+
+    try:
+        form = await request.form(max_files=1, max_fields=_MAX_FORM_FIELDS)
+    except Exception as e:  # starlette: too many parts, not multipart, bad boundary
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"send the photo as multipart/form-data with an 'image' file part ({e})",
+            details={"field": "image"},
+        ) from e
+    try:
+        upload, body = _form_request(form)
+        raw = await _read_upload(upload, config)
+    finally:
+        await form.close()  # the spooled temporary files of the parts
+    return raw, body
+
+
+def _form_request(form: Any) -> tuple[UploadFile, SearchRequest]:
+    """The photo part and the SearchRequest of a parsed multipart form (see
+    :func:`_image_form`)."""
+    from pydantic import ValidationError
+
+    kinds = _form_kinds()
+    upload: UploadFile | None = None
+    values: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name == "image":
+            if not isinstance(value, UploadFile):
+                raise _form_error("image", "must be a file part, not a text field")
+            upload = value
+            continue
+        if name not in kinds:
+            allowed = ", ".join(sorted(kinds))
+            raise _form_error(
+                name,
+                f"is not a field of this form (the photo is 'image'; options: {allowed}); "
+                "for a query by URL, doc or composed terms use POST /search",
+            )
+        if isinstance(value, UploadFile):
+            raise _form_error(name, "must be a text field, not a file")
+        if not value.strip():
+            continue  # an empty form input: not given
+        if "array" in kinds[name]:
+            if value.lstrip().startswith("["):
+                values.setdefault(name, []).extend(_json_field(name, value))
+            else:
+                values.setdefault(name, []).append(value)
+        elif name in values:
+            raise _form_error(name, "is given twice; send it once")
+        elif "object" in kinds[name] and value.lstrip().startswith("{"):
+            values[name] = _json_field(name, value)
+        elif "boolean" in kinds[name] and value.strip().lower() in ("true", "false"):
+            values[name] = value.strip().lower() == "true"
+        else:
+            values[name] = value
+    if upload is None:
+        raise _form_error("image", "is missing: add the photo as a file part named 'image'")
+    try:
+        return upload, SearchRequest.model_validate(values)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]
+        raise RequestValidationError(errors) from e
+
+
+def _json_field(name: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise _form_error(name, f"is not valid JSON ({e})") from e
+
+
+def _form_error(field: str, problem: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"{field}: {problem}", details={"field": field})
 
 
 async def _read_upload(upload: UploadFile, config: ServiceConfig) -> bytes:
@@ -476,6 +611,58 @@ def _unknown_doc(doc_id: str) -> ApiError:
 
 # ---------------------------------------------------------------------------- ops
 
+SearchMode = Literal["vector", "lexical", "hybrid"]
+
+
+class ModalitySearch(BaseModel):
+    """How the rows of one modality can be searched."""
+
+    # Live rows of this modality.
+    rows: int
+    # Values of ``mode`` that /search accepts for these rows: "vector" always; "lexical"
+    # and "hybrid" when at least one of their shards has a lexical (full-text) part.
+    modes: list[SearchMode]
+    # The mode a query without ``mode`` runs in: "hybrid" when every shard holding these
+    # rows has a lexical part (and no min_score is given), else "vector".
+    default_mode: SearchMode
+    # Metadata columns the lexical parts index (words are matched in these), sorted.
+    text_fields: list[str]
+
+
+class InfoResponse(BaseModel):
+    """What this server's index offers a client (a page decides what to show from it)."""
+
+    index_version: int
+    # The rows a query without ``modality`` searches ("image" when there are any).
+    default_modality: str
+    # Per modality with rows: its search modes (see ModalitySearch).
+    modalities: dict[str, ModalitySearch]
+
+
+def _index_info(snapshot: Any) -> dict[str, Any]:
+    """InfoResponse fields of a pinned snapshot (its shards' lexical parts as loaded:
+    a recorded part that could not be opened, e.g. without tantivy, does not count)."""
+    by_modality: dict[str, list[Any]] = {}
+    for shard in snapshot.shards:
+        if shard.record.rows:
+            by_modality.setdefault(shard.record.modality, []).append(shard)
+    live = snapshot.manifest.rows_by_modality()
+    modalities = {}
+    for modality, shards in sorted(by_modality.items()):
+        lexical = [s.lexical is not None for s in shards]
+        fields = {f for s in shards if s.lexical is not None for f in s.record.lexical.fields}
+        modalities[modality] = {
+            "rows": int(live.get(modality, 0)),
+            "modes": ["vector", "lexical", "hybrid"] if any(lexical) else ["vector"],
+            "default_mode": "hybrid" if all(lexical) else "vector",
+            "text_fields": sorted(fields),
+        }
+    return {
+        "index_version": snapshot.version,
+        "default_modality": "image" if "image" in modalities else "text",
+        "modalities": modalities,
+    }
+
 
 def _add_ops_routes(app: FastAPI, state: ServiceState) -> None:
     @app.get("/health", response_model=HealthResponse, responses=_errors(503), tags=["ops"])
@@ -488,6 +675,19 @@ def _add_ops_routes(app: FastAPI, state: ServiceState) -> None:
             rows=manifest.n_live,
             rows_by_modality=manifest.rows_by_modality(),
         )
+
+    info_cache: dict[int, dict[str, Any]] = {}
+
+    @app.get("/info", response_model=InfoResponse, responses=_errors(503), tags=["ops"])
+    async def info() -> Response:
+        """What the index offers: per modality its rows, search modes (whether words can
+        be matched: lexical and hybrid) and the text fields they match."""
+        snapshot = state.snapshot
+        body = info_cache.get(snapshot.version)
+        if body is None:
+            info_cache.clear()  # one version at a time
+            body = info_cache[snapshot.version] = _index_info(snapshot)
+        return FastJSONResponse(body)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(), tags=["ops"])
     async def metrics() -> PlainTextResponse:
