@@ -8,6 +8,7 @@ Thin wrappers: each parses its options, calls one library function
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from rich.table import Table
 from clipsearch.cli.common import cli_errors, console, print_json
 from clipsearch.cli.render import default_fields, parse_fields, results_json, results_table
 from clipsearch.retrieval.errors import QueryError
-from clipsearch.retrieval.options import SearchOptions
+from clipsearch.retrieval.options import AUTO, MinScore, SearchOptions
 
 _DEVICE = typer.Option(
     "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
@@ -102,7 +103,14 @@ def search_cmd(
     ),
     mmr: float | None = typer.Option(None, "--mmr", help="MMR diversity lambda in [0, 1]."),
     sort: str | None = typer.Option(None, "--sort", help="Sort by a field: FIELD or FIELD:desc."),
-    min_score: float | None = typer.Option(None, "--min-score", help="Drop results scoring lower."),
+    min_score: str | None = typer.Option(
+        None,
+        "--min-score",
+        metavar="SCORE|auto",
+        help="Drop results scoring lower (a cosine), or 'auto': the model's calibrated "
+        "relevance threshold for this kind of query (text->image, image->image, ...). "
+        "Implies --mode vector unless --mode is given.",
+    ),
     boost: list[str] | None = typer.Option(
         None,
         "--boost",
@@ -156,7 +164,7 @@ def search_cmd(
             group_by_doc=_grouping(group_by_doc, group_mode),
             mmr=mmr,
             sort=sort,
-            min_score=min_score,
+            min_score=_parse_min_score(min_score),
             boosts=tuple(_parse_boost(b) for b in boost or []),
             mode=mode,  # type: ignore[arg-type]  # SearchOptions validates the spelling
             fusion=fusion,  # type: ignore[arg-type]
@@ -169,16 +177,90 @@ def search_cmd(
             columns = [c for c in engine.schema.names if c not in FIXED_COLUMNS]
             shown = _fields(fields, columns)
             results = engine.search(query, options)
+            cutoff = _cutoff(engine, query, options)
+            fingerprint = engine.manifest.encoder
+            closest = None
+            if cutoff is not None and not results.hits and options.offset == 0:
+                # Nothing passes: name the closest row, so "no good match" is explained.
+                plain = options.replace(min_score=None, k=1, sort=None, mode="vector")
+                closest = next(iter(engine.search(query, plain).hits), None)
     if as_json:
-        print_json(results_json(results, shown if fields is not None else None))
+        out = results_json(results, shown if fields is not None else None)
+        if cutoff is not None:
+            out["relevance_cutoff"] = cutoff.value
+            out["no_good_match"] = not results.hits and options.offset == 0
+        print_json(out)
         return
     text_column = None if fields is not None else shown[0]
-    console.print(results_table(results, shown, text_column=text_column))
+    if cutoff is not None:
+        console.print(f"min score: {cutoff.describe()}")
+    if cutoff is not None and not results.hits and options.offset == 0:
+        _no_good_match(fingerprint, cutoff=cutoff, closest=closest)
+    else:
+        console.print(results_table(results, shown, text_column=text_column))
     if results.total_matches is not None:
         console.print(f"{results.total_matches} rows match the filter")
 
 
 search_cmd.__doc__ = _SEARCH_HELP
+
+
+def _parse_min_score(value: str | None) -> MinScore | None:
+    """``--min-score``: a number, or "auto" (SearchOptions validates the number)."""
+    if value is None:
+        return None
+    if value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither a number (a cosine such as 0.3) nor 'auto' (the model's "
+            "calibrated relevance threshold)",
+            param_hint="'--min-score'",
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Cutoff:
+    """The min_score a search applied: the number, and the direction when it was "auto"."""
+
+    value: float
+    direction: str | None = None
+
+    def describe(self) -> str:
+        if self.direction is None:
+            return f"{self.value:.3f}"
+        return f"auto = {self.value:.3f} (the model's calibrated {self.direction} threshold)"
+
+
+def _cutoff(engine: Any, query: Any, options: SearchOptions) -> _Cutoff | None:
+    """The threshold ``options.min_score`` stands for (None without one)."""
+    if options.min_score is None:
+        return None
+    if options.min_score != AUTO:
+        return _Cutoff(float(options.min_score))
+    from clipsearch.retrieval.engine import query_modality
+
+    kind = query_modality(query) or "image"
+    rows = engine.target_modality(options.modality)
+    return _Cutoff(engine.relevance_threshold(kind, options.modality), f"{kind}->{rows}")
+
+
+def _no_good_match(fingerprint: Any, *, cutoff: _Cutoff, closest: Any) -> None:
+    """What the table is replaced by when nothing reaches the cutoff (demo wording)."""
+    from clipsearch.indexer.demo.run import DEMO_SHOP_ONLY, NO_GOOD_MATCH
+
+    line = f"[yellow]{NO_GOOD_MATCH}[/]: no result scores at or above the min score"
+    if fingerprint.arch == "clipsearch-demo":
+        line += f"; {DEMO_SHOP_ONLY}"
+    console.print(line + ".")
+    if closest is not None:
+        title = closest.metadata.get("title") or closest.doc_id
+        console.print(
+            f"  (closest, below {cutoff.value:.3f}: {title} [{closest.doc_id}] at "
+            f"{closest.score:.3f})"
+        )
 
 
 def _index_encoder(index: Path, *, device: str, backend: str) -> Any:

@@ -34,12 +34,19 @@ import numpy as np
 import pyarrow as pa
 
 from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
-from clipsearch.retrieval.errors import FingerprintMismatchError, QueryError
+from clipsearch.retrieval.encoders.base import EncoderFingerprint
+from clipsearch.retrieval.errors import FingerprintMismatchError, InvalidOptionError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
 from clipsearch.retrieval.hybrid import plan_hybrid
 from clipsearch.retrieval.kernels import configure_faiss, single_threaded_worker
 from clipsearch.retrieval.manifest import FIXED_COLUMNS, Manifest
-from clipsearch.retrieval.options import MAX_POOL, SearchOptions, SearchOverrides, resolve_options
+from clipsearch.retrieval.options import (
+    AUTO,
+    MAX_POOL,
+    SearchOptions,
+    SearchOverrides,
+    resolve_options,
+)
 from clipsearch.retrieval.placement import ShardPlacer
 from clipsearch.retrieval.planner import AllowedRows, GatherBudget, PlannerConfig, ShardSearcher
 from clipsearch.retrieval.queries import classify, encode_queries
@@ -184,6 +191,18 @@ class SearchEngine:
         else "image" when the index has image rows, else "text"."""
         return _target(self._state, modality)
 
+    def relevance_threshold(self, query_modality: str, modality: str | None = None) -> float:
+        """What ``min_score="auto"`` resolves to for a ``query_modality`` ("text" or
+        "image") query searching the rows ``modality`` selects (:meth:`target_modality`):
+        the index model's calibrated threshold for that direction (a cosine).
+
+        Raises:
+            InvalidOptionError (option "min_score") when the model has no calibration for
+            that direction; the message says which directions it has and how to fix it.
+        """
+        direction = f"{query_modality}->{self.target_modality(modality)}"
+        return relevance_threshold(self.manifest.encoder, direction)
+
     def reload(self) -> bool:
         """Switch to the newest committed version; True when the version changed.
 
@@ -249,6 +268,9 @@ class SearchEngine:
         if not queries:
             return []
         target = _target(state, opts.modality)
+        if opts.min_score == AUTO:
+            fingerprint = state.snapshot.manifest.encoder
+            return search_auto(self.search_batch, queries, opts, texts, fingerprint, target)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
@@ -346,6 +368,99 @@ class SearchEngine:
 
 # Per query, the merged best rows as (score, shard position, local row), best first.
 Merged = list[list[tuple[float, int, int]]]
+
+
+def query_modality(query: Any) -> str | None:
+    """What a query is, for its relevance direction: "text" for a str or a ComposedQuery
+    of texts only, "image" for an image (path, bytes, PIL, file) or a ComposedQuery with
+    any non-text term (the service's rule too: "this photo, but red" is an image query);
+    None for a bare vector, whose modality is unknown."""
+    from clipsearch.retrieval.queries import ComposedQuery
+
+    if isinstance(query, str):
+        return "text"
+    if isinstance(query, np.ndarray):
+        return None
+    if isinstance(query, ComposedQuery):
+        return "text" if all(isinstance(t, str) for _, t in query.terms) else "image"
+    return "image"
+
+
+def relevance_threshold(fingerprint: EncoderFingerprint, direction: str) -> float:
+    """The calibrated relevance threshold (a cosine) of the encoder ``fingerprint`` for
+    ``direction`` ("text->image", ...): what ``min_score="auto"`` means.
+
+    Raises:
+        InvalidOptionError (option "min_score") when there is none: which directions the
+        model is calibrated for, and how to fix it (a number, or a calibration).
+    """
+    from clipsearch.retrieval.models import DIRECTIONS, calibrated_threshold
+
+    value = calibrated_threshold(fingerprint, direction)
+    if value is not None:
+        return value
+    model = f"{fingerprint.arch} (weights {fingerprint.pretrained!r})"
+    known = [d for d in DIRECTIONS if calibrated_threshold(fingerprint, d) is not None]
+    fix = (
+        "pass min_score as a number (a cosine such as 0.3), or calibrate the model on "
+        "held-out data: `clipsearch demo-eval --calibration-seed N --write-card PATH` "
+        "stores the thresholds it measures in the model card (docs/demo-model.md)"
+    )
+    if known:
+        raise InvalidOptionError(
+            "min_score",
+            f"min_score 'auto': the index's model {model} has calibrated relevance "
+            f"thresholds for {', '.join(known)} only, not for {direction} queries; {fix}",
+        )
+    raise InvalidOptionError(
+        "min_score",
+        f"min_score 'auto': the index's model {model} has no calibrated relevance "
+        "threshold (only models whose model card holds a calibration for these very "
+        f"weights do, such as the bundled clipsearch-demo); {fix}",
+    )
+
+
+def search_auto(
+    search_batch: Callable[..., list[SearchResults]],
+    queries: Sequence[Any],
+    opts: SearchOptions,
+    texts: Sequence[str | None] | None,
+    fingerprint: EncoderFingerprint,
+    target: str,
+) -> list[SearchResults]:
+    """A ``min_score="auto"`` batch: each query runs with its direction's threshold as a
+    plain numeric min_score (one ``search_batch`` call per threshold), so pool growth,
+    the cutoff before sort and paging are exactly those of a numeric min_score.
+
+    ``target``: the row modality the queries search (pinned for every call).
+    Raises InvalidOptionError for a bare vector query (its direction is unknown) or a
+    model without a threshold for a query's direction (:func:`relevance_threshold`).
+    """
+    if texts is not None and len(texts) != len(queries):
+        raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
+    groups: dict[float, list[int]] = {}
+    for i, query in enumerate(queries):
+        kind = query_modality(query)
+        if kind is None:
+            raise InvalidOptionError(
+                "min_score",
+                "min_score 'auto' needs to know what the query is (text or image) to pick "
+                "its calibrated threshold, and a raw vector does not say; pass the threshold "
+                "as a number: min_score=engine.relevance_threshold('text' or 'image')",
+            )
+        threshold = relevance_threshold(fingerprint, f"{kind}->{target}")
+        groups.setdefault(threshold, []).append(i)
+    out: list[SearchResults | None] = [None] * len(queries)
+    for threshold, members in groups.items():
+        log.debug("min_score auto -> %.4f for %d quer(ies)", threshold, len(members))
+        answers = search_batch(
+            [queries[i] for i in members],
+            opts.replace(min_score=threshold, modality=target),
+            texts=None if texts is None else [texts[i] for i in members],
+        )
+        for i, answer in zip(members, answers, strict=True):
+            out[i] = answer
+    return [r for r in out if r is not None]
 
 
 def allowed_rows(
@@ -649,7 +764,7 @@ def _needs_more(
     * a boosted relevance ranking (no MMR, no sort) needs its last row on the page to
       beat the bound, else an unfetched row with a large boost could outrank it.
     """
-    wanted, min_score = opts.offset + opts.k, opts.min_score
+    wanted, min_score = opts.offset + opts.k, resolved_min_score(opts)
     for c, m in zip(ranked, merged, strict=True):
         if not m:
             continue
@@ -664,6 +779,17 @@ def _needs_more(
         if boosted_ranking and len(c) >= wanted and bound > float(c.scores[wanted - 1]):
             return True
     return False
+
+
+def resolved_min_score(opts: SearchOptions) -> float | None:
+    """``opts.min_score`` as a number; "auto" must have been resolved (:func:`search_auto`)
+    before the rank stages run."""
+    if opts.min_score == AUTO:
+        raise QueryError(
+            "min_score 'auto' reached the rank stages unresolved; run the query through "
+            "SearchEngine.search_batch (or search_auto), which resolves it per query"
+        )
+    return opts.min_score
 
 
 def _ms(since: float) -> float:

@@ -40,6 +40,11 @@ FUSIONS = ("rrf", "weighted")
 # RRF's k: a row at rank r of a list adds weight / (k + r). 60 is the value of the RRF
 # paper (Cormack et al. 2009) and of most engines that fuse.
 DEFAULT_RRF_K = 60
+# ``min_score="auto"``: the model's calibrated relevance threshold for the query's
+# direction (query modality -> row modality), resolved by the engine per query
+# (clipsearch.retrieval.engine.relevance_threshold).
+AUTO: Literal["auto"] = "auto"
+MinScore = float | Literal["auto"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +71,12 @@ class SearchOptions:
     # Order the relevant results by a metadata field: "field", "field:asc", "field:desc"
     # (nulls last), applied after min_score to a pool of at least RERANK_WINDOW rows.
     sort: str | None = None
-    # Drop results whose (boosted, grouped) score is below this cosine.
-    min_score: float | None = None
+    # Drop results whose (boosted, grouped) score is below this cosine; "auto" = the
+    # model's calibrated relevance threshold for the query's direction (text->image...),
+    # resolved by the engine per query; a model without one is an InvalidOptionError.
+    # A cutoff (numeric or auto) makes the default mode "vector"; "auto" refuses an
+    # explicit lexical / hybrid mode, whose fused scores are not cosines.
+    min_score: MinScore | None = None
     # Linear score boosts over numeric fields: score += weight * value (null = 0).
     # Given as a mapping; stored as sorted (field, weight) pairs so options hash.
     boosts: tuple[tuple[str, float], ...] = ()
@@ -117,7 +126,7 @@ class SearchOptions:
                 raise InvalidOptionError("mmr", f"mmr lambda must be within [0, 1], got {mmr}")
             _set(self, "mmr", mmr)
         if self.min_score is not None:
-            _set(self, "min_score", _finite("min_score", "min_score", self.min_score))
+            _set(self, "min_score", _min_score(self.min_score))
         if self.sort is not None:
             _set(self, "sort", _sort_spec(self.sort))
         _set(self, "boosts", _boosts(self.boosts))
@@ -151,6 +160,13 @@ class SearchOptions:
         if self.vector_weight == 0 and self.lexical_weight == 0:
             raise InvalidOptionError(
                 "vector_weight", "vector_weight and lexical_weight cannot both be 0"
+            )
+        if self.min_score == AUTO and self.mode in ("lexical", "hybrid"):
+            raise InvalidOptionError(
+                "min_score",
+                f"min_score 'auto' is a calibrated cosine threshold, and mode {self.mode!r} "
+                "ranks by BM25 / fused scores, which are not cosines; use mode 'vector' "
+                "(the default with a min_score) or give no min_score",
             )
 
     # ------------------------------------------------------------------ derived
@@ -204,7 +220,7 @@ class SearchOverrides(TypedDict, total=False):
     group_by_doc: bool | Grouping | None
     mmr: float | None
     sort: str | None
-    min_score: float | None
+    min_score: MinScore | None
     boosts: Mapping[str, float] | tuple[tuple[str, float], ...] | None
     mode: Mode | None
     fusion: Fusion
@@ -255,6 +271,19 @@ def _finite(option: str, name: str, value: object) -> float:
     if not math.isfinite(value):
         raise InvalidOptionError(option, f"{name} must be finite, got {value}")
     return float(value)
+
+
+def _min_score(value: object) -> MinScore:
+    """A finite cosine, or "auto" (any case, surrounding blanks ignored)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidOptionError(
+            "min_score",
+            f"min_score must be a number (a cosine such as 0.3) or 'auto' (the model's "
+            f"calibrated relevance threshold), got {value!r}",
+        )
+    return _finite("min_score", "min_score", value)
 
 
 def _sort_spec(spec: object) -> str:

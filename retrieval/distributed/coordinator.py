@@ -331,6 +331,15 @@ class DistributedSearchEngine:
     def target_modality(self, modality: str | None = None) -> str:
         return self._layout.target(modality)
 
+    def relevance_threshold(self, query_modality: str, modality: str | None = None) -> float:
+        """As :meth:`SearchEngine.relevance_threshold
+        <clipsearch.retrieval.engine.SearchEngine.relevance_threshold>`."""
+        from clipsearch.retrieval.engine import relevance_threshold
+
+        layout = self._layout
+        direction = f"{query_modality}->{layout.target(modality)}"
+        return relevance_threshold(layout.manifest.encoder, direction)
+
     def allowed_rows(
         self, where: str | dict[str, Any] | None = None, modality: str | None = None
     ) -> tuple[Any, dict[str, Any]]:
@@ -462,6 +471,7 @@ class DistributedSearchEngine:
             merge_shard_tops,
             page_results,
             rank_queries,
+            search_auto,
         )
         from clipsearch.retrieval.filters import compile_filter
         from clipsearch.retrieval.queries import encode_queries
@@ -471,6 +481,10 @@ class DistributedSearchEngine:
         layout = self._layout
         if not queries:
             return []
+        if opts.min_score == "auto":  # each query with its direction's threshold
+            target = layout.target(opts.modality)
+            fingerprint = layout.manifest.encoder
+            return search_auto(self.search_batch, queries, opts, texts, fingerprint, target)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), layout.manifest.dim)
