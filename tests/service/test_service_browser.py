@@ -3,8 +3,10 @@ as a shopper uses it, at desktop and phone widths.
 
 Covers per-product facet counts that follow the query and the filters, filter chips,
 sorting, product counts, paging that ends, "more like this", refining a photo with
-words, the empty, "no good match" and offline states, relevance labels instead of raw
-scores, and keyboard basics. Screenshots go to test-artifacts/ (git-ignored). Never
+words (sent as multipart), the empty, "no good match" and offline states, relevance
+labels instead of raw scores, keyboard basics, and the search modes (Smart / Words /
+Looks) with "why this result" over an index with a lexical part: brand and SKU
+searches find their products. Screenshots go to test-artifacts/ (git-ignored). Never
 downloads a browser: CI installs Debian's chromium with apt; where it is missing the
 tests are skipped and say so.
 """
@@ -204,6 +206,38 @@ def test_facets_chips_sort_and_paging(
         assert errors == []
 
 
+class _Recorder:
+    """ASGI wrapper keeping the request bodies of one path (the browser's devtools do not
+    show a multipart body holding a File)."""
+
+    def __init__(self, app: Any, path: str, bodies: list[bytes]) -> None:
+        self.app, self.path, self.bodies = app, path, bodies
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        async def recording() -> Any:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                self.bodies.append(b"".join(chunks))
+            return message
+
+        await self.app(scope, recording, send)
+
+
+def _form_field(body: bytes, name: str) -> list[bytes]:
+    """The values of a multipart body's text field ``name`` (a repeated field: all)."""
+    head = b'name="' + name.encode() + b'"\r\n\r\n'
+    out = []
+    for part in body.split(head)[1:]:
+        out.append(part.split(b"\r\n--", 1)[0])
+    return out
+
+
 def _cosine(hit: dict[str, Any]) -> float:
     """A hit's cosine: its score, or its vector score when it was fused (hybrid)."""
     explain = hit.get("explain") or {}
@@ -236,15 +270,11 @@ def test_relevance_refine_no_good_match_and_offline(
     app = create_app(
         catalog.index, ServiceConfig(relevance_cutoff=cutoff), encoder=load_encoder("fake")
     )
-    server = running_server(app)
+    photos: list[bytes] = []  # bodies of POST /search/image as the server received them
+    server = running_server(_Recorder(app, "/search/image", photos))
     base = server.__enter__()
     try:
         page, errors = _page(browser, WIDTHS[width])
-        requests: list[dict[str, Any]] = []
-        page.on(
-            "request",
-            lambda r: requests.append(r.post_data_json) if r.url.endswith("/search") else None,
-        )
         page.goto(base + "/")
         page.wait_for_selector("fieldset[data-facet=category]", state="attached")
 
@@ -285,9 +315,12 @@ def test_relevance_refine_no_good_match_and_offline(
         page.wait_for_function("document.querySelector('#summary').innerText.includes('but')")
         _settled(page)
         assert "your photo, but “red”" in page.inner_text("#summary")
-        sent = [r for r in requests if r and "terms" in r][-1]
-        assert sent["terms"][0]["image"].startswith("data:image/png;base64,")
-        assert sent["terms"][1] == {"text": "red"}
+        # The photo goes up as multipart, its bytes as they are (not base64), the words
+        # and options as form fields.
+        sent = photos[-1]
+        assert photo.read_bytes() in sent and b"base64" not in sent
+        assert _form_field(sent, "text") == [b"red"]
+        assert b"colour" in _form_field(sent, "facets")
         assert _cards(page) != photo_results
         _shot(page, width, "refined-photo")
 
@@ -308,3 +341,154 @@ def test_relevance_refine_no_good_match_and_offline(
     finally:
         if server is not None:
             server.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------ search modes
+
+BRANDS = {"0": "Northwind", "1": "Cobalt Lane", "2": "Cobalt Lane", "3": "Northwind"}
+
+
+def _branded_index(catalog: Catalog, out: Path, text_fields: tuple[str, ...]) -> Path:
+    """The catalog with a brand column (Northwind: the red and yellow products), built
+    with a lexical part over ``text_fields`` (none when empty)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsearch.indexer.build import BuildOptions, build
+    from clipsearch.indexer.sources import SourceOptions
+
+    rows = [
+        {
+            **p,
+            "image_path": str(catalog.folder / p["image_path"]),
+            "brand": BRANDS.get(sku[4], "Acme"),
+        }
+        for sku, p in catalog.products.items()
+    ]
+    manifest = out / "branded.parquet"
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    options = BuildOptions(
+        workers=1,
+        text_fields=text_fields,
+        sources=SourceOptions(image_col="image_path", text_cols=("title",), id_col="sku"),
+    )
+    build([manifest], out / "index", encoder=load_encoder("fake"), options=options)
+    return out / "index"
+
+
+@pytest.fixture(scope="module")
+def branded(catalog: Catalog, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("branded")
+    return _branded_index(catalog, folder, ("title", "brand", "sku"))
+
+
+def _choose_mode(page: Any, value: str) -> None:
+    """Click a mode of the selector and wait for the search it runs."""
+    with page.expect_response(lambda r: r.url.endswith("/search")):
+        page.click(f"label.mode-opt:has(input[value='{value}'])")
+    _settled(page)
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_search_modes_find_brands_and_skus_and_explain_themselves(
+    browser: Any, branded: Path, catalog: Catalog, width: str, tmp_path: Path
+) -> None:
+    import httpx
+
+    app = create_app(branded, encoder=load_encoder("fake"))
+    with running_server(app) as base:
+        # Precondition: the vector side alone cannot read the code (the fake encoder).
+        looks = httpx.post(base + "/search", json={"text": "SKU-21", "mode": "vector"}).json()
+        assert looks["hits"][0]["doc_id"] != "SKU-21"
+        page, errors = _page(browser, WIDTHS[width])
+        sent: list[dict[str, Any]] = []
+        page.on(
+            "request",
+            lambda r: sent.append(r.post_data_json) if r.url.endswith("/search") else None,
+        )
+        page.goto(base + "/")
+        page.wait_for_selector("#mode:not([hidden])")
+        labels = page.eval_on_selector_all(".mode-opt", "els => els.map(e => e.innerText.trim())")
+        assert [lab.split("\n")[0] for lab in labels] == ["Smart", "Words", "Looks"]
+        assert page.is_checked("#mode input[value='']")  # Smart (hybrid) by default
+        assert "hybrid" in (
+            page.get_attribute("label.mode-opt:has(input[value=''])", "title") or ""
+        )
+
+        # A SKU: Smart finds it first; the server's default mode (hybrid) is used.
+        _search(page, "SKU-21")
+        page.wait_for_selector(".card")
+        _settled(page)
+        assert _cards(page)[0] == "SKU-21"
+        assert "mode" not in sent[-1]
+        _no_raw_scores(page)  # the explanation is closed until asked for
+        why = page.locator(".card").first.locator("details.why")
+        why.locator("summary").click()
+        rows = why.evaluate(
+            "d => Object.fromEntries([...d.querySelectorAll('dt')].map("
+            "dt => [dt.innerText, dt.nextElementSibling.innerText]))"
+        )
+        assert set(rows) == {"Looks", "Words", "Combined", "All words"}, rows
+        assert rows["Words"].endswith("· #1") and rows["All words"] == "yes"
+        assert re.fullmatch(r"-?\d\.\d{3} · #\d+", rows["Looks"]), rows
+        assert "(RRF)" in rows["Combined"]
+        assert "Mode: Smart (hybrid)" in why.inner_text()
+        _shot(page, width, "sku-smart-why")
+
+        # Looks (vector): the code means nothing to the photos' vectors.
+        _choose_mode(page, "vector")
+        assert sent[-1]["mode"] == "vector"
+        assert _cards(page)[0] != "SKU-21"
+        assert page.locator(".card details.why").count() == 0  # nothing fused to explain
+
+        # Words (lexical): only the product holding those words.
+        _choose_mode(page, "lexical")
+        assert sent[-1]["mode"] == "lexical"
+        assert _cards(page) == ["SKU-21"]
+
+        # A brand and a kind, back in Smart: the Northwind shoes.
+        _choose_mode(page, "")
+        _search(page, "northwind shoe")
+        page.wait_for_function("document.querySelector('#summary').innerText.includes('northwind')")
+        _settled(page)
+        assert set(_cards(page)[:2]) == {"SKU-01", "SKU-31"}
+        assert "mode" not in sent[-1]
+        _shot(page, width, "brand-smart")
+
+        # A photo is matched by its looks: the selector does not apply (and says so).
+        photo = tmp_path / "green.png"
+        product_image(COLOURS["green"], 1).save(photo)
+        with page.expect_response(lambda r: r.url.endswith("/search/image")) as answer:
+            page.set_input_files("#file", str(photo))
+        assert answer.value.ok
+        _settled(page)
+        assert page.is_disabled("#mode input[value=lexical]")
+        assert "photo" in (page.get_attribute("#mode", "title") or "")
+        assert _cards(page)[0] == "SKU-21"  # the green shoe
+        assert errors == []
+
+
+def test_without_a_lexical_part_the_mode_selector_is_hidden(
+    browser: Any, catalog: Catalog, tmp_path: Path
+) -> None:
+    index = _branded_index(catalog, tmp_path / "plain", ())
+    app = create_app(index, encoder=load_encoder("fake"))
+    with running_server(app) as base:
+        page, errors = _page(browser, WIDTHS["desktop"])
+        sent: list[dict[str, Any]] = []
+        page.on(
+            "request",
+            lambda r: sent.append(r.post_data_json) if r.url.endswith("/search") else None,
+        )
+        with page.expect_response(lambda r: r.url.endswith("/info")):
+            page.goto(base + "/")
+        page.wait_for_selector("fieldset[data-facet=category]", state="attached")
+        assert not page.is_visible("#mode")
+        assert "cannot match words" in (page.get_attribute("#mode", "data-reason") or "")
+        _search(page, "SKU-21")
+        page.wait_for_selector(".card")
+        _settled(page)
+        assert "mode" not in sent[-1]
+        assert page.locator(".card details.why").count() == 0
+        assert errors == []

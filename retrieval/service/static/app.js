@@ -4,7 +4,11 @@
 // with words as composed terms) with group_by_doc (one card per product) and facets:
 // the counts beside the results are per product, for this query and these filters. A
 // column with a selection gets its counts from a second request without its own
-// selection (so "red (4)" still says what adding red would give).
+// selection (so "red (4)" still says what adding red would give). A photo goes up as
+// multipart (POST /search/image: the file's bytes, not a third more as base64), with the
+// same options as form fields. When the index can match words (GET /info), a mode
+// selector offers Smart (hybrid, the server's default), Words (lexical) and Looks
+// (vector), and each card can explain itself ("Why this result").
 "use strict";
 
 // Products per page (?per_page=N in the address, 1..200).
@@ -28,6 +32,8 @@ const state = {
   selected: {},      // name -> Map(key -> {label, clause})
   query: null,       // {kind: "text"|"image"|"like"|"refine", text, image, like, label, base}
   sort: "",
+  mode: "",          // "" = the server's default (hybrid with words), "lexical", "vector"
+  info: null,        // GET /info: the index's modalities and their search modes
   offset: 0,
   seq: 0,            // the latest search; answers to older ones are dropped
   hits: [],
@@ -75,9 +81,24 @@ async function api(path, options) {
 }
 
 function postSearch(req) {
+  if (req.photo) return postPhoto(req);
   return api("/search", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(req),
   });
+}
+
+// A photo query as multipart: the file itself plus every option as a form field
+// (lists repeated, objects as JSON), validated by the server like the JSON body.
+function postPhoto(req) {
+  const form = new FormData();
+  form.append("image", req.photo, req.photo.name || "photo");
+  for (const [name, value] of Object.entries(req)) {
+    if (name === "photo" || value == null) continue;
+    if (Array.isArray(value)) value.forEach((v) => form.append(name, String(v)));
+    else if (typeof value === "object") form.append(name, JSON.stringify(value));
+    else form.append(name, String(value));
+  }
+  return api("/search/image", { method: "POST", body: form });
 }
 
 // ------------------------------------------------------------------ offline state
@@ -102,7 +123,7 @@ function setOffline(off) {
     healthTimer = setInterval(async () => {
       if (await loadHealth()) {
         clearInterval(healthTimer);
-        if (!Object.keys(state.columns).length) await loadFacets();
+        if (!Object.keys(state.columns).length) await Promise.all([loadFacets(), loadInfo()]);
         rerun();
       }
     }, 3000);
@@ -348,11 +369,77 @@ async function loadFacets() {
 
 function queryFields(q) {
   if (q.kind === "text") return { text: q.text };
-  if (q.kind === "image") return { image: q.image };
+  if (q.kind === "image") return { photo: q.file };
   if (q.kind === "like") return { like_doc: q.like };
   // "refine": the photo (or product) plus words: "like this, but blue".
-  const base = q.base.kind === "image" ? { image: q.base.image } : { like_doc: q.base.like };
-  return { terms: [base, { text: q.text }] };
+  if (q.base.kind === "image") return { photo: q.base.file, text: q.text };
+  return { terms: [{ like_doc: q.base.like }, { text: q.text }] };
+}
+
+// ------------------------------------------------------------------ search modes
+
+const MODES = [
+  // [value sent as `mode` ("" = the server's default), label, what it does]
+  ["", "Smart", "Words and looks combined (hybrid search): brands, product codes and descriptions"],
+  ["lexical", "Words", "Exact words only (lexical search): brand names, product codes, titles"],
+  ["vector", "Looks", "Visual similarity only (vector search): what the products look like"],
+];
+
+function hasWords(q) { return q && (q.kind === "text" || q.kind === "refine"); }
+
+// The search modes the rows this page searches offer (GET /info); [] when unknown.
+function offeredModes() {
+  const info = state.info;
+  if (!info) return [];
+  const m = info.modalities[info.default_modality];
+  return m ? m.modes : [];
+}
+
+function renderModes() {
+  const box = $("mode");
+  const offered = offeredModes();
+  const words = offered.includes("lexical");
+  // Without a lexical part there is nothing to choose: the control stays hidden and says why.
+  box.hidden = !words;
+  box.dataset.reason = words ? "" : "This index cannot match words (no lexical index): searches compare looks only.";
+  if (!words) { state.mode = ""; return; }
+  const applies = !state.query || hasWords(state.query);
+  box.querySelectorAll("input").forEach((el) => {
+    el.checked = el.value === state.mode;
+    el.disabled = !applies;
+  });
+  box.title = applies ? "" : "Search modes apply to searches with words; a photo is matched by its looks.";
+  box.classList.toggle("off", !applies);
+}
+
+function buildModes() {
+  const box = $("mode");
+  box.innerHTML = `<span class="mode-label" id="mode-label">Match</span>`;
+  for (const [value, label, what] of MODES) {
+    const lab = document.createElement("label");
+    lab.className = "mode-opt";
+    lab.title = what;
+    const input = document.createElement("input");
+    input.type = "radio"; input.name = "mode"; input.value = value;
+    input.setAttribute("aria-describedby", `mode-desc-${value || "smart"}`);
+    input.addEventListener("change", () => { if (input.checked) { state.mode = value; rerun(); } });
+    const span = document.createElement("span");
+    span.textContent = label;
+    const desc = document.createElement("span");
+    desc.className = "visually-hidden"; desc.id = `mode-desc-${value || "smart"}`;
+    desc.textContent = what;
+    lab.append(input, span, desc);
+    box.appendChild(lab);
+  }
+}
+
+async function loadInfo() {
+  try {
+    state.info = await api("/info");
+  } catch (e) {
+    state.info = null;  // an older server: no selector, the server's defaults
+  }
+  renderModes();
 }
 
 function queryModality(q) {
@@ -362,11 +449,14 @@ function queryModality(q) {
 function searchBody(offset, where, facets) {
   const req = Object.assign({ k: PAGE, offset, group_by_doc: true }, queryFields(state.query));
   if (where) req.filter = where;
+  const mode = hasWords(state.query) && offeredModes().includes("lexical") ? state.mode : "";
+  if (mode) req.mode = mode;
   if (state.sort) {
     req.sort = state.sort;
-    // Sort the relevant products only (not the whole catalogue by price).
+    // Sort the relevant products only (not the whole catalogue by price). The cutoff is
+    // a cosine: Words mode returns word matches only and needs none (its scores are BM25).
     const cutoff = state.cutoffs[queryModality(state.query)];
-    if (cutoff != null) req.min_score = cutoff;
+    if (cutoff != null && mode !== "lexical") req.min_score = cutoff;
   }
   if (facets && facets.length) req.facets = facets;
   const q = state.query;
@@ -380,6 +470,7 @@ function searchBody(offset, where, facets) {
 
 async function runSearch(append) {
   if (!state.query) return;
+  renderModes();
   if (!append) { state.offset = 0; state.showWeak = false; }
   const seq = ++state.seq;
   const where = filterExpression(null);
@@ -451,7 +542,7 @@ function renderResults(body, append, keep) {
   grid.innerHTML = "";
   state.offset += body.hits.length;
   const all = state.hits;
-  const relevant = all.filter((h) => h.relevant !== false);
+  const relevant = all.filter(isRelevant);
   const weak = all.length - relevant.length;
   // Below the cutoff a product is not a match: listed only on request, or when nothing
   // reaches it ("no good match": the closest products, marked weak).
@@ -488,10 +579,49 @@ function renderResults(body, append, keep) {
   if (append && grid.children[before]) grid.children[before].querySelector("button").focus();
 }
 
+// A hit holding every word of the query (a brand, a product code) is a match even when
+// its photo does not look like the words: CLIP cannot read names or codes.
+function allWords(hit) { return Boolean(hit.explain && hit.explain.all_words); }
+function isRelevant(hit) { return hit.relevant !== false || allWords(hit); }
+
 function relevanceBadge(hit) {
   if (hit.relevant === true) return hit.rank === 1 ? "Best match" : "Good match";
-  if (hit.relevant === false) return "Weak match";
+  if (hit.relevant === false) return allWords(hit) ? "Matches your words" : "Weak match";
   return "";
+}
+
+// "Why this result": the scores behind the rank, for the curious (closed by default).
+function explainBox(hit) {
+  const x = hit.explain;
+  if (!x) return null;
+  const num = (v, d) => (typeof v === "number" ? v.toFixed(d) : "–");
+  const side = (e, d) => (e ? `${num(e.score, d)} · ${e.rank != null ? `#${e.rank}` : "not listed"}` : "no match");
+  const rows = [
+    ["Looks", "Vector search: cosine similarity and rank in the vector list", side(x.vector, 3)],
+    ["Words", "Lexical search: BM25 score and rank in the word list",
+      x.mode === "vector" ? "not used" : side(x.lexical, 2)],
+    ["Combined", "Fused score that orders the results",
+      x.fusion === "none" ? "looks only" : `${num(x.fused, 4)} (${x.fusion === "rrf" ? "RRF" : "weighted"})`],
+  ];
+  if (x.all_words) rows.push(["All words", "The product's text holds every word of the query: ranked first", "yes"]);
+  const det = document.createElement("details");
+  det.className = "why";
+  const sum = document.createElement("summary");
+  sum.textContent = "Why this result";
+  const panel = document.createElement("div");
+  panel.className = "why-panel";
+  const dl = document.createElement("dl");
+  for (const [k, what, v] of rows) {
+    const dt = document.createElement("dt"); dt.textContent = k; dt.title = what;
+    const dd = document.createElement("dd"); dd.textContent = v;
+    dl.append(dt, dd);
+  }
+  const mode = document.createElement("p");
+  mode.className = "why-mode";
+  mode.textContent = `Mode: ${x.mode === "hybrid" ? "Smart" : x.mode === "lexical" ? "Words" : "Looks"} (${x.mode})`;
+  panel.append(dl, mode);
+  det.append(sum, panel);
+  return det;
 }
 
 function card(hit) {
@@ -500,7 +630,7 @@ function card(hit) {
   el.className = "card";
   el.dataset.docId = hit.doc_id;
   el.dataset.key = `${hit.doc_id}|${hit.row_id}`;
-  if (hit.relevant === false) el.classList.add("weak");
+  if (!isRelevant(hit)) el.classList.add("weak");
   const title = m.title || m.name || m.caption || hit.text || hit.doc_id;
   const sub = [m.brand, m.colour || m.color, m.category].filter(Boolean).join(" · ");
   const price = typeof m.price === "number" ? `$${m.price.toFixed(2)}` : "";
@@ -516,13 +646,15 @@ function card(hit) {
         ${rating ? `<span class="rating">${escapeHtml(rating)}</span>` : ""}
         ${m.in_stock === false ? '<span class="badge">out of stock</span>' : ""}
       </div>
-      ${badge ? `<span class="match ${hit.relevant ? "good" : "weak"}">${badge}</span>` : ""}
+      ${badge ? `<span class="match ${isRelevant(hit) ? "good" : "weak"}">${badge}</span>` : ""}
       <div class="actions">
         <button type="button" class="more-like">More like this</button>
         <button type="button" class="refine">Refine…</button>
       </div>
     </div>`;
   el.querySelector(".title").textContent = title;
+  const why = explainBox(hit);
+  if (why) el.querySelector(".actions").before(why);
   el.querySelector(".meta").textContent = sub;
   el.querySelector(".more-like").setAttribute("aria-label", `More like ${title}`);
   el.querySelector(".refine").setAttribute("aria-label", `Refine ${title} with words`);
@@ -579,15 +711,12 @@ function useImage(file) {
     showError(new Error("That file is not an image; add a JPEG, PNG or WebP photo."));
     return;
   }
-  const reader = new FileReader();
-  reader.onload = () => {
-    state.query = { kind: "image", image: reader.result, label: file.name };
-    showQueryImage(reader.result, "Your photo");
-    $("q").value = "";
-    runSearch(false);
-  };
-  reader.onerror = () => showError(new Error("Could not read that file."));
-  reader.readAsDataURL(file);
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.previewUrl = URL.createObjectURL(file);
+  state.query = { kind: "image", file, label: file.name };
+  showQueryImage(state.previewUrl, "Your photo");
+  $("q").value = "";
+  runSearch(false);
 }
 
 function clearImage() {
@@ -624,7 +753,7 @@ async function loadHealth() {
 }
 
 async function init() {
-  if (await loadHealth()) await loadFacets();
+  if (await loadHealth()) await Promise.all([loadFacets(), loadInfo()]);
 }
 
 $("search-form").addEventListener("submit", (ev) => {
@@ -677,4 +806,5 @@ $("filters-toggle").addEventListener("click", () => {
 });
 
 $("empty").hidden = false;
+buildModes();
 init();
