@@ -439,6 +439,7 @@ def search_auto(
     if texts is not None and len(texts) != len(queries):
         raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
     groups: dict[float, list[int]] = {}
+    thresholds: dict[str, float] = {}  # query modality -> threshold (one card read each)
     for i, query in enumerate(queries):
         kind = query_modality(query)
         if kind is None:
@@ -448,8 +449,9 @@ def search_auto(
                 "its calibrated threshold, and a raw vector does not say; pass the threshold "
                 "as a number: min_score=engine.relevance_threshold('text' or 'image')",
             )
-        threshold = relevance_threshold(fingerprint, f"{kind}->{target}")
-        groups.setdefault(threshold, []).append(i)
+        if kind not in thresholds:
+            thresholds[kind] = relevance_threshold(fingerprint, f"{kind}->{target}")
+        groups.setdefault(thresholds[kind], []).append(i)
     out: list[SearchResults | None] = [None] * len(queries)
     for threshold, members in groups.items():
         log.debug("min_score auto -> %.4f for %d quer(ies)", threshold, len(members))

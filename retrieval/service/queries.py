@@ -20,7 +20,7 @@ import numpy as np
 
 from clipsearch.retrieval.encoders.base import decode_side
 from clipsearch.retrieval.errors import InvalidOptionError
-from clipsearch.retrieval.options import MAX_K, MAX_POOL, SearchOptions
+from clipsearch.retrieval.options import AUTO, MAX_K, MAX_POOL, SearchOptions
 from clipsearch.retrieval.service.admission import decode_base64_image, remaining
 from clipsearch.retrieval.service.catalog import ItemRow, item_rows, resolve_image
 from clipsearch.retrieval.service.decoding import decode_image_async
@@ -90,12 +90,32 @@ def check_facets(names: list[str] | None, state: ServiceState) -> tuple[str, ...
 
 
 def with_relevance(query: Query, body: SearchRequest, state: ServiceState) -> Query:
-    """``query`` with its facet columns and relevance cutoff."""
+    """``query`` with its facet columns and relevance cutoff; ``min_score: "auto"``
+    becomes that cutoff's number here, before the job is queued (the batcher hands the
+    engine vectors, which do not say whether they were texts or images)."""
     import dataclasses
 
     facets = check_facets(body.facets, state)
-    cutoff = state.relevance_cutoff(query.query_modality, query.options)
-    return dataclasses.replace(query, facets=facets, relevance_cutoff=cutoff)
+    options = query.options
+    if options.min_score == AUTO:
+        options = options.replace(min_score=_auto_cutoff(query, state))
+    cutoff = state.relevance_cutoff(query.query_modality, options)
+    return dataclasses.replace(query, options=options, facets=facets, relevance_cutoff=cutoff)
+
+
+def _auto_cutoff(query: Query, state: ServiceState) -> float:
+    """What ``min_score: "auto"`` means on this server: its relevance cutoff (the one
+    hits' ``relevant`` and facets use: ``--relevance-cutoff``, else the model's
+    calibrated threshold for the query's direction, cached per version); 422
+    ``invalid_request`` (``details.field = "min_score"``) when there is neither."""
+    cutoff = state.relevance_cutoff(query.query_modality, query.options.replace(min_score=None))
+    if cutoff is not None:
+        return cutoff
+    try:  # no cutoff: the engine's error says which directions the model has and why
+        return float(state.engine.relevance_threshold(query.query_modality, query.options.modality))
+    except InvalidOptionError as e:
+        message = f"{e} (or start the server with --relevance-cutoff)"
+        raise ApiError(422, "invalid_request", message, details={"field": "min_score"}) from e
 
 
 def search_options(

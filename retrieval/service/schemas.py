@@ -76,7 +76,14 @@ class SearchRequest(BaseModel):
         description="Sort the relevant results by a metadata column: 'price', 'price:asc' or "
         "'price:desc' (nulls last). Blank = relevance.",
     )
-    min_score: float | None = Field(default=None, description="Drop results scoring below this.")
+    min_score: float | Literal["auto"] | None = Field(
+        default=None,
+        description="Drop results scoring below this cosine. 'auto': the server's relevance "
+        "cutoff (its --relevance-cutoff, else the model's calibrated threshold for this "
+        "query's direction, e.g. text->image), reported as relevance_cutoff; 422 when the "
+        "server has neither. A min_score makes the default mode 'vector'; 'auto' refuses "
+        "mode 'lexical' / 'hybrid' (their scores are not cosines).",
+    )
     boosts: dict[str, float] | None = Field(
         default=None,
         description="Linear score boosts over numeric metadata columns: score += weight * "
@@ -194,9 +201,9 @@ class SearchResponse(BaseModel):
     # "filter" (every product the filter allows) or "relevant" (those scoring at or
     # above relevance_cutoff); with ``facets`` only.
     facets_scope: str | None = None
-    # The score at or above which a hit counts as relevant: the request's min_score,
-    # the server's --relevance-cutoff, or the model's calibrated threshold; omitted
-    # when there is none.
+    # The score at or above which a hit counts as relevant: the request's min_score
+    # ("auto" resolved to its number), the server's --relevance-cutoff, or the model's
+    # calibrated threshold; omitted when there is none.
     relevance_cutoff: float | None = None
 
 
