@@ -492,3 +492,21 @@ def test_without_a_lexical_part_the_mode_selector_is_hidden(
         assert "mode" not in sent[-1]
         assert page.locator(".card details.why").count() == 0
         assert errors == []
+
+
+def test_a_sku_below_the_relevance_cutoff_is_still_a_match(browser: Any, branded: Path) -> None:
+    """Under a relevance cutoff (a cosine), the product holding every word of a SKU query
+    is listed as a match, not hidden as weak or reported as "no good match"."""
+    app = create_app(branded, ServiceConfig(relevance_cutoff=0.99), encoder=load_encoder("fake"))
+    with running_server(app) as base:
+        page, errors = _page(browser, WIDTHS["desktop"])
+        page.goto(base + "/")
+        page.wait_for_selector("#mode:not([hidden])")
+        _search(page, "SKU-21")
+        page.wait_for_selector(".card")
+        _settled(page)
+        assert _cards(page) == ["SKU-21"]
+        assert page.inner_text(".card .match") == "Matches your words"
+        assert page.inner_text("#summary").startswith("1 product match")
+        assert not page.is_visible("#notice")
+        assert errors == []

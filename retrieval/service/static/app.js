@@ -551,7 +551,9 @@ function renderResults(body, append, keep) {
   shown.forEach((hit) => grid.appendChild(old.get(`${hit.doc_id}|${hit.row_id}`) || card(hit)));
   const n = shown.length;
   const filtered = activeCount() > 0;
-  const total = state.total;
+  // Facets count products whose looks reach the cutoff; products holding every query
+  // word (a SKU, a brand) are matches too, so never claim fewer than are listed.
+  const total = state.total != null && state.scope === "relevant" ? Math.max(state.total, relevant.length) : state.total;
   let summary;
   if (!all.length) summary = "";
   else if (noGood) summary = `No good match for ${describeQuery(true)}${filtered ? " with these filters" : ""}`;
