@@ -14,12 +14,14 @@ each recorded and checked like any other shard file.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clipsearch.indexer.fsutil import TMP_MARKER, fsync_dir, fsync_file, make_dirs, write_error
 from clipsearch.retrieval.errors import ConfigError
@@ -28,7 +30,10 @@ from clipsearch.retrieval.lexical import (
     FIELD_CJK,
     FIELD_ROW,
     FIELD_WORDS,
+    FILTERS_FILE,
     LEXICAL_SUFFIX,
+    FilterField,
+    filter_fields,
     register_analyzers,
     require_tantivy,
     schema,
@@ -125,8 +130,9 @@ def document_texts(metadata: pa.Table, fields: Sequence[str]) -> list[str]:
 def write_lexical(
     root: Path, name: str, metadata: pa.Table, fields: Sequence[str]
 ) -> LexicalRecord:
-    """Write ``shards/<name>.lex/`` over ``fields`` of ``metadata`` (row i = document i)
-    and return its record. Replaces a leftover folder of that name (a failed write)."""
+    """Write ``shards/<name>.lex/`` over ``fields`` of ``metadata`` (row i = document i),
+    with its scalar columns indexed for filters (``FILTERS_FILE`` lists them), and return
+    its record. Replaces a leftover folder of that name (a failed write)."""
     from clipsearch.indexer.writer import file_record
 
     tantivy = require_tantivy()
@@ -139,18 +145,27 @@ def write_lexical(
     texts = document_texts(metadata, fields) if fields else [""] * metadata.num_rows
     try:
         tmp.mkdir()
-        index = tantivy.Index(schema(), path=str(tmp), reuse=False)
+        filters = filter_fields(metadata)
+        index = tantivy.Index(schema(filters), path=str(tmp), reuse=False)
         register_analyzers(index)
         threads = max(1, min(2, os.cpu_count() or 1))
         writer = index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=threads)
         doc = tantivy.Document
+        values = filter_values(metadata, filters)
         for row, text in enumerate(texts):
             words, grams = split_cjk(text)
-            writer.add_document(doc(**{FIELD_WORDS: [words], FIELD_CJK: [grams], FIELD_ROW: [row]}))
+            d = doc(**{FIELD_WORDS: [words], FIELD_CJK: [grams], FIELD_ROW: [row]})
+            for add, field, column in values:
+                v = column[row]
+                if v is not None:
+                    add(d, field, v)
+            writer.add_document(d)
         writer.commit()
         writer.wait_merging_threads()
         (tmp / _WRITER_LOCK).unlink(missing_ok=True)
         (tmp / _READER_LOCK).touch()
+        listing = [{"column": f.column, "field": f.field, "kind": f.kind} for f in filters]
+        (tmp / FILTERS_FILE).write_text(json.dumps(listing, indent=1) + "\n", encoding="utf-8")
         for p in tmp.iterdir():
             fsync_file(p)
         fsync_dir(tmp)
@@ -165,6 +180,30 @@ def write_lexical(
     files = tuple(file_record(root, p) for p in sorted(final.iterdir()) if p.is_file())
     log.info("wrote lexical index %s: %d rows over %s", final, len(texts), ", ".join(fields))
     return LexicalRecord(fields=tuple(fields), analyzer=ANALYZER, rows=len(texts), files=files)
+
+
+def filter_values(
+    metadata: pa.Table, filters: Sequence[FilterField]
+) -> list[tuple[Callable[[Any, str, Any], None], str, list[Any]]]:
+    """Per filter field: the tantivy Document method adding its values, its name, and
+    its column's values (None for nulls and NaN: those rows match no comparison)."""
+    import tantivy
+
+    doc = tantivy.Document
+    adders: dict[str, Callable[[Any, str, Any], None]] = {
+        "i64": doc.add_integer,
+        "u64": doc.add_unsigned,
+        "f64": doc.add_float,
+        "bool": doc.add_boolean,
+        "str": doc.add_text,
+    }
+    out: list[tuple[Callable[[Any, str, Any], None], str, list[Any]]] = []
+    for f in filters:
+        column = metadata.column(f.column).to_pylist()
+        if f.kind == "f64":
+            column = [None if v is None or math.isnan(v) else v for v in column]
+        out.append((adders[f.kind], f.field, column))
+    return out
 
 
 def remove_lexical(root: Path, name: str) -> None:

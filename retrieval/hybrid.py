@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
-import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +47,7 @@ import numpy as np
 from clipsearch.retrieval.errors import QueryError
 
 if TYPE_CHECKING:
+    from clipsearch.retrieval.filters import Node
     from clipsearch.retrieval.lexical import LexicalIndex, QueryTerms
     from clipsearch.retrieval.options import SearchOptions
     from clipsearch.retrieval.planner import AllowedRows, ShardSearcher
@@ -62,6 +61,8 @@ FUSION_DEPTH = 100
 Ranked = list[tuple[float, int, int]]
 # Per query.
 Merged = list[Ranked]
+# One shard's answer to one query: (BM25 scores, local rows, holds every word).
+LexicalHits = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def query_text(query: Any) -> str | None:
@@ -99,42 +100,77 @@ def fuse(
     opts: SearchOptions,
     row_starts: Sequence[int],
     complete: frozenset[tuple[int, int]] = frozenset(),
+    limit: int | None = None,
 ) -> tuple[Ranked, dict[tuple[int, int], dict[str, Any]]]:
     """Fuse one query's two lists (see the module docstring): the fused list (best
-    first) and, per (shard position, local row), what its score is made of.
-    ``complete``: the lexical rows holding every query word."""
-    rows: dict[tuple[int, int], dict[str, Any]] = {}
-    for name, ranked in (("vector", vector), ("lexical", lexical)):
-        for rank, (score, si, local) in enumerate(ranked, 1):
-            rows.setdefault((si, local), {"vector": None, "lexical": None})[name] = {
-                "score": float(score),
-                "rank": rank,
-            }
-    weights = {"vector": opts.vector_weight, "lexical": opts.lexical_weight}
-    bounds = {
-        side: (min(s for s, _, _ in r), max(s for s, _, _ in r)) if r else (0.0, 0.0)
-        for side, r in (("vector", vector), ("lexical", lexical))
-    }
+    first) and, per (shard position, local row) of its first ``limit`` rows (None: all),
+    what its score is made of. ``complete``: the lexical rows holding every query word.
 
-    def contrib(side: str, e: dict[str, Any]) -> float:
+    Computed on arrays (the same float64 operations, in the same order, as the formula
+    row by row); only the rows kept get an explanation."""
+    starts = np.asarray(row_starts, np.int64)
+    sides = [_as_arrays(ranked, starts) for ranked in (vector, lexical)]
+    gids = np.concatenate([g for g, _, _, _ in sides])
+    uniq, inverse = np.unique(gids, return_inverse=True)
+    n = len(uniq)
+    shard_of, local_of = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    fused = np.zeros(n, np.float64)
+    ranks, scores = [], []
+    at = 0
+    for (g, si, local, score), weight in zip(
+        sides, (opts.vector_weight, opts.lexical_weight), strict=True
+    ):
+        where = inverse[at : at + len(g)]
+        at += len(g)
+        shard_of[where], local_of[where] = si, local
+        rank = np.zeros(n, np.int64)
+        rank[where] = np.arange(1, len(g) + 1)
+        value = np.full(n, np.nan)
+        value[where] = score
         if opts.fusion == "rrf":
-            return weights[side] / (opts.rrf_k + e["rank"])
-        lo, hi = bounds[side]
-        return weights[side] * ((e["score"] - lo) / (hi - lo) if hi > lo else 1.0)
-
-    keyed = []
-    for (si, local), e in rows.items():
-        fused = sum(contrib(side, e[side]) for side in ("vector", "lexical") if e[side])
-        e["all_words"] = (si, local) in complete
-        if opts.all_words_first and e["all_words"]:
-            fused += opts.vector_weight + opts.lexical_weight
-        e["fused"] = fused
+            part = weight / (opts.rrf_k + rank[where])
+        elif len(g) and score.max() > score.min():
+            lo, hi = score.min(), score.max()
+            part = weight * ((score - lo) / (hi - lo))
+        else:
+            part = np.full(len(g), weight * 1.0)
+        contrib = np.zeros(n, np.float64)
+        contrib[where] = part
+        fused = fused + contrib
+        ranks.append(rank)
+        scores.append(value)
+    whole = np.zeros(n, bool)
+    if complete:
+        done = np.fromiter((starts[si] + j for si, j in complete), np.int64, len(complete))
+        whole = np.isin(uniq, done)
+    if opts.all_words_first:
+        fused = np.where(whole, fused + (opts.vector_weight + opts.lexical_weight), fused)
+    big = np.iinfo(np.int64).max
+    best = np.minimum(*(np.where(r > 0, r, big) for r in ranks))
+    no_lexical = ranks[1] == 0
+    order = np.lexsort((uniq, no_lexical, best, -fused))
+    out = [(float(fused[i]), int(shard_of[i]), int(local_of[i])) for i in order.tolist()]
+    parts: dict[tuple[int, int], dict[str, Any]] = {}
+    for i in order[:limit].tolist():
+        e: dict[str, Any] = {
+            side: {"score": float(scores[k][i]), "rank": int(ranks[k][i])} if ranks[k][i] else None
+            for k, side in enumerate(("vector", "lexical"))
+        }
+        e["all_words"] = bool(whole[i])
+        e["fused"] = float(fused[i])
         e["fusion"] = opts.fusion
-        best_rank = min(e[side]["rank"] for side in ("vector", "lexical") if e[side])
-        no_lexical = e["lexical"] is None
-        keyed.append((-fused, best_rank, no_lexical, row_starts[si] + local, si, local))
-    keyed.sort()
-    return [(-k[0], k[4], k[5]) for k in keyed], rows
+        parts[(int(shard_of[i]), int(local_of[i]))] = e
+    return out, parts
+
+
+def _as_arrays(
+    ranked: Ranked, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A ranked list as arrays: (global row id, shard position, local row, score)."""
+    score = np.fromiter((r[0] for r in ranked), np.float64, len(ranked))
+    si = np.fromiter((r[1] for r in ranked), np.int64, len(ranked))
+    local = np.fromiter((r[2] for r in ranked), np.int64, len(ranked))
+    return starts[si] + local, si, local, score
 
 
 class HybridSearch:
@@ -151,6 +187,7 @@ class HybridSearch:
         allowed: Sequence[AllowedRows | None],
         xq: np.ndarray,
         timings: dict[str, float],
+        where: Node | None = None,
     ) -> None:
         self.mode = mode
         self.opts = opts
@@ -160,61 +197,92 @@ class HybridSearch:
         self.allowed = allowed
         self.xq = xq
         self.timings = timings
+        self.where = where
         self.row_starts = [s.record.row_id_start for s in shards]
         # Per query: global row id -> explanation (filled by the last search).
         self.explains: list[dict[int, dict[str, Any]]] = [{} for _ in terms]
 
-    def lexical_lists(self, depth: int) -> tuple[Merged, list[frozenset[tuple[int, int]]]]:
-        """Per query, the best ``depth`` allowed rows by BM25 over every shard (scores
-        are per shard BM25; ties by row id), and those holding every query word."""
-        tick = time.perf_counter()
+    def shard_lists(self, si: int, depth: int) -> tuple[list[LexicalHits | None], float]:
+        """Per query, shard ``si``'s best ``depth`` allowed rows by BM25 (see
+        :meth:`LexicalIndex.search`; None for a query without text), and when done."""
+        index = self.lexical[si]
+        if index is None:  # not submitted: shards without a lexical part are skipped
+            return [None for _ in self.terms], time.perf_counter()
+        whole = self.mode == "hybrid" and self.opts.all_words_first
+        out: list[LexicalHits | None] = [
+            None
+            if terms is None
+            else index.search(terms, depth, self.allowed[si], with_complete=whole, where=self.where)
+            for terms in self.terms
+        ]
+        return out, time.perf_counter()
+
+    def merge_lists(
+        self, per_shard: Sequence[tuple[int, list[LexicalHits | None]]], depth: int
+    ) -> tuple[Merged, list[frozenset[tuple[int, int]]]]:
+        """Per query, the best ``depth`` rows over every shard (scores are per shard BM25;
+        ties by row id), and those holding every query word."""
         out: Merged = []
         complete: list[frozenset[tuple[int, int]]] = []
-        whole = self.mode == "hybrid" and self.opts.all_words_first
-        for terms in self.terms:
-            lists = []
-            full: set[tuple[int, int]] = set()
-            for si, index in enumerate(self.lexical):
-                if index is None or terms is None:
-                    continue
-                scores, rows, every = index.search(
-                    terms, depth, self.allowed[si], with_complete=whole
+        starts = np.asarray(self.row_starts, np.int64)
+        for qi in range(len(self.terms)):
+            found = [(si, h) for si, hits in per_shard if (h := hits[qi]) is not None]
+            if not found:
+                out.append([])
+                complete.append(frozenset())
+                continue
+            scores = np.concatenate([h[0] for _, h in found])
+            rows = np.concatenate([h[1] for _, h in found])
+            every = np.concatenate([h[2] for _, h in found])
+            shard = np.concatenate([np.full(len(h[1]), si, np.int64) for si, h in found])
+            best = np.lexsort((starts[shard] + rows, -scores))[:depth]
+            out.append(
+                list(
+                    zip(
+                        scores[best].astype(np.float64).tolist(),
+                        shard[best].tolist(),
+                        rows[best].tolist(),
+                        strict=True,
+                    )
                 )
-                full.update((si, int(j)) for j in rows[every])
-                start = self.row_starts[si]
-                lists.append(
-                    [
-                        (-float(d), start + int(j), si, int(j))
-                        for d, j in zip(scores, rows, strict=True)
-                    ]
-                )
-            best = itertools.islice(heapq.merge(*lists), depth)
-            out.append([(-neg, si, j) for neg, _, si, j in best])
-            complete.append(frozenset(full))
-        self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(tick)
+            )
+            complete.append(
+                frozenset(zip(shard[every].tolist(), rows[every].tolist(), strict=True))
+            )
         return out, complete
 
     def search(
         self, vector_search: Callable[[int], tuple[Merged, dict[str, str]]], pool: int
     ) -> tuple[Merged, dict[str, str]]:
         depth = max(pool, FUSION_DEPTH)
-        # The lexical lists are searched in another thread while the vector search runs
-        # (faiss releases the GIL while it scans).
-        pending = _executor().submit(self.lexical_lists, depth)
+        tick = time.perf_counter()
+        # Each shard's lexical lists are searched in a thread of their own while the
+        # vector search runs (tantivy and faiss release the GIL while they search).
+        pending = [
+            (si, _executor().submit(self.shard_lists, si, depth))
+            for si, index in enumerate(self.lexical)
+            if index is not None
+        ]
         names = [s.record.name for s, x in zip(self.shards, self.lexical, strict=True) if x]
         if self.mode == "lexical":
             vector: Merged = [[] for _ in self.terms]
             plans = dict.fromkeys(names, "lexical")
         else:
             vector, plans = vector_search(depth)
-        lexical, complete = pending.result()
+        done = [(si, f.result()) for si, f in pending]
+        lexical, complete = self.merge_lists([(si, hits) for si, (hits, _) in done], depth)
+        finished = max((end for _, (_, end) in done), default=tick)
+        self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(tick, finished)
         out: Merged = []
         for qi, (v, lex) in enumerate(zip(vector, lexical, strict=True)):
             if self.terms[qi] is None:  # an image or vector query in hybrid mode
                 out.append(v[:pool])
                 self.explains[qi] = {}
                 continue
-            fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi])
+            # Explanations for the rows returned (the whole list where it is not the
+            # fused order: lexical mode, or no lexical match).
+            keep = pool if self.mode == "hybrid" and lex else None
+            fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi], keep)
             if self.mode == "lexical":
                 fused = lex
             elif not lex:  # no row matches a word: the vector ranking, cosine scores kept
@@ -285,7 +353,30 @@ def plan_hybrid(
         allowed=allowed,
         xq=xq,
         timings=timings,
+        where=filter_node(opts.where),
     )
+
+
+def filter_node(where: str | dict[str, Any] | None) -> Node | None:
+    """The parsed filter of a query (parsed once per filter text), for the lexical side
+    to narrow its search with; None without one (or one it cannot read: the engine has
+    already checked it, and the lexical side is exact without it)."""
+    from clipsearch.retrieval.errors import FilterError
+    from clipsearch.retrieval.filters import from_json
+
+    try:
+        return (
+            None if where is None else _parse(where) if isinstance(where, str) else from_json(where)
+        )
+    except FilterError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(where: str) -> Node:
+    from clipsearch.retrieval.filters import parse
+
+    return parse(where)
 
 
 @functools.cache
@@ -295,5 +386,5 @@ def _executor() -> ThreadPoolExecutor:
     )
 
 
-def _ms(since: float) -> float:
-    return round((time.perf_counter() - since) * 1000.0, 3)
+def _ms(since: float, until: float | None = None) -> float:
+    return round(((time.perf_counter() if until is None else until) - since) * 1000.0, 3)

@@ -189,3 +189,183 @@ def test_a_lexical_part_of_another_analyzer_is_searched_by_vectors(tmp_path: Pat
     with SearchEngine.open(root) as engine:
         assert engine.snapshot.shards[0].lexical is None
         assert all(h.explain is None for h in engine.search("Northwind mug", k=3))
+
+
+# --------------------------------------------------------------------------- filters
+# inside tantivy: a filter's comparisons on the metadata fields the lexical part indexes.
+
+VOCAB = ("northwind", "bluefin", "mug", "hat", "lamp", "red", "blue", "striped", "plain")
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory: pytest.TempPathFactory):
+    """A lexical part over 400 rows with a column of every kind (nulls, NaN, float32
+    values that float64 cannot hold exactly, a long text and a date: not indexed)."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from clipsearch.indexer.lexical import write_lexical
+    from clipsearch.retrieval.lexical import LexicalIndex
+
+    rng = np.random.default_rng(14)
+    n = 400
+
+    def nulls(values: list[object], share: float = 0.1) -> list[object]:
+        return [None if rng.random() < share else v for v in values]
+
+    words = rng.integers(0, len(VOCAB), (n, 4))
+    prices = [float(round(v, 2)) for v in rng.uniform(0, 50, n)]
+    prices = [float("nan") if rng.random() < 0.05 else p for p in prices]
+    table = pa.table(
+        {
+            "row_id": pa.array(np.arange(n), pa.int64()),
+            "doc_id": [f"SKU-{i:04d}" for i in range(n)],
+            "title": [" ".join(VOCAB[j] for j in w[: 1 + i % 4]) for i, w in enumerate(words)],
+            "n": pa.array(nulls(rng.integers(-5, 6, n).tolist()), pa.int64()),
+            "u": pa.array(rng.integers(0, 11, n).tolist(), pa.uint32()),
+            "price": pa.array(nulls(prices), pa.float64()),
+            "weight": pa.array((rng.integers(0, 10, n) / 10).tolist(), pa.float32()),
+            "ok": pa.array(nulls([bool(b) for b in rng.integers(0, 2, n)]), pa.bool_()),
+            "cat": pa.array(nulls([("a", "b", "c", "d")[i] for i in rng.integers(0, 4, n)])),
+            "long": ["x" * 300] * n,
+            "day": pa.array([dt.date(2024, 1, 1 + i % 28) for i in range(n)], pa.date32()),
+        }
+    )
+    root = tmp_path_factory.mktemp("typed")
+    record = write_lexical(root, "s000000", table, ("title",))
+    return table, LexicalIndex(root / "shards" / "s000000.lex", record)
+
+
+def _random_filters(count: int, seed: int) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def pick(xs):
+        return xs[int(rng.integers(len(xs)))]
+
+    def num() -> str:
+        return pick(["3", "-2", "0", "2.5", "-0.5", "7", "100", "0.3", "0.1", "25.5", "10"])
+
+    def leaf() -> str:
+        col = pick(["n", "u", "price", "weight", "ok", "cat", "doc_id", "long", "day"])
+        if col in ("n", "u", "price", "weight"):
+            form = int(rng.integers(4))
+            if form == 0:
+                return f"{col} {pick(['=', '!=', '<', '<=', '>', '>='])} {num()}"
+            if form == 1:
+                return f"{col} in ({num()}, {num()}, {num()})"
+            if form == 2:
+                low, high = sorted([float(num()), float(num())])
+                return f"{col} between {low} and {high}"
+            return f"{col} is {pick(['', 'not '])}null"
+        if col == "ok":
+            return pick(["ok", "not ok", "ok = false", "ok is null"])
+        if col in ("cat", "doc_id"):
+            values = ["a", "b", "c", "zz"] if col == "cat" else ["SKU-0001", "SKU-0399", "x"]
+            form = int(rng.integers(3))
+            if form == 0:
+                return f"{col} {pick(['=', '!='])} '{pick(values)}'"
+            if form == 1:
+                return f"{col} in ('{pick(values)}', '{pick(values)}')"
+            return f"{col} startswith '{pick(values)[:1]}'"
+        if col == "long":
+            return "long = 'x'"
+        return "day >= date '2024-01-10'"
+
+    def expr(depth: int) -> str:
+        if depth == 0 or rng.random() < 0.4:
+            return leaf()
+        op = pick(["and", "or", "and not"])
+        return f"({expr(depth - 1)}) {op} ({expr(depth - 1)})"
+
+    return [expr(2) for _ in range(count)]
+
+
+def _matched_rows(index, clause) -> set[int]:
+    from clipsearch.retrieval.lexical import FIELD_ROW
+
+    hits = index.searcher.search(clause, limit=index.docs + 1).hits
+    return set(index.searcher.fast_field_values(FIELD_ROW, [h[1] for h in hits]))
+
+
+def test_filter_clauses_match_a_superset_of_the_rows_and_exactly_where_they_can(typed) -> None:
+    import numpy as np
+
+    from clipsearch.retrieval.filters import compile_filter
+    from clipsearch.retrieval.lexical import filter_clause
+
+    table, index = typed
+    # Not: the long text, the date, the internal columns.
+    assert set(index.filters) == {"doc_id", "title", "n", "u", "price", "weight", "ok", "cat"}
+    translated = exact = 0
+    for where in _random_filters(300, seed=1):
+        compiled = compile_filter(where, table.schema)
+        clause = filter_clause(compiled.node, index.filters, index.schema)
+        if clause is None:
+            continue
+        translated += 1
+        want = set(np.flatnonzero(compiled.mask(table)).tolist())
+        got = _matched_rows(index, clause)
+        assert want <= got, f"{where}: rows {sorted(want - got)[:5]} missing"
+        # No float column, no part left to the mask: the clause is the filter itself.
+        if not any(
+            c in where for c in ("price", "weight", "!=", "not", "null", "start", "day", "long")
+        ):
+            assert got == want, where
+            exact += 1
+    assert translated > 100 and exact > 30, (translated, exact)  # both are exercised
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_filter_inside_tantivy_gives_the_results_of_the_mask_alone(typed, seed: int) -> None:
+    import numpy as np
+
+    from clipsearch.retrieval.filters import compile_filter
+    from clipsearch.retrieval.lexical import analyze, filter_clause
+    from clipsearch.retrieval.planner import AllowedRows
+
+    table, index = typed
+    pushed = 0
+    for where in _random_filters(60, seed=seed):
+        compiled = compile_filter(where, table.schema)
+        mask = compiled.mask(table)
+        pushed += filter_clause(compiled.node, index.filters, index.schema) is not None
+        for query in ("northwind mug", "red striped lamp", "hat"):
+            terms = analyze(query)
+            for limit in (1, 5, 100):
+                allowed = AllowedRows(mask.copy())
+                want = index.search(terms, limit, allowed, with_complete=True)
+                got = index.search(terms, limit, allowed, with_complete=True, where=compiled.node)
+                for a, b in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{where} / {query} / {limit}")
+                # k-results contract: min(limit, matching allowed rows).
+                assert len(got[1]) == min(limit, int(mask[index.search(terms, 400)[1]].sum()))
+    assert pushed > 15
+
+
+def test_a_lexical_part_without_filter_fields_filters_by_the_mask(typed, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from clipsearch.retrieval.filters import compile_filter
+    from clipsearch.retrieval.lexical import FILTERS_FILE, LexicalIndex, analyze
+    from clipsearch.retrieval.planner import AllowedRows
+
+    table, index = typed
+    old = tmp_path / "old.lex"
+    shutil.copytree(index.path, old)
+    (old / FILTERS_FILE).unlink()  # as written before filter fields existed
+    before = LexicalIndex(old, index.record)
+    assert before.filters == {}
+    compiled = compile_filter("n < 2 and cat = 'a'", table.schema)
+    terms = analyze("northwind mug")
+    allowed = AllowedRows(compiled.mask(table))
+    want = index.search(terms, 10, allowed, where=compiled.node)
+    got = before.search(terms, 10, allowed, where=compiled.node)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(got[1])
