@@ -251,7 +251,7 @@ def _no_good_match(fingerprint: Any, *, cutoff: _Cutoff, closest: Any) -> None:
     """What the table is replaced by when nothing reaches the cutoff (demo wording)."""
     from clipsearch.indexer.demo.run import DEMO_SHOP_ONLY, NO_GOOD_MATCH
 
-    line = f"[yellow]{NO_GOOD_MATCH}[/]: no result scores at or above the min score"
+    line = f"[yellow]{NO_GOOD_MATCH}[/]: no result scores at or above {cutoff.value:.3f}"
     if fingerprint.arch == "clipsearch-demo":
         line += f"; {DEMO_SHOP_ONLY}"
     console.print(line + ".")
