@@ -237,7 +237,8 @@ def _document_limits(app: FastAPI, config: ServiceConfig, state: ServiceState) -
         if facetable is not None:
             for model in ("SearchRequest", IMAGE_FORM):
                 props = models.get(model, {}).get("properties", {})
-                for branch in props.get("facets", {}).get("anyOf", []):
+                facets = props.get("facets", {})
+                for branch in facets.get("anyOf", [facets]):
                     if branch.get("type") == "array":
                         branch["items"] = {"type": "string", "enum": facetable}
             app.openapi_schema = schema  # cached once the index (its columns) is known
@@ -385,8 +386,21 @@ def _image_form_schema() -> dict[str, Any]:
                 "description": f"{prop.get('description', '')} In this form: text (JSON for "
                 "an object).",
             }
+        elif "anyOf" in prop:
+            # A form cannot carry null: an option is left out instead (or sent blank).
+            branches = [b for b in prop.pop("anyOf") if b.get("type") != "null"]
+            prop.pop("default", None)
+            if len(branches) == 1:
+                prop.update(branches[0])
+            else:
+                prop["anyOf"] = branches
         fields[name] = prop
-    return {"type": "object", "properties": fields, "required": ["image"]}
+    return {
+        "type": "object",
+        "properties": fields,
+        "required": ["image"],
+        "additionalProperties": False,  # unknown fields are 422
+    }
 
 
 async def _image_form(request: Request, config: ServiceConfig) -> tuple[bytes, SearchRequest]:
@@ -443,7 +457,9 @@ def _form_request(form: Any) -> tuple[UploadFile, SearchRequest]:
                 values.setdefault(name, []).append(value)
         elif name in values:
             raise _form_error(name, "is given twice; send it once")
-        elif "object" in kinds[name] and value.lstrip().startswith("{"):
+        elif "object" in kinds[name] and (
+            value.lstrip().startswith("{") or "string" not in kinds[name]
+        ):
             values[name] = _json_field(name, value)
         elif "boolean" in kinds[name] and value.strip().lower() in ("true", "false"):
             values[name] = value.strip().lower() == "true"
@@ -459,10 +475,18 @@ def _form_request(form: Any) -> tuple[UploadFile, SearchRequest]:
 
 
 def _json_field(name: str, value: str) -> Any:
+    """A form field holding JSON; 400 ``bad_request`` naming it when it does not parse
+    (the form documents these fields as text: only their content is wrong)."""
     try:
         return json.loads(value)
     except ValueError as e:
-        raise _form_error(name, f"is not valid JSON ({e})") from e
+        raise ApiError(
+            400,
+            "bad_request",
+            f"{name}: is not valid JSON ({e}); send it as JSON text, e.g. "
+            + ("'{\"rating\": 0.01}'" if name == "boosts" else "'[\"colour\"]'"),
+            details={"field": name},
+        ) from e
 
 
 def _form_error(field: str, problem: str) -> ApiError:
