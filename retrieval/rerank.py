@@ -227,6 +227,9 @@ def default_pipeline(options: SearchOptions, *, mmr_limit: int) -> list[Reranker
         stages.append(Boost(dict(options.boosts)))
     if options.group_by_doc:
         stages.append(GroupByDoc(options.group_by_doc))
+    if options.min_score == "auto":
+        # The engine resolves "auto" to the model's calibrated number before ranking.
+        raise QueryError("min_score 'auto' must be resolved to a number before reranking")
     if options.min_score is not None:
         stages.append(MinScore(options.min_score))
     if options.mmr is not None:

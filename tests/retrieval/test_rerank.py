@@ -108,3 +108,10 @@ def test_min_score_beyond_float32_range_neither_overflows_nor_drops_wrongly() ->
         warnings.simplefilter("error")
         assert len(MinScore(-2.36e263)(c)) == 2
         assert len(MinScore(1e300)(c)) == 0
+
+
+def test_default_pipeline_refuses_an_unresolved_auto_min_score() -> None:
+    # "auto" is the engine's to turn into the model's calibrated number; a pipeline
+    # built from it directly would otherwise compare scores against a string.
+    with pytest.raises(QueryError, match="resolved to a number"):
+        default_pipeline(SearchOptions(min_score="auto"), mmr_limit=10)
