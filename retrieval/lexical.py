@@ -498,7 +498,11 @@ class LexicalIndex:
             if not common or unknown:  # "SKU-999999": no row has the specific word
                 return None, None
             return tantivy.Query.boolean_query([(should, q) for q in common]), complete
-        need = tantivy.Query.boolean_query([(should, q) for q in rare])
+        need = (
+            rare[0] if len(rare) == 1 else tantivy.Query.boolean_query([(should, q) for q in rare])
+        )
+        if not common:  # a flat disjunction of terms: tantivy prunes it (block-max WAND)
+            return need, complete
         return tantivy.Query.boolean_query([(must, need), *((should, q) for q in common)]), complete
 
     def _fuzzy(self, stem: str, word: str) -> Any:

@@ -265,3 +265,43 @@ def test_a_query_no_row_matches_lexically_keeps_its_vector_ranking(index: Path) 
         assert hybrid.row_ids == vector.row_ids
         assert [h.score for h in hybrid] == [h.score for h in vector]
         assert all(h.explain and h.explain["fusion"] == "none" for h in hybrid)
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_fuse_on_arrays_equals_the_formula_row_by_row_with_ties(fusion: str) -> None:
+    from clipsearch.retrieval.hybrid import fuse
+
+    rng = np.random.default_rng(7)
+    starts = [0, 1000, 5000]
+    for trial in range(40):
+        lists = []
+        for _ in range(2):  # vector, lexical: overlapping rows, few distinct scores (ties)
+            n = int(rng.integers(0, 60))
+            picks = rng.choice(120, size=n, replace=False)
+            scores = np.sort(rng.integers(0, 5, n).astype(np.float64) / 4)[::-1]
+            lists.append(
+                [(float(s), int(p % 3), int(p)) for s, p in zip(scores, picks, strict=True)]
+            )
+        vector, lexical = lists
+        complete = frozenset((si, j) for _, si, j in lexical if rng.random() < 0.3)
+        wv, wl = float(rng.choice([0.5, 1.0])), float(rng.choice([1.0, 2.0]))
+        opts = SearchOptions(
+            fusion=fusion, vector_weight=wv, lexical_weight=wl, all_words_first=bool(trial % 2)
+        )
+        got, parts = fuse(vector, lexical, opts, starts, complete, limit=10)
+        gid = {(si, j): starts[si] + j for _, si, j in vector + lexical}
+        want = _by_hand(
+            [(gid[(si, j)], s) for s, si, j in vector],
+            [(gid[(si, j)], s) for s, si, j in lexical],
+            fusion=fusion,
+            k=1000,
+            wv=wv,
+            wl=wl,
+            complete=frozenset(gid[c] for c in complete) if opts.all_words_first else frozenset(),
+        )
+        assert [starts[si] + j for _, si, j in got] == [r for r, _ in want]
+        assert [s for s, _, _ in got] == [s for _, s in want]  # the same float operations
+        assert list(parts) == [(si, j) for _, si, j in got[:10]]
+        for s, si, j in got[:10]:
+            assert parts[(si, j)]["fused"] == s
+            assert parts[(si, j)]["all_words"] == ((si, j) in complete)
