@@ -58,7 +58,7 @@ from clipsearch.indexer.sources import (
     scan_sources,
 )
 from clipsearch.indexer.writer import file_record, write_shard
-from clipsearch.retrieval.encoders.base import Encoder
+from clipsearch.retrieval.encoders.base import Encoder, EncoderFingerprint
 from clipsearch.retrieval.errors import ClipsearchError, ConfigError, FingerprintMismatchError
 from clipsearch.retrieval.images import DEFAULT_MAX_PIXELS
 from clipsearch.retrieval.manifest import (
@@ -1025,6 +1025,7 @@ class _Ingest:
             next_row_id=(base.next_row_id if base else 0) + rows_new,
             next_shard=(base.next_shard if base else 0) + len(new_shards),
             image_roots=image_roots,
+            relevance_thresholds=recorded_thresholds(self.encoder.fingerprint, base),
         )
         return manifest, report_path, replaced
 
@@ -1071,6 +1072,20 @@ def top_reasons(problems: list[Problem], n: int = TOP_REASONS) -> list[tuple[str
             reason = _NUMBER.sub("N", _ORIGIN.sub(r"\1 another row", p.reason))
             counts[(p.stage, reason)] += p.n_items
     return [(stage, reason, k) for (stage, reason), k in counts.most_common(n)]
+
+
+def recorded_thresholds(
+    fingerprint: EncoderFingerprint, base: Manifest | None
+) -> tuple[tuple[str, float], ...] | None:
+    """The relevance thresholds a new version records: the model card's calibration
+    for these weights, else what the base version recorded (same encoder), else None."""
+    from clipsearch.retrieval.models import DIRECTIONS, calibrated_threshold
+
+    found = [(d, calibrated_threshold(fingerprint, d)) for d in DIRECTIONS]
+    card = tuple((d, float(v)) for d, v in found if v is not None)
+    if card:
+        return card
+    return None if base is None else base.relevance_thresholds
 
 
 def base_image_roots(root: Path, manifest: Manifest) -> tuple[str, ...]:

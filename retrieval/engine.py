@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 
 from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
-from clipsearch.retrieval.encoders.base import EncoderFingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, InvalidOptionError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
 from clipsearch.retrieval.hybrid import plan_hybrid
@@ -201,7 +200,7 @@ class SearchEngine:
             that direction; the message says which directions it has and how to fix it.
         """
         direction = f"{query_modality}->{self.target_modality(modality)}"
-        return relevance_threshold(self.manifest.encoder, direction)
+        return relevance_threshold(self.manifest, direction)
 
     def reload(self) -> bool:
         """Switch to the newest committed version; True when the version changed.
@@ -269,8 +268,8 @@ class SearchEngine:
             return []
         target = _target(state, opts.modality)
         if opts.min_score == AUTO:
-            fingerprint = state.snapshot.manifest.encoder
-            return search_auto(self.search_batch, queries, opts, texts, fingerprint, target)
+            manifest = state.snapshot.manifest
+            return search_auto(self.search_batch, queries, opts, texts, manifest, target)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
@@ -386,21 +385,24 @@ def query_modality(query: Any) -> str | None:
     return "image"
 
 
-def relevance_threshold(fingerprint: EncoderFingerprint, direction: str) -> float:
-    """The calibrated relevance threshold (a cosine) of the encoder ``fingerprint`` for
-    ``direction`` ("text->image", ...): what ``min_score="auto"`` means.
+def relevance_threshold(manifest: Manifest, direction: str) -> float:
+    """The calibrated relevance threshold (a cosine) of the index ``manifest``'s encoder
+    for ``direction`` ("text->image", ...): what ``min_score="auto"`` means. The value
+    recorded in the manifest at build time wins; else the model card's
+    (:meth:`Manifest.relevance_threshold`).
 
     Raises:
         InvalidOptionError (option "min_score") when there is none: which directions the
         model is calibrated for, and how to fix it (a number, or a calibration).
     """
-    from clipsearch.retrieval.models import DIRECTIONS, calibrated_threshold
+    from clipsearch.retrieval.models import DIRECTIONS
 
-    value = calibrated_threshold(fingerprint, direction)
+    value = manifest.relevance_threshold(direction)
     if value is not None:
         return value
+    fingerprint = manifest.encoder
     model = f"{fingerprint.arch} (weights {fingerprint.pretrained!r})"
-    known = [d for d in DIRECTIONS if calibrated_threshold(fingerprint, d) is not None]
+    known = [d for d in DIRECTIONS if manifest.relevance_threshold(d) is not None]
     fix = (
         "pass min_score as a number (a cosine such as 0.3), or calibrate the model on "
         "held-out data: `clipsearch demo-eval --calibration-seed N --write-card PATH` "
@@ -425,7 +427,7 @@ def search_auto(
     queries: Sequence[Any],
     opts: SearchOptions,
     texts: Sequence[str | None] | None,
-    fingerprint: EncoderFingerprint,
+    manifest: Manifest,
     target: str,
 ) -> list[SearchResults]:
     """A ``min_score="auto"`` batch: each query runs with its direction's threshold as a
@@ -450,7 +452,7 @@ def search_auto(
                 "as a number: min_score=engine.relevance_threshold('text' or 'image')",
             )
         if kind not in thresholds:
-            thresholds[kind] = relevance_threshold(fingerprint, f"{kind}->{target}")
+            thresholds[kind] = relevance_threshold(manifest, f"{kind}->{target}")
         groups.setdefault(thresholds[kind], []).append(i)
     out: list[SearchResults | None] = [None] * len(queries)
     for threshold, members in groups.items():

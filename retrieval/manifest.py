@@ -384,6 +384,11 @@ class Manifest:
     # the service serves an image only from inside one of them. None when the manifest
     # was written by a clipsearch that did not record them (readers then infer a root).
     image_roots: tuple[str, ...] | None = None
+    # Calibrated relevance thresholds of the encoder, ((direction, cosine), ...) such as
+    # ("text->image", 0.344): what ``min_score="auto"`` resolves to, recorded at build
+    # time from the model card so the index keeps them without the card. None when the
+    # model has no calibration, or the manifest predates this field.
+    relevance_thresholds: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.metric != METRIC:
@@ -396,6 +401,29 @@ class Manifest:
                     f"image root {root!r} is not an absolute folder path; the manifest is "
                     "corrupt, rebuild the index with `clipsearch index build`"
                 )
+        for direction, value in self.relevance_thresholds or ():
+            if not isinstance(direction, str) or "->" not in direction:
+                raise IndexFormatError(
+                    f"relevance threshold direction {direction!r} is not 'query->rows'; "
+                    "the manifest is corrupt, rebuild the index with `clipsearch index build`"
+                )
+            if not (isinstance(value, float) and -1.0 <= value <= 1.0):
+                raise IndexFormatError(
+                    f"relevance threshold {value!r} for {direction} is not a cosine in "
+                    "[-1, 1]; the manifest is corrupt, rebuild the index with "
+                    "`clipsearch index build`"
+                )
+
+    def relevance_threshold(self, direction: str) -> float | None:
+        """The calibrated relevance threshold for ``direction`` ("text->image", ...):
+        the one recorded in this manifest, else the model card's for these very weights
+        (indexes built before thresholds were recorded); None when neither has one."""
+        for recorded, value in self.relevance_thresholds or ():
+            if recorded == direction:
+                return value
+        from clipsearch.retrieval.models import calibrated_threshold
+
+        return calibrated_threshold(self.encoder, direction)
 
     @property
     def name(self) -> str:
@@ -459,6 +487,11 @@ class Manifest:
             "errors": [e.to_dict() for e in self.errors],
             # Absent (not null) when unknown, exactly as older manifests read.
             **({} if self.image_roots is None else {"image_roots": list(self.image_roots)}),
+            **(
+                {}
+                if self.relevance_thresholds is None
+                else {"relevance_thresholds": dict(self.relevance_thresholds)}
+            ),
         }
 
     def to_json(self) -> str:
@@ -481,6 +514,9 @@ class Manifest:
         roots = d.get("image_roots")
         if roots is not None and not isinstance(roots, list):
             raise TypeError(f"image_roots must be a list of folder paths, got {roots!r}")
+        thresholds = d.get("relevance_thresholds")
+        if thresholds is not None and not isinstance(thresholds, dict):
+            raise TypeError(f"relevance_thresholds must be an object, got {thresholds!r}")
         return cls(
             format_version=int(fmt),
             version=int(d["version"]),
@@ -496,6 +532,9 @@ class Manifest:
             next_row_id=int(d["next_row_id"]),
             next_shard=int(d["next_shard"]),
             image_roots=None if roots is None else tuple(str(r) for r in roots),
+            relevance_thresholds=None
+            if thresholds is None
+            else tuple((str(k), float(v)) for k, v in thresholds.items()),
         )
 
 

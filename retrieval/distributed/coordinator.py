@@ -338,7 +338,7 @@ class DistributedSearchEngine:
 
         layout = self._layout
         direction = f"{query_modality}->{layout.target(modality)}"
-        return relevance_threshold(layout.manifest.encoder, direction)
+        return relevance_threshold(layout.manifest, direction)
 
     def allowed_rows(
         self, where: str | dict[str, Any] | None = None, modality: str | None = None
@@ -483,8 +483,7 @@ class DistributedSearchEngine:
             return []
         if opts.min_score == "auto":  # each query with its direction's threshold
             target = layout.target(opts.modality)
-            fingerprint = layout.manifest.encoder
-            return search_auto(self.search_batch, queries, opts, texts, fingerprint, target)
+            return search_auto(self.search_batch, queries, opts, texts, layout.manifest, target)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         xq = encode_queries(self.encoder, list(queries), layout.manifest.dim)

@@ -236,10 +236,8 @@ class ServiceState:
         key = (self.version, direction)
         cached = self._thresholds.get(key, ...)
         if cached is ...:
-            from clipsearch.retrieval.models import calibrated_threshold
-
             try:
-                cached = calibrated_threshold(engine.manifest.encoder, direction)
+                cached = engine.manifest.relevance_threshold(direction)
             except ValueError:
                 cached = None
             self._thresholds[key] = cached

@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from query_fixtures import build_index
 from typer.testing import CliRunner
 
 from clipsearch.cli.app import app
 from clipsearch.retrieval import models
 from clipsearch.retrieval.engine import SearchEngine, relevance_threshold
-from clipsearch.retrieval.errors import InvalidOptionError
+from clipsearch.retrieval.errors import IndexFormatError, InvalidOptionError
+from clipsearch.retrieval.manifest import Manifest, current_version, read_manifest
 from clipsearch.retrieval.options import SearchOptions
 from clipsearch.retrieval.queries import ComposedQuery
 
@@ -62,7 +64,7 @@ def _rows(results: Any) -> list[tuple[int, float]]:
 def test_auto_is_the_bundled_demo_cards_threshold_per_direction() -> None:
     card_path = models.companion_folder("clipsearch-demo") / models.CARD_NAME
     calibration = json.loads(card_path.read_text(encoding="utf-8"))["calibration"]
-    demo = _demo_fingerprint(calibration["weights_sha256"])
+    demo = _demo_manifest(calibration["weights_sha256"])
     for direction in ("text->image", "image->image", "image->text"):
         assert relevance_threshold(demo, direction) == calibration["thresholds"][direction]
     assert relevance_threshold(demo, "text->image") == pytest.approx(0.344, abs=5e-4)
@@ -74,16 +76,50 @@ def test_auto_is_the_bundled_demo_cards_threshold_per_direction() -> None:
     assert "pass min_score as a number" in str(err.value)
     # The threshold belongs to the weights it was calibrated on.
     with pytest.raises(InvalidOptionError, match="no calibrated relevance threshold"):
-        relevance_threshold(_demo_fingerprint("0" * 64), "text->image")
+        relevance_threshold(_demo_manifest("0" * 64), "text->image")
 
 
-def _demo_fingerprint(sha: str) -> Any:
+def _demo_manifest(sha: str) -> Manifest:
+    """A manifest of an index built with the bundled demo model's weights ``sha``,
+    written before thresholds were recorded in manifests (so the card answers)."""
     from clipsearch.retrieval.encoders import FakeEncoder
 
     fake = FakeEncoder(32).fingerprint
-    return dataclasses.replace(
+    demo = dataclasses.replace(
         fake, arch="clipsearch-demo", pretrained="bundled", weights_sha256=sha
     )
+    return Manifest(version=1, created_at="", operation="build", encoder=demo)
+
+
+def test_a_build_records_the_thresholds_and_auto_keeps_them_without_the_card(
+    corpus: Path, tmp_path: Path, calibrate: Callable[[dict[str, float]], None]
+) -> None:
+    calibrate({"text->image": 0.31, "image->image": 0.82})
+    root = build_index(tmp_path / "idx", corpus, "flat")
+    version = current_version(root)
+    assert version is not None
+    manifest = read_manifest(root, version)
+    assert manifest.relevance_thresholds == (("text->image", 0.31), ("image->image", 0.82))
+    # Written to the manifest file, and read back from it.
+    assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
+    # The model card no longer knows the model (moved, other weights): the index still does.
+    calibrate({})
+    with SearchEngine.open(root) as engine:
+        assert engine.relevance_threshold("text") == 0.31
+        assert engine.relevance_threshold("image") == 0.82
+        with pytest.raises(InvalidOptionError, match=r"text->image, image->image only"):
+            engine.relevance_threshold("text", "text")
+        hits = engine.search(QUERY, k=50, min_score="auto").hits
+        assert hits == engine.search(QUERY, k=50, min_score=0.31).hits
+
+
+def test_manifest_thresholds_that_are_not_cosines_are_a_format_error() -> None:
+    manifest = _demo_manifest("0" * 64)
+    record = json.loads(manifest.to_json())
+    record.pop("checksum")
+    for bad in ({"text->image": 3.0}, {"text image": 0.3}):
+        with pytest.raises(IndexFormatError, match="relevance threshold"):
+            Manifest.from_dict({**record, "relevance_thresholds": bad})
 
 
 def test_auto_equals_a_numeric_min_score_with_the_directions_threshold(
