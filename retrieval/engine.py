@@ -575,6 +575,7 @@ def page_results(
             index_version=version,
             total_matches=total if opts.where is not None else None,
             plans=plans,
+            min_score=opts.min_score if isinstance(opts.min_score, float) else None,
         )
         for hits in out
     ]

@@ -78,6 +78,9 @@ class SearchResults:
     total_matches: int | None = None
     # How each shard was searched: shard name -> "exact", "exact-subset", "ann", ...
     plans: dict[str, str] = field(default_factory=dict)
+    # The relevance cutoff applied (a cosine): the numeric min_score, or the model's
+    # calibrated threshold that min_score="auto" resolved to; None without a cutoff.
+    min_score: float | None = None
 
     def __len__(self) -> int:
         return len(self.hits)
@@ -101,13 +104,14 @@ class SearchResults:
         return [h.to_dict() for h in self.hits]
 
     def to_dict(self) -> dict[str, Any]:
-        """Hits plus timings, version, match count and plans (the CLI's ``--json``)."""
+        """Hits plus timings, version, match count, plans and the cutoff (the CLI's ``--json``)."""
         return {
             "hits": self.to_dicts(),
             "timings": dict(self.timings),
             "index_version": self.index_version,
             "total_matches": self.total_matches,
             "plans": dict(self.plans),
+            "min_score": self.min_score,
         }
 
     def to_arrow(self) -> pa.Table:

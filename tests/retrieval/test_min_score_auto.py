@@ -134,7 +134,11 @@ def test_auto_equals_a_numeric_min_score_with_the_directions_threshold(
         auto = engine.search(query, k=20, min_score="auto")
         numeric = engine.search(query, k=20, min_score=cut)
         assert _rows(auto) == _rows(numeric)
+        # The results say which cutoff "auto" applied, as they do for a number.
+        assert auto.min_score == numeric.min_score == cut
+        assert auto.to_dict()["min_score"] == cut
         assert 1 <= len(auto.hits) < 20 and all(h.score >= cut for h in auto.hits)
+    assert engine.search(QUERY, k=3).min_score is None
     # One batch mixing directions: each query gets its own threshold.
     both = engine.search_batch([QUERY, photo, QUERY], k=20, min_score="auto")
     assert [len(r.hits) for r in both] == [
