@@ -55,7 +55,25 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
+def _ftfy_is_identity(text: str) -> bool:
+    """True when ``ftfy.fix_text`` and ``html.unescape`` return ``text`` unchanged.
+
+    On ASCII, ftfy's fixes that can apply are HTML entities (``&``), line breaks
+    (``\\r``), terminal escapes (``\\x1b``) and control characters; its mojibake, width,
+    quote and ligature fixes and NFC need non-ASCII characters. So printable ASCII
+    plus tab and newline without ``&`` passes through, and most queries skip importing
+    ftfy (~35 ms of a cold CLI search). Tested against ftfy on every ASCII character.
+    """
+    return (
+        text.isascii()
+        and "&" not in text
+        and (text.isprintable() or text.replace("\t", " ").replace("\n", " ").isprintable())
+    )
+
+
 def _basic_clean(text: str) -> str:
+    if _ftfy_is_identity(text):
+        return text.strip()
     import ftfy
 
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
