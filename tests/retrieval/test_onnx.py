@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,128 @@ def test_builds_take_the_backend_measured_faster_queries_take_onnx(
     assert load_encoder(*args).fingerprint.backend == "onnx"  # queries: always ONNX
     with pytest.raises(ConfigError, match="unknown purpose"):
         load_encoder(*args, purpose="train")
+
+
+def test_ascii_texts_skip_ftfy_and_clean_exactly_like_open_clip() -> None:
+    """Printable ASCII without `&` passes through ftfy unchanged, so it is not imported
+    for it; every other ASCII character still goes through ftfy, as open_clip does."""
+    import random
+
+    from open_clip.tokenizer import get_clean_fn
+
+    from clipsearch.retrieval.encoders.bpe import CLEANERS
+
+    rng = random.Random(7)
+    ascii_chars = [chr(i) for i in range(128)]
+    texts = ascii_chars + [f" a{c}b {c}&amp;{c}\r\n" for c in ascii_chars]
+    texts += [
+        "".join(rng.choice(ascii_chars) for _ in range(rng.randint(0, 20))) for _ in range(3000)
+    ]
+    texts += ["Crème brûlée", "caf\u00c3\u00a9", "\x1b[31mred\x1b[0m dress", "a&lt;b", "ｔ-shirt"]
+    for mode, clean in CLEANERS.items():
+        reference = get_clean_fn(mode)
+        assert [clean(t) for t in texts] == [reference(t) for t in texts], mode
+    code = (
+        "import sys\n"
+        "from clipsearch.retrieval.encoders.bpe import CLEANERS\n"
+        "CLEANERS['whitespace']('red striped t-shirt, size 10\\tcotton\\n')\n"
+        "before = 'ftfy' in sys.modules\n"
+        "CLEANERS['whitespace']('Crème brûlée')\n"
+        "print(before, 'ftfy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def _optimized(cache: Path) -> list[Path]:
+    root = cache / "onnx" / "optimized"
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+def test_optimised_graphs_are_cached_checked_and_rebuilt(
+    tiny_onnx: TinyOnnx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(cache))
+    export_files = sorted(p.name for p in tiny_onnx.folder.iterdir())
+    expected = OnnxEncoder(tiny_onnx.folder, cache_graphs=False).encode_texts(TEXTS)
+    assert _optimized(cache) == []
+
+    # First use saves the optimised text graph (and only that tower) beside the cache.
+    np.testing.assert_allclose(
+        OnnxEncoder(tiny_onnx.folder).encode_texts(TEXTS), expected, atol=1e-5
+    )
+    (folder,) = _optimized(cache)
+    assert "-text-" in folder.name and (folder / "model.data").stat().st_size > 0
+    assert sorted(p.name for p in tiny_onnx.folder.iterdir()) == export_files
+
+    # Later processes load it: the export is not even opened.
+    create = OnnxEncoder._create
+
+    def refuse(self: OnnxEncoder, tower: str, path: Path, opts: object) -> object:
+        raise AssertionError(f"the {tower} session was made from the export")
+
+    monkeypatch.setattr(OnnxEncoder, "_create", refuse)
+    np.testing.assert_allclose(
+        OnnxEncoder(tiny_onnx.folder).encode_texts(TEXTS), expected, atol=1e-5
+    )
+
+    # Damaged weights (same size) or a truncated file: the probe or onnxruntime notices,
+    # the session is made from the export and the folder is saved again.
+    monkeypatch.setattr(OnnxEncoder, "_create", create)
+    data = folder / "model.data"
+    for damage in ("zeros", "truncate"):
+        raw = data.read_bytes()
+        if damage == "zeros":
+            data.write_bytes(bytes(len(raw) // 2) + raw[len(raw) // 2 :])
+        else:
+            data.write_bytes(raw[: len(raw) // 3])
+        np.testing.assert_allclose(
+            OnnxEncoder(tiny_onnx.folder).encode_texts(TEXTS), expected, atol=1e-5
+        )
+        assert _optimized(cache) == [folder] and data.read_bytes() == raw
+
+    # A changed export (another graph file) never reads the old folder.
+    other = tmp_path / "export-copy"
+    shutil.copytree(tiny_onnx.folder, other)
+    import onnx
+
+    graph = onnx.load(str(other / "text.onnx"))
+    graph.doc_string = "re-exported"  # same computation, another file
+    onnx.save(graph, str(other / "text.onnx"))
+    OnnxEncoder(other).encode_texts(["x"])
+    assert len(_optimized(cache)) == 2
+
+
+def test_graph_cache_can_be_turned_off(
+    tiny_onnx: TinyOnnx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CLIPSEARCH_ONNX_GRAPH_CACHE", "0")
+    OnnxEncoder(tiny_onnx.folder).encode_texts(["a red shirt"])
+    assert _optimized(tmp_path) == []
+
+
+def test_weights_hash_is_remembered_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import os
+
+    from clipsearch.retrieval.encoders import weights
+    from clipsearch.retrieval.encoders.onnx_cache import cached_sha256
+
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    assert cached_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    weights._sha_cache.clear()  # what a new process starts with
+    hashed: list[Path] = []
+    real = weights.file_sha256
+    monkeypatch.setattr(weights, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert cached_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest() and hashed == []
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)  # same size, mtime put back: ctime still moves
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    weights._sha_cache.clear()
+    assert cached_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and hashed == [f]
