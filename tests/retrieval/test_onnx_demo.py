@@ -66,28 +66,59 @@ def test_a_stale_shipped_export_is_not_used(
     assert shipped_export("clipsearch-demo") == tmp_path / "clipsearch-demo-onnx"
 
 
-def test_demo_text_search_imports_neither_torch_nor_open_clip(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clipsearch.indexer.demo.run import build_demo_index
+    from clipsearch.retrieval.encoders import load_encoder
+
+    tmp = tmp_path_factory.mktemp("demo")
+    generate_catalog(tmp / "catalog", products=12, seed=5)
+    build_demo_index(tmp / "catalog", tmp / "index", load_encoder("clipsearch-demo"))
+    return tmp / "index"
+
+
+WATCHED = ("torch", "open_clip", "torchvision", "pandas", "ftfy")
+
+
+def _cli_search(index: Path, text: str) -> tuple[list[str], list[dict[str, object]]]:
+    """Run `clipsearch search INDEX --text TEXT --json` in a fresh interpreter: which
+    WATCHED modules it imported, and its hits."""
     import json
     import subprocess
     import sys
 
-    from clipsearch.indexer.demo.run import build_demo_index
-    from clipsearch.retrieval.encoders import load_encoder
-
-    generate_catalog(tmp_path / "catalog", products=12, seed=5)
-    build_demo_index(tmp_path / "catalog", tmp_path / "index", load_encoder("clipsearch-demo"))
     code = (
         "import json, sys\n"
         "from clipsearch.cli.app import app\n"
-        f"argv = ['search', {str(tmp_path / 'index')!r}, '--text', 'red dress', '--json']\n"
+        f"argv = ['search', {str(index)!r}, '--text', {text!r}, '--json']\n"
         "try:\n"
         "    app(argv)\n"
         "except SystemExit as e:\n"
         "    assert not e.code, e.code\n"
-        "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)\n"
-        "print(json.dumps(heavy), file=sys.stderr)\n"
+        f"loaded = sorted(m for m in {WATCHED!r} if m in sys.modules)\n"
+        "print(json.dumps(loaded), file=sys.stderr)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stderr.strip().splitlines()[-1]) == []
-    hits = json.loads(out.stdout)["hits"]
-    assert hits and all(h["doc_id"].startswith("SKU-") for h in hits)
+    loaded = json.loads(out.stderr.strip().splitlines()[-1])
+    return loaded, json.loads(out.stdout)["hits"]
+
+
+def test_demo_text_search_imports_neither_torch_nor_open_clip(demo_index: Path) -> None:
+    loaded, hits = _cli_search(demo_index, "red dress")
+    assert not {"torch", "open_clip", "torchvision"} & set(loaded)
+    assert hits and all(str(h["doc_id"]).startswith("SKU-") for h in hits)
+    # An ASCII query needs no ftfy (cleaning is the identity there); Chinese does.
+    assert "ftfy" not in loaded
+    assert "ftfy" in _cli_search(demo_index, "红色连衣裙")[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="retrieval/engine.py and rerank.py still call pa.array / Table.to_pylist on the "
+    "query path (each imports pandas, ~0.25 s); the issue-17 note has the diff to "
+    "retrieval.arrow_convert. Remove this marker when it is applied.",
+)
+def test_demo_text_search_does_not_import_pandas(demo_index: Path) -> None:
+    pytest.importorskip("pandas")  # a lean install has none to avoid
+    loaded, hits = _cli_search(demo_index, "red dress")
+    assert hits and "pandas" not in loaded
