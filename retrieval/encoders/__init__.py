@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clipsearch.retrieval.encoders.base import (
+    QUERY_BATCH,
+    QUERY_THREADS,
     BaseEncoder,
     Encoder,
     EncoderFingerprint,
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKENDS",
     "PRESETS",
+    "QUERY_BATCH",
+    "QUERY_THREADS",
     "BaseEncoder",
     "Encoder",
     "EncoderFingerprint",
@@ -102,6 +106,7 @@ def load_encoder(
     backend: str = "auto",
     allow_random: bool = False,
     threads: int | None = None,
+    query_threads: int | None = QUERY_THREADS,
     purpose: str = "query",
 ) -> Encoder:
     """Load an encoder by name.
@@ -123,12 +128,20 @@ def load_encoder(
             onnxruntime is installed, else torch.
         allow_random: an open_clip architecture without weights is refused (its vectors
             are random) unless this is True.
-        threads: ONNX intra-op threads (None: onnxruntime's default, every core).
+        threads: intra-op threads for calls of more than ``QUERY_BATCH`` (4) items, the
+            indexing batches. None or 0: the backend's default (onnxruntime: every
+            physical core; torch: the count torch had when the model was loaded).
+        query_threads: intra-op threads for calls of up to ``QUERY_BATCH`` items (queries),
+            both backends. 1 by default: a one-query forward pass gains little from more
+            threads, and under CPU load torch's default threads made query p90 latency
+            ~40x worse (``benchmarks/query_threads.py``). None: the same as ``threads``.
         purpose: ``query`` or ``build``. With ``backend="auto"`` and an export, queries
             always take ONNX (no torch import: ~7x faster process start); builds take
             whichever backend a cached timing probe measured faster for this model on this
             machine (ONNX ran the demo model 6.9x faster than torch, a ViT-B-32 0.67x:
-            ``benchmarks/ingest.py``).
+            ``benchmarks/ingest.py``). On a bf16-capable CPU ``precision="auto"`` follows
+            the purpose too: the probe's one-item ratios decide queries, its batch
+            ratios builds (see ``precision.py``).
     """
     if purpose not in PURPOSES:
         raise ConfigError(f"unknown purpose {purpose!r}; expected one of {', '.join(PURPOSES)}")
@@ -148,14 +161,18 @@ def load_encoder(
     if backend != "torch" and onnx.is_export_dir(model):
         if pretrained:
             raise ConfigError(f"{model} is an ONNX export with its own weights; drop --pretrained")
-        return onnx.OnnxEncoder(model, device=device, batch_size=batch_size, threads=threads)
+        return onnx.OnnxEncoder(
+            model, device=device, batch_size=batch_size, threads=threads,
+            query_threads=query_threads,
+        )  # fmt: skip
     arch, weights = resolve_model_name(model, pretrained)
     if backend != "torch":
         found = onnx.find_export_by_name(arch, weights)
         if found is not None and (backend == "onnx" or onnx.onnxruntime_available()):
             onnx_encoder = onnx.OnnxEncoder(
-                found, device=device, batch_size=batch_size, threads=threads
-            )
+                found, device=device, batch_size=batch_size, threads=threads,
+                query_threads=query_threads,
+            )  # fmt: skip
             if backend == "onnx" or purpose == "query":
                 return onnx_encoder
             from clipsearch.retrieval.encoders.openclip import OpenClipEncoder
@@ -163,7 +180,8 @@ def load_encoder(
 
             torch_encoder = OpenClipEncoder(
                 arch, pretrained=weights, device=device, precision=precision,
-                batch_size=batch_size, allow_random=allow_random,
+                batch_size=batch_size, allow_random=allow_random, threads=threads,
+                query_threads=query_threads, purpose=purpose,
             )  # fmt: skip
             faster = choose_build_backend(torch_encoder, onnx_encoder)
             return onnx_encoder if faster == "onnx" else torch_encoder
@@ -183,6 +201,9 @@ def load_encoder(
         precision=precision,
         batch_size=batch_size,
         allow_random=allow_random,
+        threads=threads,
+        query_threads=query_threads,
+        purpose=purpose,
     )
 
 
@@ -210,6 +231,7 @@ def encoder_from_fingerprint(
     precision: str = "auto",
     backend: str = "auto",
     threads: int | None = None,
+    query_threads: int | None = QUERY_THREADS,
     purpose: str = "query",
 ) -> Encoder:
     """Re-create the encoder an index was built with, from its manifest fingerprint.
@@ -217,8 +239,9 @@ def encoder_from_fingerprint(
     ``backend="auto"`` answers from an ONNX export of the same model when there is one
     (its fingerprint was checked against torch when exported; ``backend`` is recorded,
     not compared), else loads torch; with ``purpose="build"`` (``index add``) it takes
-    the backend measured faster, as :func:`load_encoder` does. ``threads``: ONNX
-    intra-op threads.
+    the backend measured faster, as :func:`load_encoder` does. ``threads`` (indexing
+    batches) and ``query_threads`` (calls of up to ``QUERY_BATCH`` items, 1 by default)
+    set either backend's intra-op threads, as in :func:`load_encoder`.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -236,7 +259,9 @@ def encoder_from_fingerprint(
             found = onnx.find_export(fp)
             wanted = backend == "onnx" or (purpose == "query" and onnx.onnxruntime_available())
             if found is not None and wanted:
-                return onnx.OnnxEncoder(found, device=device, threads=threads)
+                return onnx.OnnxEncoder(
+                    found, device=device, threads=threads, query_threads=query_threads
+                )
             if backend == "onnx":
                 raise ModelNotFoundError(
                     f"no ONNX export of {fp.arch!r} / {fp.pretrained!r} (weights sha256 "
@@ -251,6 +276,8 @@ def encoder_from_fingerprint(
             precision=precision,
             backend="torch" if backend == "torch" else "auto",
             allow_random=fp.pretrained == "",  # the index was built from random weights
+            threads=threads,
+            query_threads=query_threads,
             purpose=purpose,
         )
         changed = fp.diff(loaded.fingerprint)

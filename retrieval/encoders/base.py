@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 # Fingerprint fields that say how vectors were computed, not which vectors come out.
 RECORDED_ONLY = ("backend",)
+# Calls with at most this many items are queries (a search encodes 1-4 items); larger
+# ones are indexing batches. Encoders run them with different thread counts.
+QUERY_BATCH = 4
+# Intra-op threads per query forward pass by default. A one-query pass gains little from
+# more threads, and a pool spinning on a loaded CPU made a filtered query's p90 524 ms
+# against 12.7 ms on one thread (issue 11; ``benchmarks/query_threads.py``).
+QUERY_THREADS = 1
 
 
 @dataclass(frozen=True, kw_only=True)

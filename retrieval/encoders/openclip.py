@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipsearch.retrieval.encoders.base import (
+    QUERY_BATCH,
+    QUERY_THREADS,
     BaseEncoder,
     EncoderFingerprint,
     TextEncoding,
@@ -61,6 +63,9 @@ class OpenClipEncoder(BaseEncoder):
         cache_dir: str | None = None,
         download: bool = True,
         allow_random: bool = False,
+        threads: int | None = None,
+        query_threads: int | None = QUERY_THREADS,
+        purpose: str = "query",
     ) -> None:
         """
         Args:
@@ -80,6 +85,18 @@ class OpenClipEncoder(BaseEncoder):
             allow_random: permit ``pretrained=""`` (random weights, random vectors); without
                 it a missing ``pretrained`` is a ConfigError, so no index is silently built
                 from noise.
+            threads: torch intra-op threads for calls of more than ``QUERY_BATCH`` items
+                (indexing). None or 0: the count torch had on the thread that loaded the
+                encoder (torch's default, every physical core, unless ``OMP_NUM_THREADS``
+                or ``torch.set_num_threads`` said otherwise), fixed at load time.
+            query_threads: torch intra-op threads for calls of up to ``QUERY_BATCH`` items
+                (queries). 1 by default: under CPU load a query on torch's default threads
+                had p90 latency ~40x that of one thread (``benchmarks/query_threads.py``).
+                None: the same as ``threads``. Only CPU devices are affected; see
+                :meth:`threads_for` for what is set and what it guarantees.
+            purpose: ``query`` or ``build``, what the encoder will mostly run. Only
+                ``precision="auto"`` on a bf16 CPU uses it: the probe's one-item ratios
+                decide for queries, its batch ratios for builds.
         """
         import open_clip
         import torch
@@ -94,6 +111,16 @@ class OpenClipEncoder(BaseEncoder):
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE.get(self.device.split(":")[0], 32)
         self.normalize = normalize
+        if threads is not None and threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 or None: torch's default), got {threads}")
+        if query_threads is not None and query_threads < 1:
+            raise ConfigError(
+                f"query_threads must be >= 1, or None for the same as threads; got {query_threads}"
+            )
+        if purpose not in ("query", "build"):
+            raise ConfigError(f"unknown purpose {purpose!r}; expected query or build")
+        self.threads = threads or torch.get_num_threads()
+        self.query_threads = query_threads
         self.weights = resolve_weights(arch, pretrained, cache_dir=cache_dir, download=download)
         if self.weights.path is None and not allow_random:
             raise ConfigError(
@@ -123,7 +150,7 @@ class OpenClipEncoder(BaseEncoder):
             from clipsearch.retrieval.encoders.precision import choose_cpu_precision
 
             self.precision = "fp32"  # the probe runs the fp32 model
-            self.precision, self.precision_reason, _ = choose_cpu_precision(self)
+            self.precision, self.precision_reason, _ = choose_cpu_precision(self, purpose)
         if self.precision == "bf16-weights":
             self.model.to(torch.bfloat16)
         log.info("loaded %r (%s parameters)", self, f"{self.n_parameters:,}")
@@ -172,11 +199,12 @@ class OpenClipEncoder(BaseEncoder):
         batch = check_prepared(batch, self._fingerprint.image_size)
         out = [np.zeros((0, self.dim), np.float32)]
         dtype = torch.bfloat16 if self.precision == "bf16-weights" else torch.float32
-        for start in range(0, len(batch), self.batch_size):
-            x = torch.from_numpy(batch[start : start + self.batch_size])
-            x = x.to(self._torch_device, dtype=dtype)
-            with self._inference():
-                out.append(self._finish(self.model.encode_image(x)))
+        with self._threads(len(batch)):
+            for start in range(0, len(batch), self.batch_size):
+                x = torch.from_numpy(batch[start : start + self.batch_size])
+                x = x.to(self._torch_device, dtype=dtype)
+                with self._inference():
+                    out.append(self._finish(self.model.encode_image(x)))
         return np.concatenate(out)
 
     def encode_texts_detailed(self, texts: Sequence[str]) -> TextEncoding:
@@ -195,10 +223,11 @@ class OpenClipEncoder(BaseEncoder):
                 self._fingerprint.arch,
             )
         out = [np.zeros((0, self.dim), np.float32)]
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(texts[start : start + self.batch_size])
-            with self._inference():
-                out.append(self._finish(self.model.encode_text(tokens.to(self._torch_device))))
+        with self._threads(len(texts)):
+            for start in range(0, len(texts), self.batch_size):
+                tokens = self.tokenizer(texts[start : start + self.batch_size])
+                with self._inference():
+                    out.append(self._finish(self.model.encode_text(tokens.to(self._torch_device))))
         return TextEncoding(vectors=np.concatenate(out), truncated=truncated, n_tokens=n_tokens)
 
     def count_tokens(self, text: str) -> int:
@@ -213,6 +242,49 @@ class OpenClipEncoder(BaseEncoder):
             return len(inner(clean(text), add_special_tokens=True)["input_ids"])
         # Unknown tokenizer: count non-padding ids of the (possibly cut) output.
         return int((tok([text])[0] != 0).sum())
+
+    def threads_for(self, n_items: int) -> int | None:
+        """Intra-op threads a call with ``n_items`` items runs on; None: left as it is.
+
+        Calls of up to ``QUERY_BATCH`` items take ``query_threads``, larger ones
+        ``threads``; None on GPU/MPS devices, where the forward pass does not run on
+        CPU threads.
+        """
+        if self._torch_device.type != "cpu":
+            return None
+        if n_items <= QUERY_BATCH and self.query_threads is not None:
+            return self.query_threads
+        return self.threads
+
+    @contextlib.contextmanager
+    def _threads(self, n_items: int) -> Iterator[None]:
+        """Run the block on ``threads_for(n_items)`` threads, then restore the caller's.
+
+        torch (OpenMP backend) keeps the thread count per calling OS thread: a Python
+        thread's first torch op copies a process-wide value, and ``torch.set_num_threads``
+        changes the calling thread's count and that process-wide value. So the count is
+        set around every call (~0.2 us per switch, no slower forward pass after one:
+        measured in ``benchmarks/query_threads.py``), on whichever thread calls, and
+        concurrent calls from several threads each run on their own count. Not
+        guaranteed: a thread that runs its *first* torch op while a call is switched
+        starts from the switched count (it is this encoder's own calls that are pinned,
+        not other torch code in the process).
+        """
+        want = self.threads_for(n_items)
+        if want is None:
+            yield
+            return
+        import torch
+
+        have = torch.get_num_threads()
+        if have == want:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(have)
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,25 +221,43 @@ def test_auto_precision_is_measured_once_per_machine_and_model(
     monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: True)
     calls = []
 
-    def fake_probe(encoder: object) -> dict[str, float]:
+    def fake_probe(encoder: object) -> dict[str, dict[str, float]]:
         calls.append(encoder)
-        return {"bf16": 0.7, "bf16-weights": 1.4}
+        # bf16 weights pay on batches only: queries and builds get different answers.
+        return {
+            "query": {"bf16": 0.5, "bf16-weights": 0.8},
+            "build": {"bf16": 0.7, "bf16-weights": 1.4},
+        }
 
     monkeypatch.setattr(prec, "probe", fake_probe)
     weights = str(tiny_checkpoints.safetensors)
-    first = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
+    first = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights, purpose="build")
     assert first.precision == "bf16-weights" and len(calls) == 1
-    assert (
-        "measured now" in first.precision_reason and "bf16-weights 1.40x" in first.precision_reason
-    )
-    again = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
+    assert first.precision_reason.startswith("auto for build: measured now")
+    assert "4 items: bf16 0.70x fp32, bf16-weights 1.40x fp32" in first.precision_reason
+    assert next(first.model.parameters()).dtype == torch.bfloat16
+    again = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights, purpose="build")
     assert again.precision == "bf16-weights" and len(calls) == 1  # cached
     assert "measured earlier" in again.precision_reason
-    assert json.loads((tmp_path / "precision.json").read_text())
+    query = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)  # purpose="query"
+    assert query.precision == "fp32" and len(calls) == 1  # the same probe, its 1-item ratios
+    assert "1 item: bf16 0.50x fp32, bf16-weights 0.80x fp32" in query.precision_reason
+    cached = json.loads((tmp_path / "precision.json").read_text())
+    (entry,) = cached.values()
+    assert entry["choices"] == {"query": "fp32", "build": "bf16-weights"}
+    # An entry from the earlier probe format (one flat set of ratios) is measured again.
+    (key,) = cached
+    (tmp_path / "precision.json").write_text(
+        json.dumps({key: {"precision": "bf16", "ratios": {"bf16": 2.0, "bf16-weights": 1.0}}})
+    )
+    assert OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights).precision == "fp32"
+    assert len(calls) == 2
     # Below MIN_GAIN (noise margin) fp32 stays.
     monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "other"))
-    monkeypatch.setattr(prec, "probe", lambda e: {"bf16": 0.6, "bf16-weights": 1.05})
-    assert OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights).precision == "fp32"
+    near = {"bf16": 0.6, "bf16-weights": 1.05}
+    monkeypatch.setattr(prec, "probe", lambda e: {"query": near, "build": near})
+    build = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights, purpose="build")
+    assert build.precision == "fp32"
     # Without native bf16 nothing is measured.
     monkeypatch.setattr(oc, "cpu_supports_bf16", lambda: False)
     plain = OpenClipEncoder(tiny_checkpoints.arch, pretrained=weights)
@@ -246,6 +265,62 @@ def test_auto_precision_is_measured_once_per_machine_and_model(
         "fp32",
         "auto: fp32 (no native bf16 on this CPU)",
     )
+
+
+def test_precision_probe_times_one_thread_per_size_and_stops_when_decisive(
+    tiny_checkpoints: TinyCheckpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real probe on the tiny model, with its clock replaced: what it runs and returns."""
+    import open_clip
+
+    from clipsearch.retrieval.encoders import precision as prec
+
+    enc = OpenClipEncoder(
+        tiny_checkpoints.arch, pretrained=str(tiny_checkpoints.safetensors), precision="fp32"
+    )
+    calls: list[tuple[int, str, int]] = []  # (items, what ran, torch threads)
+    real = open_clip.CLIP.encode_image
+
+    def spy(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            what = "bf16"
+        else:
+            what = "bf16-weights" if next(self.parameters()).dtype == torch.bfloat16 else "fp32"
+        calls.append((len(x), what, torch.get_num_threads()))
+        return real(self, x, *args, **kwargs)
+
+    # fp32 takes 1 s, autocast 0.5 s (2x: decisive after one round), bf16 weights 0.95 s
+    # (1.05x: close to MIN_GAIN, so every round is timed).
+    cost = {"fp32": 1.0, "bf16": 0.5, "bf16-weights": 0.95}
+
+    def fake_cpu_seconds(fn: Any) -> float:
+        fn()
+        return cost[calls[-1][1]]
+
+    monkeypatch.setattr(open_clip.CLIP, "encode_image", spy)
+    monkeypatch.setattr(prec, "_cpu_seconds", fake_cpu_seconds)
+    before = torch.get_num_threads()
+    ratios = prec.probe(enc)
+    assert torch.get_num_threads() == before  # restored
+    assert ratios == {
+        purpose: {"bf16": pytest.approx(2.0), "bf16-weights": pytest.approx(1 / 0.95)}
+        for purpose in ("query", "build")
+    }
+    assert {threads for _, _, threads in calls} == {1}  # CPU time of one thread
+    # Per size: one decisive autocast pair, then PROBE_REPEATS bf16-weights pairs.
+    per_size = 2 + 2 * prec.PROBE_REPEATS
+    build_items = prec.PROBE_ITEMS["build"]
+    assert [n for n, _, _ in calls].count(build_items) == per_size
+    assert [n for n, _, _ in calls].count(1) == 3 + per_size  # + one warm-up call each
+    assert prec._pick(ratios["build"]) == "bf16"
+    # Autocast far behind bf16 weights on one item is not timed on the batch.
+    calls.clear()
+    cost["bf16"] = 3.0
+    ratios = prec.probe(enc)
+    assert ratios["query"]["bf16"] == pytest.approx(1 / 3)
+    assert ratios["build"] == {"bf16-weights": pytest.approx(1 / 0.95)}
+    assert (build_items, "bf16", 1) not in calls
+    assert prec._pick(ratios["build"]) == "fp32"
 
 
 def test_precision_and_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
