@@ -102,9 +102,10 @@ def fuse(
     complete: frozenset[tuple[int, int]] = frozenset(),
     limit: int | None = None,
 ) -> tuple[Ranked, dict[tuple[int, int], dict[str, Any]]]:
-    """Fuse one query's two lists (see the module docstring): the fused list (best
-    first) and, per (shard position, local row) of its first ``limit`` rows (None: all),
-    what its score is made of. ``complete``: the lexical rows holding every query word.
+    """Fuse one query's two lists (see the module docstring): the best ``limit`` rows
+    of the fused list (None: all of it), best first, and per (shard position, local row)
+    of those, what its score is made of. ``complete``: the lexical rows holding every
+    query word.
 
     Computed on arrays (the same float64 operations, in the same order, as the formula
     row by row); only the rows kept get an explanation."""
@@ -149,9 +150,10 @@ def fuse(
     best = np.minimum(*(np.where(r > 0, r, big) for r in ranks))
     no_lexical = ranks[1] == 0
     order = np.lexsort((uniq, no_lexical, best, -fused))
+    order = order[:limit]
     out = [(float(fused[i]), int(shard_of[i]), int(local_of[i])) for i in order.tolist()]
     parts: dict[tuple[int, int], dict[str, Any]] = {}
-    for i in order[:limit].tolist():
+    for i in order.tolist():
         e: dict[str, Any] = {
             side: {"score": float(scores[k][i]), "rank": int(ranks[k][i])} if ranks[k][i] else None
             for k, side in enumerate(("vector", "lexical"))

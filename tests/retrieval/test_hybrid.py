@@ -288,7 +288,9 @@ def test_fuse_on_arrays_equals_the_formula_row_by_row_with_ties(fusion: str) -> 
         opts = SearchOptions(
             fusion=fusion, vector_weight=wv, lexical_weight=wl, all_words_first=bool(trial % 2)
         )
-        got, parts = fuse(vector, lexical, opts, starts, complete, limit=10)
+        got, parts = fuse(vector, lexical, opts, starts, complete)
+        top, top_parts = fuse(vector, lexical, opts, starts, complete, limit=10)
+        assert top == got[:10] and list(top_parts) == [(si, j) for _, si, j in top]
         gid = {(si, j): starts[si] + j for _, si, j in vector + lexical}
         want = _by_hand(
             [(gid[(si, j)], s) for s, si, j in vector],
@@ -301,7 +303,7 @@ def test_fuse_on_arrays_equals_the_formula_row_by_row_with_ties(fusion: str) -> 
         )
         assert [starts[si] + j for _, si, j in got] == [r for r, _ in want]
         assert [s for s, _, _ in got] == [s for _, s in want]  # the same float operations
-        assert list(parts) == [(si, j) for _, si, j in got[:10]]
-        for s, si, j in got[:10]:
-            assert parts[(si, j)]["fused"] == s
+        assert list(parts) == [(si, j) for _, si, j in got]
+        for s, si, j in got:
+            assert parts[(si, j)]["fused"] == s == top_parts.get((si, j), parts[(si, j)])["fused"]
             assert parts[(si, j)]["all_words"] == ((si, j) in complete)
