@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -14,7 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsearch.indexer.build import BuildOptions, build
-from clipsearch.retrieval.arrow_convert import arrow_to_numpy, numpy_to_arrow, table_to_pylist
+from clipsearch.retrieval.arrow_convert import (
+    array_of,
+    arrow_to_numpy,
+    numpy_to_arrow,
+    scalar_of,
+    table_to_pylist,
+)
 from clipsearch.retrieval.encoders import FakeEncoder
 from clipsearch.retrieval.manifest import read_current
 from clipsearch.retrieval.store import _shape_problems, open_snapshot
@@ -72,6 +79,51 @@ def test_table_rows_match_pyarrow_for_time_zones_units_and_nulls() -> None:
     assert table_to_pylist(table.slice(0, 0)) == []
 
 
+UTC_MINUS_3 = dt.timezone(dt.timedelta(hours=-3))
+LITERALS = [
+    ([1, -5, 2**62], pa.int64()),
+    ([3, -7], pa.int32()),
+    ([1.5, -2, 3], pa.float64()),
+    ([0.1], pa.float32()),
+    ([True, False, True] * 5, pa.bool_()),
+    (["a", "", "红色连衣裙", "x" * 300], pa.string()),
+    (["q", "r"], pa.large_string()),
+    ([dt.date(2020, 2, 29), dt.date(1900, 1, 1)], pa.date32()),
+    ([dt.datetime(2020, 1, 1, 12, 30, 5, 123000), dt.datetime(1950, 6, 1, tzinfo=UTC_MINUS_3)],
+     pa.timestamp("ms", "UTC")),
+    ([dt.datetime(2020, 1, 1, 12, 30, 5, 123456)], pa.timestamp("us")),
+    ([dt.datetime(1969, 12, 31, 23, 59, 59, 1)], pa.timestamp("ns", "Asia/Shanghai")),
+    ([dt.datetime(2020, 1, 1, 12, 30, 5)], pa.timestamp("s", "Europe/Paris")),
+    # not exactly representable / not built from buffers: pyarrow's own conversion
+    ([dt.datetime(1969, 12, 31, 23, 59, 59, 500000)], pa.timestamp("s")),
+    ([1, None], pa.int64()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "type_"), LITERALS)
+def test_filter_literals_are_what_pyarrow_makes(values: list[object], type_: pa.DataType) -> None:
+    got = array_of(values, type_)
+    assert got.equals(pa.array(values, type=type_)) and got.type == type_
+    assert scalar_of(values[0], type_).equals(pa.scalar(values[0], type_))
+
+
+def test_out_of_range_literals_fail_like_pyarrow() -> None:
+    with pytest.raises(pa.ArrowInvalid, match="too large"):
+        array_of([300], pa.int8())
+    with pytest.raises(OverflowError):
+        array_of([2**63], pa.int64())
+
+
+def test_booleans_unpack_from_any_offset() -> None:
+    bits = [bool(i % 3 == 0 or i % 7 == 0) for i in range(70)]
+    a = pa.array(bits)
+    for start, length in ((0, 70), (5, 13), (9, 0), (63, 7)):
+        assert arrow_to_numpy(a.slice(start, length)).tolist() == bits[start : start + length]
+    chunked = pa.chunked_array([a.slice(0, 9), a.slice(9)])
+    got = arrow_to_numpy(chunked)
+    assert got.dtype == bool and got.tolist() == bits
+
+
 def test_conversions_do_not_import_pandas() -> None:
     pytest.importorskip("pandas")  # without pandas there is nothing to avoid
     code = (
@@ -83,6 +135,11 @@ def test_conversions_do_not_import_pandas() -> None:
         "rows = table_to_pylist(t.take(numpy_to_arrow(np.array([4, 0]))))\n"
         "assert rows[0]['i'] == 4 and rows[0]['ts'].year == 1970, rows\n"
         "assert arrow_to_numpy(t.column('i')).sum() == 10\n"
+        "import datetime as dt\n"
+        "v = array_of(['red', 'blue'], pa.string())\n"
+        "assert array_of([dt.datetime(2024, 1, 1)], pa.timestamp('ms', 'UTC'))[0].value > 0\n"
+        "assert scalar_of(3.5, pa.float64()).as_py() == 3.5 and v[1].as_py() == 'blue'\n"
+        "assert arrow_to_numpy(pa.chunked_array([array_of([True, False], pa.bool_())])).sum() == 1\n"
         "print('pandas' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -108,3 +165,22 @@ def test_shard_checks_still_catch_bad_row_ids_and_modalities(tmp_path: Path) -> 
     assert problems == ["metadata has modalities ['image', 'text'], shard is image"], json.dumps(
         problems
     )
+
+
+def test_filters_compile_and_mask_without_pandas() -> None:
+    pytest.importorskip("pandas")
+    code = (
+        "import sys, datetime as dt, numpy as np, pyarrow as pa\n"
+        "from clipsearch.retrieval.arrow_convert import array_of, numpy_to_arrow\n"
+        "from clipsearch.retrieval.filters import compile_filter\n"
+        "t = pa.Table.from_arrays([numpy_to_arrow(np.array([10.0, 60.0, 30.0])),\n"
+        "    array_of(['dress', 'top', 'dress'], pa.string()),\n"
+        "    array_of([True, True, False], pa.bool_()),\n"
+        "    array_of([dt.datetime(2024, 5, d) for d in (1, 2, 3)], pa.timestamp('ms', 'UTC'))],\n"
+        "    names=['price', 'kind', 'in_stock', 'created_at'])\n"
+        "f = compile_filter(\"price < 50 and kind in ('dress', 'coat') and in_stock = true\"\n"
+        "    \" and created_at >= timestamp '2024-05-01T00:00:00' and not kind is null\", t.schema)\n"
+        "print(f.mask(t).tolist(), 'pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[True,", "False,", "False]", "False"]
