@@ -133,8 +133,9 @@ def load_encoder(
             physical core; torch: the count torch had when the model was loaded).
         query_threads: intra-op threads for calls of up to ``QUERY_BATCH`` items (queries),
             both backends. 1 by default: a one-query forward pass gains little from more
-            threads, and under CPU load torch's default threads made query p90 latency
-            ~40x worse (``benchmarks/query_threads.py``). None: the same as ``threads``.
+            threads, and on a loaded CPU torch's default threads made a one-text query's
+            p50/p90 latency 10x/12x worse (``benchmarks/query_threads.py``). None: the same
+            as ``threads``.
         purpose: ``query`` or ``build``. With ``backend="auto"`` and an export, queries
             always take ONNX (no torch import: ~7x faster process start); builds take
             whichever backend a cached timing probe measured faster for this model on this

@@ -90,8 +90,9 @@ class OpenClipEncoder(BaseEncoder):
                 encoder (torch's default, every physical core, unless ``OMP_NUM_THREADS``
                 or ``torch.set_num_threads`` said otherwise), fixed at load time.
             query_threads: torch intra-op threads for calls of up to ``QUERY_BATCH`` items
-                (queries). 1 by default: under CPU load a query on torch's default threads
-                had p90 latency ~40x that of one thread (``benchmarks/query_threads.py``).
+                (queries). 1 by default: on a loaded 2-core CPU, one-text queries on torch's
+                default threads had p50/p90 latency 10x/12x that of one thread
+                (``benchmarks/query_threads.py``).
                 None: the same as ``threads``. Only CPU devices are affected; see
                 :meth:`threads_for` for what is set and what it guarantees.
             purpose: ``query`` or ``build``, what the encoder will mostly run. Only
@@ -248,7 +249,8 @@ class OpenClipEncoder(BaseEncoder):
 
         Calls of up to ``QUERY_BATCH`` items take ``query_threads``, larger ones
         ``threads``; None on GPU/MPS devices, where the forward pass does not run on
-        CPU threads.
+        CPU threads. See ``_threads`` for how the count is applied and what is guaranteed
+        when several threads encode at once.
         """
         if self._torch_device.type != "cpu":
             return None
