@@ -73,6 +73,10 @@ FULL_TEMPLATES = (
     "{colour} {pattern} {kind_alt}",
 )
 SLOTS = ("kind", "colour", "pattern")
+# Tuning runs (top layers tuned, their lr, the projection's lr): the projection alone;
+# it and MiniLM's top two layers; the same at the lr of the image-tower run that was
+# stopped for CPU (docs/demo-model.md: transformer 2e-5, projection 2e-4).
+TUNING_RUNS = ((0, 0.0, 1e-3), (2, 5e-5, 1e-3), (2, 2e-5, 2e-4))
 
 
 def log(message: str) -> None:
@@ -431,8 +435,36 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"| {tower} | {c[2:]} | {family} | {r['top1']:.3f} | {r['kind']:.3f} "
                     f"| {r['colour']:.3f} | {r['pattern']:.3f} |"
                 )
-    lines += _synonym_lines(report) + _miss_lines(report)
+    lines += _tuning_lines(report) + _synonym_lines(report) + _miss_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _tuning_lines(report: dict[str, Any]) -> list[str]:
+    if "tuning" not in report:
+        return []
+    lines = [
+        "",
+        "## Tuning MiniLM on training-vocabulary captions (never the eval's words), text space",
+        "",
+        "InfoNCE from each caption to its combination's template caption; top-1 = nearest of "
+        f"all template captions (load during tuning: {report.get('tuning_load')}).",
+        "",
+        "| tuned | lr (layers / projection) | step | eval paraphrases | same phrasings, shop "
+        "words | training vocabulary, fresh captions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in report["tuning"]:
+        what = "projection" + (
+            f" + top {run['trainable_layers']} layers" if run["trainable_layers"] else ""
+        )
+        for point in run["curve"]:
+            values = [v for k, v in point.items() if k != "step"]
+            lines.append(
+                f"| {what} | {run['lr_layers'] or '-'} / {run['lr_proj']:g} | {point['step']} | "
+                + " | ".join(f"{v:.3f}" for v in values)
+                + " |"
+            )
+    return lines
 
 
 def _synonym_lines(report: dict[str, Any]) -> list[str]:
@@ -476,25 +508,38 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234, help="eval catalog seed (demo-eval's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "synonym_probe.json")
     parser.add_argument(
-        "--from-json", type=Path, help="re-render the summary and tables of a saved report"
+        "--from-json", type=Path, help="reuse the tower measurements of a saved report"
+    )
+    parser.add_argument(
+        "--tune-steps", type=int, default=200, help="steps of each tuning run (0: none)"
     )
     args = parser.parse_args()
-    if args.from_json is not None:
-        report = json.loads(args.from_json.read_text(encoding="utf-8"))
-        write(report, args.out)
-        return
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     combos = held_out_combos(args.products, args.seed)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+    else:
+        report = measure_towers(args.products, args.seed, combos)
+    if args.tune_steps > 0:
+        report["tuning"] = [
+            tune_probe(combos, trainable=n, steps=args.tune_steps, lr_layers=lr, lr_proj=lr_proj)
+            for n, lr, lr_proj in TUNING_RUNS
+        ]
+        report["tuning_load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    write(report, args.out)
+
+
+def measure_towers(products: int, seed: int, combos: list[Attrs]) -> dict[str, Any]:
     st_embed, tokenize = st_minilm()
     towers = {
         "(a) sentence-transformers MiniLM": st_embed,
         "(b) clipsearch-demo tower": bundled_tower(),
     }
     report: dict[str, Any] = {
-        "seed": args.seed,
-        "products": args.products,
+        "seed": seed,
+        "products": products,
         "combinations": len(combos),
         "targets": len(all_combos()),
         "towers": {},
@@ -504,7 +549,7 @@ def main() -> None:
         report["towers"][name] = measure(embed, tokenize, combos, c_values=(1.0, 10.0, 100.0))
     report["load"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write(report, args.out)
+    return report
 
 
 def write(report: dict[str, Any], out: Path) -> None:
@@ -515,6 +560,162 @@ def write(report: dict[str, Any], out: Path) -> None:
     markdown = render_markdown(report)
     out.with_suffix(".md").write_text(markdown, encoding="utf-8")
     print(markdown)
+
+
+class SplitMiniLM:
+    """all-MiniLM-L6-v2 cut in two: the frozen lower layers run once per text (cached),
+    the top ``trainable`` layers and a projection (identity at start) are tuned."""
+
+    def __init__(self, trainable: int) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from clipsearch.indexer.training.text_tower import minilm_folder
+
+        folder = str(minilm_folder())
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.bert = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+        self.bert.requires_grad_(False)
+        layers = self.bert.encoder.layer
+        self.lower, self.top = layers[: len(layers) - trainable], layers[len(layers) - trainable :]
+        self.top.requires_grad_(True)
+        self.proj = torch.nn.Linear(384, 384, bias=False)
+        torch.nn.init.eye_(self.proj.weight)
+
+    def cache(self, texts: Sequence[str]) -> tuple[Any, Any]:
+        """(hidden states after the frozen layers [n, 32, 384], attention mask [n, 32])."""
+        import torch
+
+        batch = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=32, return_tensors="pt"
+        )
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(texts), 256):
+                ids = batch["input_ids"][s : s + 256]
+                h = self.bert.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+                mask = self._additive(batch["attention_mask"][s : s + 256])
+                for layer in self.lower:
+                    h = layer(h, attention_mask=mask)
+                out.append(h)
+        return torch.cat(out), batch["attention_mask"]
+
+    @staticmethod
+    def _additive(mask: Any) -> Any:
+        import torch
+
+        return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    def embed(self, hidden: Any, mask: Any) -> Any:
+        """Normalised sentence vectors from cached lower-layer states (differentiable)."""
+        import torch
+
+        additive = self._additive(mask)
+        for layer in self.top:
+            hidden = layer(hidden, attention_mask=additive)
+        m = mask.unsqueeze(-1).float()
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(self.proj(pooled), dim=-1)
+
+
+def tune_probe(
+    combos: list[Attrs], *, trainable: int, steps: int, lr_layers: float, lr_proj: float
+) -> dict[str, Any]:
+    """Tune MiniLM's top ``trainable`` layers and a projection so that training-vocabulary
+    captions land on their combination's template caption (InfoNCE against the batch's
+    template captions); measure the eval's paraphrases (never trained on) as it goes."""
+    import torch
+
+    from clipsearch.indexer.demo.catalog import attribute_caption
+
+    torch.manual_seed(0)
+    model = SplitMiniLM(trainable)
+    targets = all_combos()
+    pool, pool_labels = training_captions(per_combo=10, seed=3)
+    check_held_out(pool)
+    families = query_families(combos)
+    evals = {
+        name: families[name]
+        for name in ("paraphrase_unseen (the eval's queries)", "same phrasings, shop words")
+    }
+    fresh, fresh_labels = training_captions(per_combo=2, seed=11)
+    evals["training vocabulary, fresh captions"] = (fresh, fresh_labels)
+    cached = {name: model.cache(q) for name, (q, _) in evals.items()}
+    template_cache = model.cache([attribute_caption(*t) for t in targets])
+    pool_cache = model.cache(pool)
+    label_ids = torch.tensor([targets.index(t) for t in pool_labels])
+    params = [
+        {"params": list(model.top.parameters()), "lr": lr_layers},
+        {"params": list(model.proj.parameters()), "lr": lr_proj},
+    ]
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    curve = []
+    for step in range(steps + 1):
+        if step % max(1, steps // 4) == 0:
+            curve.append(
+                {"step": step, **_tuned_eval(model, cached, evals, template_cache, targets)}
+            )
+            log(f"tune {trainable} layers step {step}: {curve[-1]}")
+        if step == steps:
+            break
+        idx = torch.from_numpy(rng.choice(len(pool), size=64, replace=False))
+        combo_ids = torch.unique(label_ids[idx])
+        q = model.embed(pool_cache[0][idx], pool_cache[1][idx])
+        t = model.embed(template_cache[0][combo_ids], template_cache[1][combo_ids])
+        target = torch.searchsorted(combo_ids, label_ids[idx])
+        loss = torch.nn.functional.cross_entropy(q @ t.T / 0.05, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {
+        "trainable_layers": trainable,
+        "steps": steps,
+        "lr_layers": lr_layers,
+        "lr_proj": lr_proj,
+        "training_captions": len(pool),
+        "curve": curve,
+    }
+
+
+def _tuned_eval(
+    model: SplitMiniLM,
+    cached: dict[str, tuple[Any, Any]],
+    evals: dict[str, tuple[list[str], list[Attrs]]],
+    template_cache: tuple[Any, Any],
+    targets: list[Attrs],
+) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        t = model.embed(*template_cache).numpy()
+        return {
+            name: round(
+                nearest(model.embed(*cached[name]).numpy(), evals[name][1], t, targets)["top1"], 3
+            )
+            for name in evals
+        }
+
+
+def check_held_out(texts: Sequence[str]) -> None:
+    """Refuse to tune on a caption that uses a word of the eval's synonyms or phrasings."""
+    import re
+
+    from clipsearch.indexer.demo import phrasings
+
+    def words(text: str) -> set[str]:
+        return {w for w in re.split(r"[\s,.:;/!?]+", text.lower()) if w}
+
+    unseen: set[str] = set()
+    for table in (phrasings.COLOUR_SYNONYMS, phrasings.PATTERN_SYNONYMS, phrasings.KIND_SYNONYMS):
+        for group in table.values():
+            for syn in group:
+                unseen |= words(syn)
+    for phrasing in phrasings.PHRASINGS:
+        unseen |= words(re.sub(r"\{\w+\}", " ", phrasing))
+    leaked = sorted(set().union(*map(words, texts)) & unseen)
+    if leaked:
+        raise SystemExit(f"training captions use held-out eval words {leaked}; fix FULL_TEMPLATES")
 
 
 if __name__ == "__main__":
