@@ -204,19 +204,29 @@ class HybridSearch:
         # Per query: global row id -> explanation (filled by the last search).
         self.explains: list[dict[int, dict[str, Any]]] = [{} for _ in terms]
 
-    def shard_lists(self, si: int, depth: int) -> tuple[list[LexicalHits | None], float]:
-        """Per query, shard ``si``'s best ``depth`` allowed rows by BM25 (see
-        :meth:`LexicalIndex.search`; None for a query without text), and when done."""
-        index = self.lexical[si]
-        if index is None:  # not submitted: shards without a lexical part are skipped
-            return [None for _ in self.terms], time.perf_counter()
+    def shard_lists(
+        self, shard_ids: Sequence[int], depth: int
+    ) -> tuple[list[tuple[int, list[LexicalHits | None]]], float]:
+        """Per shard of ``shard_ids`` (one after the other) and query, the best ``depth``
+        allowed rows by BM25 (see :meth:`LexicalIndex.search`; None for a query without
+        text), and when done. The filter is passed to local lexical indexes only (other
+        stand-ins, such as the distributed engine's, take the plain call)."""
+        from clipsearch.retrieval.lexical import LexicalIndex
+
         whole = self.mode == "hybrid" and self.opts.all_words_first
-        out: list[LexicalHits | None] = [
-            None
-            if terms is None
-            else index.search(terms, depth, self.allowed[si], with_complete=whole, where=self.where)
-            for terms in self.terms
-        ]
+        out: list[tuple[int, list[LexicalHits | None]]] = []
+        for si in shard_ids:
+            index = self.lexical[si]
+            if index is None:
+                continue
+            kw: dict[str, Any] = {"with_complete": whole}
+            if isinstance(index, LexicalIndex):
+                kw["where"] = self.where
+            hits: list[LexicalHits | None] = [
+                None if terms is None else index.search(terms, depth, self.allowed[si], **kw)
+                for terms in self.terms
+            ]
+            out.append((si, hits))
         return out, time.perf_counter()
 
     def merge_lists(
@@ -260,20 +270,22 @@ class HybridSearch:
         tick = time.perf_counter()
         # Each shard's lexical lists are searched in a thread of their own while the
         # vector search runs (tantivy and faiss release the GIL while they search).
-        pending = [
-            (si, _executor().submit(self.shard_lists, si, depth))
-            for si, index in enumerate(self.lexical)
-            if index is not None
-        ]
+        from clipsearch.retrieval.lexical import LexicalIndex
+
+        # Local shards get a task each; other stand-ins (the distributed engine's, which
+        # answer every shard from one fan-out) are asked in one task, in order.
+        own = [[si] for si, x in enumerate(self.lexical) if isinstance(x, LexicalIndex)]
+        rest = [si for si, x in enumerate(self.lexical) if x and not isinstance(x, LexicalIndex)]
+        pending = [_executor().submit(self.shard_lists, ids, depth) for ids in [*own, rest] if ids]
         names = [s.record.name for s, x in zip(self.shards, self.lexical, strict=True) if x]
         if self.mode == "lexical":
             vector: Merged = [[] for _ in self.terms]
             plans = dict.fromkeys(names, "lexical")
         else:
             vector, plans = vector_search(depth)
-        done = [(si, f.result()) for si, f in pending]
-        lexical, complete = self.merge_lists([(si, hits) for si, (hits, _) in done], depth)
-        finished = max((end for _, (_, end) in done), default=tick)
+        done = [f.result() for f in pending]
+        lexical, complete = self.merge_lists([x for hits, _ in done for x in hits], depth)
+        finished = max((end for _, end in done), default=tick)
         self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(tick, finished)
         out: Merged = []
         for qi, (v, lex) in enumerate(zip(vector, lexical, strict=True)):
