@@ -250,7 +250,11 @@ class OptimizedGraphs:
             "session.optimized_model_external_initializers_min_size_in_bytes",
             str(EXTERNAL_MIN_BYTES),
         )
-        sess = create(opts)
+        try:
+            sess = create(opts)
+        except BaseException:
+            _remove(tmp)
+            raise
         try:
             output = _run_probe(sess, self.probes[tower])
             reloaded = self._load_unchecked(tmp, options)

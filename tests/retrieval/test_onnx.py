@@ -344,3 +344,16 @@ def test_weights_hash_is_remembered_until_the_file_changes(
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     weights._sha_cache.clear()
     assert cached_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and hashed == [f]
+
+
+def test_a_broken_export_leaves_no_half_written_cache(
+    tiny_onnx: TinyOnnx, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_onnx.folder, broken)
+    (broken / "text.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ConfigError, match="cannot load the ONNX text model"):
+        OnnxEncoder(broken).encode_texts(["a red shirt"])
+    root = tmp_path / "cache" / "onnx" / "optimized"
+    assert not root.exists() or list(root.iterdir()) == []
