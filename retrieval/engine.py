@@ -33,6 +33,7 @@ from typing import Any, Unpack
 import numpy as np
 import pyarrow as pa
 
+from clipsearch.retrieval.arrow_convert import numpy_to_arrow, table_to_pylist
 from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, InvalidOptionError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
@@ -624,7 +625,7 @@ def _candidates(
 
     def take(si: int, local: np.ndarray) -> tuple[pa.Table, np.ndarray | None]:
         s = shards[si]
-        return s.metadata.take(pa.array(local)), (
+        return s.metadata.take(numpy_to_arrow(local)), (
             np.asarray(s.vectors[local], np.float32) if vectors else None
         )
 
@@ -666,10 +667,10 @@ def build_candidates(
         meta = pa.concat_tables(tables)
         inverse = np.empty(n, np.int64)
         inverse[np.array(order, np.int64)] = positions
-        meta = meta.take(pa.array(inverse))
+        meta = meta.take(numpy_to_arrow(inverse))
         v = np.concatenate(vecs)[inverse] if vectors else np.zeros((n, 0), np.float32)
     else:
-        meta = schema.empty_table()
+        meta = pa.Table.from_batches([], schema)
         v = np.zeros((0, dim if vectors else 0), np.float32)
     return Candidates(scores=scores, row_ids=row_ids, metadata=meta, vectors=v, query=query)
 
@@ -690,7 +691,7 @@ def _target(state: _State, modality: str | None) -> str:
 
 def _hits(page: Candidates, first_rank: int) -> tuple[Hit, ...]:
     """The page's rows as Hits ranked from ``first_rank`` (1-based)."""
-    rows = page.metadata.to_pylist()
+    rows = table_to_pylist(page.metadata)
     return tuple(
         Hit(
             rank=first_rank + i,

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsearch.retrieval.arrow_convert import numpy_to_arrow
 from clipsearch.retrieval.errors import QueryError
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Candidates:
             self,
             scores=self.scores[order] if scores is None else np.asarray(scores, np.float32),
             row_ids=self.row_ids[order],
-            metadata=self.metadata.take(pa.array(order, pa.int64())),
+            metadata=self.metadata.take(numpy_to_arrow(order)),
             vectors=self.vectors[order],
         )
 

@@ -112,12 +112,6 @@ def test_demo_text_search_imports_neither_torch_nor_open_clip(demo_index: Path) 
     assert "ftfy" in _cli_search(demo_index, "红色连衣裙")[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retrieval/engine.py and rerank.py still call pa.array / Table.to_pylist on the "
-    "query path (each imports pandas, ~0.25 s); the issue-17 note has the diff to "
-    "retrieval.arrow_convert. Remove this marker when it is applied.",
-)
 def test_demo_text_search_does_not_import_pandas(demo_index: Path) -> None:
     pytest.importorskip("pandas")  # a lean install has none to avoid
     loaded, hits = _cli_search(demo_index, "red dress")
