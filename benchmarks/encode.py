@@ -1,19 +1,25 @@
 """Encoder throughput: fp32 against every precision and what ``auto`` picks.
 
 ``auto`` on a CPU with native bf16 times a short probe (``precision.py``) and keeps the
-fastest of fp32 / bf16 autocast / bf16 weights; this benchmark prints its choice, the
-probe's ratios and the ratio it measures itself over longer runs, so the two can be
-compared.
+fastest of fp32 / bf16 autocast / bf16 weights; this benchmark prints its choice (for
+indexing batches and for one-item queries), the probe's ratios and the ratios it
+measures itself over longer runs, so the two can be compared.
+
+Speedups are medians of paired ratios (fp32's time / the candidate's, timed back to
+back in each round) with their range; ``fp32-again``, a second fp32 encoder timed the
+same way, shows the run's noise (an earlier unpaired 3-round run under load measured one
+fp32 encoder at 1.36x another, and bf16 weights at 2.28x where quieter runs give ~0.4-0.6x).
+``query_*`` columns time one-item calls, on the encoders' query threads.
 
 Random-initialised weights (nothing is downloaded): speed does not depend on the weight
 values, and agreement between precisions is measured as the cosine between the fp32 and
 the low-precision vectors of the same inputs. Images are timed through the image tower
 (``encode_prepared`` on already-preprocessed tensors, the indexer's hot loop); texts
 through ``encode_texts`` (tokenising included). Every rate is measured in this process,
-so the ratios compare like with like.
+so the ratios compare like with like; the load average before and after is recorded.
 
     nice python benchmarks/encode.py            # writes benchmarks/results/encode.json
-    python benchmarks/encode.py --precisions fp32 auto bf16 bf16-weights --batches 3
+    python benchmarks/encode.py --precisions fp32 auto bf16-weights --batches 5
     nice python benchmarks/encode.py --int8     # the demo model's ONNX export, fp32 vs int8
 
 ``--int8`` measures dynamic int8 quantisation of the demo model's ONNX export instead:
@@ -39,6 +45,8 @@ import numpy as np
 from clipsearch.retrieval.encoders.openclip import OpenClipEncoder, cpu_supports_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "encode.json"
+# A second fp32 encoder timed like the candidates: its "speedup" is the run's noise.
+CONTROL = "fp32-again"
 WORDS = [
     "red",
     "blue",
@@ -60,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", default="ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=3, help="timed rounds (one batch each)")
+    ap.add_argument("--batches", type=int, default=5, help="timed rounds (one batch each)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "auto", "bf16", "bf16-weights"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -82,75 +90,134 @@ def main() -> None:
     bs, rounds = args.batch_size, args.batches
     images = rng.standard_normal((bs, 3, 224, 224)).astype(np.float32)
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))) for _ in range(bs)]
-    if "fp32" not in args.precisions:
-        args.precisions.insert(0, "fp32")
-
+    names = list(dict.fromkeys(["fp32", CONTROL, *args.precisions]))
+    load_before = os.getloadavg()
     encoders = {
-        p: OpenClipEncoder(
-            args.arch, device=args.device, precision=p, batch_size=bs, allow_random=True
+        name: OpenClipEncoder(
+            args.arch,
+            device=args.device,
+            precision="fp32" if name == CONTROL else name,
+            batch_size=bs,
+            allow_random=True,
+            purpose="build",  # auto: the probe's batch ratios decide, as for indexing
         )
-        for p in args.precisions
+        for name in names
     }
     vectors = {}
     for name, enc in encoders.items():  # warm-up: first calls allocate and pick kernels
         vectors[name] = (enc.encode_prepared(images), enc.encode_texts(texts))
-    # Round-robin over precisions, so that load from other processes on a shared machine
-    # hits every precision alike instead of skewing whichever ran during a busy spell.
-    spent = {name: [0.0, 0.0] for name in encoders}
-    for _ in range(rounds):
-        for name, enc in encoders.items():
-            t0 = time.perf_counter()
-            enc.encode_prepared(images)
-            t1 = time.perf_counter()
-            enc.encode_texts(texts)
-            t2 = time.perf_counter()
-            spent[name][0] += t1 - t0
-            spent[name][1] += t2 - t1
-    n = bs * rounds
-    runs: dict[str, dict[str, Any]] = {
-        name: {
+        enc.encode_prepared(images[:1])
+        enc.encode_texts(texts[:1])
+    timed = {
+        "image": _paired(encoders, lambda e: e.encode_prepared(images), rounds),
+        "text": _paired(encoders, lambda e: e.encode_texts(texts), rounds),
+        # One item per call: a query, on the encoder's query threads.
+        "query_image": _paired(encoders, lambda e: e.encode_prepared(images[:1]), 4 * rounds),
+        "query_text": _paired(encoders, lambda e: e.encode_texts(texts[:1]), 4 * rounds),
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    base_img, base_txt = vectors["fp32"]
+    for name, enc in encoders.items():
+        img, txt = vectors[name]
+        image, text = timed["image"][name], timed["text"][name]
+        q_image, q_text = timed["query_image"][name], timed["query_text"][name]
+        runs[name] = {
             "precision": enc.precision,
             "precision_reason": enc.precision_reason,
             "device": enc.device,
-            "images_per_s": round(n / spent[name][0], 2),
-            "texts_per_s": round(n / spent[name][1], 2),
+            "images_per_s": round(bs / image["median_s"], 2),
+            "texts_per_s": round(bs / text["median_s"], 2),
+            "image_speedup_vs_fp32": image["ratio"],
+            "image_speedup_range": image["range"],
+            "text_speedup_vs_fp32": text["ratio"],
+            "text_speedup_range": text["range"],
+            "query_image_ms": round(q_image["median_s"] * 1e3, 2),
+            "query_text_ms": round(q_text["median_s"] * 1e3, 2),
+            "query_image_speedup_vs_fp32": q_image["ratio"],
+            "query_text_speedup_vs_fp32": q_text["ratio"],
+            "image_cosine_to_fp32_min": round(float((img * base_img).sum(1).min()), 6),
+            "text_cosine_to_fp32_min": round(float((txt * base_txt).sum(1).min()), 6),
         }
-        for name, enc in encoders.items()
-    }
-
-    base_img, base_txt = vectors["fp32"]
-    for name, run in runs.items():
-        img, txt = vectors[name]
-        run["image_speedup_vs_fp32"] = round(run["images_per_s"] / runs["fp32"]["images_per_s"], 3)
-        run["text_speedup_vs_fp32"] = round(run["texts_per_s"] / runs["fp32"]["texts_per_s"], 3)
-        run["image_cosine_to_fp32_min"] = round(float((img * base_img).sum(1).min()), 6)
-        run["text_cosine_to_fp32_min"] = round(float((txt * base_txt).sum(1).min()), 6)
 
     result = {
         "benchmark": "encode",
         "arch": args.arch,
         "weights": "random init (seeded)",
         "batch_size": bs,
-        "timed_items_per_modality": n,
+        "rounds": rounds,
+        "method": (
+            "speedups are medians over rounds of paired ratios (fp32 time / candidate time, "
+            f"timed back to back); {CONTROL!r} is a second fp32 encoder, so its ratio and "
+            "range show the noise of this run; query_* time one-item calls"
+        ),
         "machine": _machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "runs": runs,
     }
     for name, run in runs.items():
-        print(f"{name:>12} -> {run['precision']}: {run}")
+        print(
+            f"{name:>12} -> {run['precision']:>12}: batch {bs}: images {run['images_per_s']}/s "
+            f"{run['image_speedup_vs_fp32']}x {run['image_speedup_range']}, texts "
+            f"{run['texts_per_s']}/s {run['text_speedup_vs_fp32']}x {run['text_speedup_range']}; "
+            f"1 item: image {run['query_image_ms']} ms {run['query_image_speedup_vs_fp32']}x, "
+            f"text {run['query_text_ms']} ms {run['query_text_speedup_vs_fp32']}x"
+        )
     if "auto" in runs:
         auto = runs["auto"]
         print(
             f"auto picked {auto['precision']} ({auto['precision_reason']}); measured here: "
             f"images {auto['image_speedup_vs_fp32']}x, texts {auto['text_speedup_vs_fp32']}x fp32"
         )
+        if auto["precision_reason"].startswith("auto for"):  # probed: the query choice too
+            from clipsearch.retrieval.encoders.precision import choose_cpu_precision
+
+            query, _, _ = choose_cpu_precision(encoders["fp32"], "query")  # cached
+            auto["auto_for_queries"] = query
+            print(f"auto for queries (1 item): {query}")
+    print(f"noise ({CONTROL} vs fp32): images {runs[CONTROL]['image_speedup_range']}, "
+          f"texts {runs[CONTROL]['text_speedup_range']}; load average {load_before} -> "
+          f"{result['load_average_after']}")  # fmt: skip
     if args.out.is_file():  # keep the --int8 section of an earlier run
         old = json.loads(args.out.read_text())
         if "onnx_int8" in old:
             result["onnx_int8"] = old["onnx_int8"]
     _write_json(args.out, result)
     print(f"wrote {args.out}")
+
+
+def _paired(encoders: dict[str, Any], fn: Any, rounds: int) -> dict[str, dict[str, Any]]:
+    """Per encoder: median seconds per call, and the median (and range) over rounds of
+    fp32's time / its time, each pair timed back to back so that both meet the same load
+    from other processes (on a shared machine single timings swing 2-4x)."""
+    base = encoders["fp32"]
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    ratios: dict[str, list[float]] = {name: [] for name in encoders}
+    for _ in range(rounds):
+        for name, enc in encoders.items():
+            if name == "fp32":
+                continue
+            t_base, t = _seconds(lambda: fn(base)), _seconds(lambda enc=enc: fn(enc))
+            times["fp32"].append(t_base)
+            times[name].append(t)
+            ratios[name].append(t_base / t)
+    ratios["fp32"] = [1.0]
+    return {
+        name: {
+            "median_s": float(np.median(times[name])),
+            "ratio": round(float(np.median(ratios[name])), 3),
+            "range": [round(min(ratios[name]), 3), round(max(ratios[name]), 3)],
+        }
+        for name in encoders
+    }
+
+
+def _seconds(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def bench_int8(products: int, rounds: int) -> dict[str, Any]:
