@@ -29,6 +29,12 @@ _BACKEND = typer.Option(
     help="Query encoder runtime: auto (ONNX when the model has an export, e.g. the demo "
     "model; else torch), onnx, or torch.",
 )
+_QUERY_THREADS = typer.Option(
+    1,
+    "--query-threads",
+    min=1,
+    help="CPU threads that encode the query (1: steady latency on a busy machine).",
+)
 _RANDOM_WEIGHTS = typer.Option(
     False,
     "--random-weights",
@@ -139,6 +145,7 @@ def search_cmd(
     ),
     device: str = _DEVICE,
     backend: str = _BACKEND,
+    query_threads: int = _QUERY_THREADS,
     as_json: bool = typer.Option(
         False, "--json", help="JSON output (lexical/hybrid hits carry an 'explain')."
     ),
@@ -172,8 +179,10 @@ def search_cmd(
             vector_weight=vector_weight,
             lexical_weight=lexical_weight,
         )
-        encoder = _index_encoder(index, device=device, backend=backend)
-        with SearchEngine.open(index, encoder=encoder, device=device) as engine:
+        encoder = _index_encoder(index, device=device, backend=backend, query_threads=query_threads)
+        with SearchEngine.open(
+            index, encoder=encoder, device=device, query_threads=query_threads
+        ) as engine:
             columns = [c for c in engine.schema.names if c not in FIXED_COLUMNS]
             shown = _fields(fields, columns)
             results = engine.search(query, options)
@@ -263,7 +272,7 @@ def _no_good_match(fingerprint: Any, *, cutoff: _Cutoff, closest: Any) -> None:
         )
 
 
-def _index_encoder(index: Path, *, device: str, backend: str) -> Any:
+def _index_encoder(index: Path, *, device: str, backend: str, query_threads: int) -> Any:
     """The query encoder of ``index`` on ``backend``; None leaves "auto" to the engine."""
     from clipsearch.retrieval.encoders import BACKENDS, encoder_from_fingerprint
 
@@ -275,7 +284,9 @@ def _index_encoder(index: Path, *, device: str, backend: str) -> Any:
         return None
     from clipsearch.retrieval.manifest import read_current
 
-    return encoder_from_fingerprint(read_current(index).encoder, device=device, backend=backend)
+    return encoder_from_fingerprint(
+        read_current(index).encoder, device=device, backend=backend, query_threads=query_threads
+    )
 
 
 def _query(

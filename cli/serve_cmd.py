@@ -75,6 +75,12 @@ def serve(
     max_text_chars: int = typer.Option(
         8192, help="Characters of text one request may send in all (413 above)."
     ),
+    query_threads: int = typer.Option(
+        1,
+        min=1,
+        help="CPU threads that encode a micro-batch of up to 4 queries (larger batches "
+        "use every core); 1 keeps latency steady when the machine is busy.",
+    ),
     decode_pixel_budget: int = typer.Option(
         80_000_000,
         help="Decoded image pixels in flight across all requests (bounds memory; requests "
@@ -102,6 +108,7 @@ def serve(
             max_text_chars=max_text_chars,
             relevance_cutoff=relevance_cutoff,
             decode_pixel_budget=decode_pixel_budget,
+            query_threads=query_threads,
         )
         if ray is not None and workers != 1:
             raise ConfigError(

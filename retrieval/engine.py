@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsearch.retrieval.arrow_convert import numpy_to_arrow, table_to_pylist
-from clipsearch.retrieval.encoders import Encoder, encoder_from_fingerprint
+from clipsearch.retrieval.encoders import QUERY_THREADS, Encoder, encoder_from_fingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, InvalidOptionError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
 from clipsearch.retrieval.hybrid import plan_hybrid
@@ -136,6 +136,8 @@ class SearchEngine:
         device: str = "auto",
         *,
         config: PlannerConfig | None = None,
+        threads: int | None = None,
+        query_threads: int = QUERY_THREADS,
     ) -> SearchEngine:
         """Pin the live version at ``path`` and load it.
 
@@ -147,6 +149,12 @@ class SearchEngine:
                 "auto" moves Flat / IVF-Flat / IVF-PQ shards to every GPU a GPU build of
                 faiss sees, "cuda" / "cuda:N" require one, "cpu" never touches a GPU.
                 See :attr:`placement`.
+            threads, query_threads: CPU threads of the encoder created here (ignored
+                when ``encoder`` is given): ``query_threads`` (1 by default) for calls
+                of up to 4 items, i.e. queries, so latency does not depend on how many
+                cores torch or onnxruntime would grab on a busy machine; ``threads``
+                (None: the runtime's default, every core) for larger batches. See
+                :func:`clipsearch.retrieval.encoders.load_encoder`.
         Raises:
             IndexNotFoundError, IndexFormatError, FingerprintMismatchError;
             ConfigError for "cuda" without a GPU build of faiss (says how to install one).
@@ -156,7 +164,12 @@ class SearchEngine:
         placer = ShardPlacer(device, fp16_flat=config.gpu_flat_fp16)
         snapshot = open_snapshot(root)
         if encoder is None:
-            encoder = encoder_from_fingerprint(snapshot.manifest.encoder, device=device)
+            encoder = encoder_from_fingerprint(
+                snapshot.manifest.encoder,
+                device=device,
+                threads=threads,
+                query_threads=query_threads,
+            )
         check_fingerprint(snapshot.manifest, encoder)
         configure_faiss(snapshot.dim)
         return cls(root, encoder, _build_state(snapshot, placer, config), config, device, placer)

@@ -211,6 +211,7 @@ class DistributedSearchEngine:
         device: str = "auto",
         *,
         options: DistributedOptions | None = None,
+        query_threads: int = 1,
     ) -> DistributedSearchEngine:
         """Pin the live version at ``path`` (a filesystem every node mounts at the same
         path) and load its shards onto host actors.
@@ -218,6 +219,9 @@ class DistributedSearchEngine:
         Args:
             encoder: the query encoder (checked against the index); None re-creates the
                 index's own, on ``device``, in this process.
+            query_threads: CPU threads of that encoder for calls of up to 4 items
+                (queries), as :meth:`SearchEngine.open
+                <clipsearch.retrieval.engine.SearchEngine.open>`.
         Raises:
             IndexNotFoundError, IndexFormatError, FingerprintMismatchError as
             SearchEngine.open; ConfigError when Ray is missing or the cluster cannot be
@@ -232,7 +236,9 @@ class DistributedSearchEngine:
         root = Path(path).resolve()
         manifest = read_current(root)
         if encoder is None:
-            encoder = encoder_from_fingerprint(manifest.encoder, device=device)
+            encoder = encoder_from_fingerprint(
+                manifest.encoder, device=device, query_threads=query_threads
+            )
         check_fingerprint(manifest, encoder)
         ray, owns_ray = _join(options.address)
         try:

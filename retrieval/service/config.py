@@ -92,6 +92,10 @@ class ServiceConfig:
     # ``relevant``. None = the model's calibrated threshold when it has one, else no
     # cutoff (facets count every product the filter allows).
     relevance_cutoff: float | None = None
+    # CPU threads of the query encoder for micro-batches of up to 4 queries (larger
+    # batches use every core): 1 keeps latency steady on a busy machine, see
+    # SearchEngine.open. Ignored when the app is given an encoder.
+    query_threads: int = 1
 
     def __post_init__(self) -> None:
         positive_ints = {
@@ -148,6 +152,12 @@ class ServiceConfig:
                 f"ServiceConfig.decode_pixel_budget ({self.decode_pixel_budget:,}) cannot be "
                 f"below max_image_pixels ({self.max_image_pixels:,}): the largest admitted "
                 "image would never fit"
+            )
+        if isinstance(self.query_threads, bool) or not (
+            isinstance(self.query_threads, int) and self.query_threads >= 1
+        ):
+            raise ConfigError(
+                f"ServiceConfig.query_threads must be an integer >= 1, got {self.query_threads!r}"
             )
         if self.relevance_cutoff is not None and not -1.0 <= self.relevance_cutoff <= 1.0:
             raise ConfigError(

@@ -131,7 +131,10 @@ class ServiceState:
         assert self.index_path is not None  # only scheduled when a path was given
         try:
             engine = await asyncio.to_thread(
-                SearchEngine.open, self.index_path, encoder=self._encoder
+                SearchEngine.open,
+                self.index_path,
+                encoder=self._encoder,
+                query_threads=self.config.query_threads,
             )
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"

@@ -221,3 +221,37 @@ def test_load_encoder_and_encoder_from_fingerprint_pass_query_threads_to_onnx(
     shutil.copytree(tiny_onnx.folder, cache_dir_for(fp))
     from_index = encoder_from_fingerprint(fp, backend="onnx", query_threads=BULK)
     assert query_session_threads(from_index) == BULK
+
+
+def test_engine_cli_and_service_hand_their_thread_counts_to_the_index_encoder(
+    built_index: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from clipsearch.cli.app import app
+    from clipsearch.retrieval import engine as engine_module
+    from clipsearch.retrieval.engine import SearchEngine
+    from clipsearch.retrieval.service.config import ServiceConfig
+
+    seen: list[dict[str, Any]] = []
+
+    def spy(fp: Any, **kw: Any) -> Any:
+        seen.append(kw)
+        return encoder_from_fingerprint(fp, **kw)
+
+    monkeypatch.setattr(engine_module, "encoder_from_fingerprint", spy)
+    root = built_index("flat")
+    with SearchEngine.open(root):
+        pass
+    with SearchEngine.open(root, threads=BULK, query_threads=CALLER):
+        pass
+    assert [(kw["threads"], kw["query_threads"]) for kw in seen] == [(None, 1), (BULK, CALLER)]
+    # The CLI's --query-threads reaches the engine; 0 is refused before anything loads.
+    seen.clear()
+    ok = CliRunner().invoke(app, ["search", str(root), "--text", "dress", "--query-threads", "2"])
+    assert ok.exit_code == 0, ok.output
+    assert [kw["query_threads"] for kw in seen] == [2]
+    bad = CliRunner().invoke(app, ["search", str(root), "--text", "dress", "--query-threads", "0"])
+    assert bad.exit_code == 2 and "query-threads" in bad.output
+    with pytest.raises(ConfigError, match="query_threads must be an integer >= 1"):
+        ServiceConfig(query_threads=0)
