@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipsearch.retrieval.encoders.base import (
+    QUERY_BATCH,
+    QUERY_THREADS,
     BaseEncoder,
     EncoderFingerprint,
     TextEncoding,
@@ -59,10 +61,6 @@ EXPORT_VERSION = 1
 DEFAULT_BATCH_SIZE = 32
 # A bundled model's export ships beside its weights as ``<arch>-onnx/``.
 SHIPPED_SUFFIX = "-onnx"
-# Batches up to this many items are queries: they run on `query_threads` threads.
-QUERY_BATCH = 4
-# Threads per query forward pass (see OnnxEncoder's query_threads).
-QUERY_THREADS = 1
 TOWERS = ("image", "text")
 # The text every cached optimised text graph is checked with (see onnx_cache).
 PROBE_TEXT = "a probe: red striped cotton t-shirt"  # ASCII: cleaning it needs no ftfy
