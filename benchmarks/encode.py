@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import write_json
 
 from clipsearch.retrieval.encoders.openclip import OpenClipEncoder, cpu_supports_bf16
 
@@ -79,7 +80,7 @@ def main() -> None:
         result = bench_int8(args.products, args.batches)
         doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
         doc["onnx_int8"] = result
-        _write_json(args.out, doc)
+        write_json(args.out, doc)
         print(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
         return
@@ -184,7 +185,7 @@ def main() -> None:
         old = json.loads(args.out.read_text())
         if "onnx_int8" in old:
             result["onnx_int8"] = old["onnx_int8"]
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 
@@ -317,17 +318,6 @@ def _machine() -> dict[str, Any]:
         "native_bf16": cpu_supports_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

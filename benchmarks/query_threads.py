@@ -24,10 +24,8 @@ tests serve) or an open_clip architecture (random weights: speed does not depend
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "query_threads.json"
 QUERIES = [
@@ -108,7 +107,7 @@ def main() -> None:
     )
     print(f"load average before {result['load_average_before']}, while loaded "
           f"{result['load_average_loaded']}")  # fmt: skip
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 
@@ -187,17 +186,6 @@ def _busy(n: int) -> Iterator[None]:
             p.terminate()
         for p in procs:
             p.join()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

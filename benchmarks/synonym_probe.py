@@ -55,27 +55,17 @@ from typing import Any
 
 import numpy as np
 
+from clipsearch.indexer.demo.catalog import CAPTION_TEMPLATES
+
 RESULTS = Path(__file__).parent / "results"
 Embed = Callable[[Sequence[str]], np.ndarray]
 Attrs = tuple[str, str, str]
 # Training-vocabulary templates that name all three attributes (catalog.CAPTION_TEMPLATES
-# minus the partial ones and the title), with the shop's or the shopper words.
-FULL_TEMPLATES = (
-    "a {colour} {pattern} {kind}",
-    "{colour} {pattern} {kind}",
-    "a photo of a {colour} {pattern} {kind}",
-    "{pattern} {kind} in {colour}",
-    "a {pattern} {colour} {kind}",
-    "{colour} {kind} with a {pattern} pattern",
-    "a {kind} that is {colour} and {pattern}",
-    "{brand} {colour} {pattern} {kind}",
-    "{colour} {pattern} {material} {kind}",
-    "{colour_alt} {pattern_alt} {kind_alt}",
-    "i want a {colour_alt} {kind_alt}, {pattern_alt}",
-    "show me {pattern_alt} {kind_alt} in {colour_alt}",
-    "buy {colour_alt} {pattern_alt} {kind_alt}",
-    "{kind_alt} {colour_alt} {pattern_alt}",
-    "{colour} {pattern} {kind_alt}",
+# minus the partial ones and the title, each once), with the shop's or the shopper words.
+FULL_TEMPLATES = tuple(
+    dict.fromkeys(
+        t for t in CAPTION_TEMPLATES if all("{" + a in t for a in ("colour", "pattern", "kind"))
+    )
 )
 SLOTS = ("kind", "colour", "pattern")
 # Tuning runs (top layers tuned, their lr, the projection's lr): the projection alone;
