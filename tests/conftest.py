@@ -9,7 +9,7 @@ dicts (bare and wrapped in {"state_dict": ...}), to load back by path.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +119,17 @@ def tiny_onnx(
         tiny_checkpoints.arch, weights, device="cpu", precision="fp32", backend="torch"
     )
     return TinyOnnx(folder, enc)
+
+
+@pytest.fixture
+def calibrate(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, float]], None]:
+    """``calibrate({direction: threshold})``: every model now has exactly these calibrated
+    relevance thresholds (what a model card would hold), for ``min_score="auto"`` tests."""
+    from clipsearch.retrieval import models
+
+    def set_thresholds(thresholds: dict[str, float]) -> None:
+        monkeypatch.setattr(
+            models, "calibrated_threshold", lambda fingerprint, direction: thresholds.get(direction)
+        )
+
+    return set_thresholds

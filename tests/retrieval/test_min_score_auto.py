@@ -36,18 +36,6 @@ def engine(built_index: Callable[[str], Path]) -> Iterator[SearchEngine]:
         yield e
 
 
-@pytest.fixture
-def calibrate(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, float]], None]:
-    """``calibrate({direction: threshold})``: the index's model has these thresholds."""
-
-    def set_thresholds(thresholds: dict[str, float]) -> None:
-        monkeypatch.setattr(
-            models, "calibrated_threshold", lambda fingerprint, direction: thresholds.get(direction)
-        )
-
-    return set_thresholds
-
-
 def _image(corpus: Path, n: int) -> Path:
     return corpus.parent / f"img{n:04d}.png"
 

@@ -12,18 +12,6 @@ from typing import Any
 import pytest
 from service_fixtures import COLOURS, assert_error, png_bytes, product_image
 
-from clipsearch.retrieval import models
-
-
-@pytest.fixture
-def calibrate(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, float]], None]:
-    def set_thresholds(thresholds: dict[str, float]) -> None:
-        monkeypatch.setattr(
-            models, "calibrated_threshold", lambda fingerprint, direction: thresholds.get(direction)
-        )
-
-    return set_thresholds
-
 
 def _search(client: Any, **body: Any) -> dict[str, Any]:
     r = client.post("/search", json=body)
