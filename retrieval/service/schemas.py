@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipsearch.retrieval.options import SearchOptions
+from clipsearch.retrieval.options import Mode, SearchOptions
 
 
 class QueryTerm(BaseModel):
@@ -232,6 +232,31 @@ class ItemResponse(BaseModel):
     index_version: int
     doc_id: str
     rows: list[ItemRow]
+
+
+class ModalitySearch(BaseModel):
+    """How the rows of one modality can be searched."""
+
+    # Live rows of this modality.
+    rows: int
+    # Values of ``mode`` that /search accepts for these rows: "vector" always; "lexical"
+    # and "hybrid" when at least one of their shards has a lexical (full-text) part.
+    modes: list[Mode]
+    # The mode a query without ``mode`` runs in: "hybrid" when every shard holding these
+    # rows has a lexical part (and no min_score is given), else "vector".
+    default_mode: Mode
+    # Metadata columns the lexical parts index (words are matched in these), sorted.
+    text_fields: list[str]
+
+
+class InfoResponse(BaseModel):
+    """What this server's index offers a client (a page decides what to show from it)."""
+
+    index_version: int
+    # The rows a query without ``modality`` searches ("image" when there are any).
+    default_modality: str
+    # Per modality with rows: its search modes (see ModalitySearch).
+    modalities: dict[str, ModalitySearch]
 
 
 class HealthResponse(BaseModel):
