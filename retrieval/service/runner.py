@@ -141,7 +141,10 @@ def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> lis
 
 def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: Any) -> Any:
     """The job's results with facets: over the rows its filter allows or, with a
-    relevance cutoff, over its relevant rows (the best RELEVANT_ROWS at or above it)."""
+    relevance cutoff, over its relevant rows: the best RELEVANT_ROWS at or above it, plus
+    in hybrid mode the rows holding every query word (a SKU or brand match whose photo
+    scores low is listed, so it is counted), and in lexical mode the word matches
+    instead (:func:`_word_matches`)."""
     from clipsearch.retrieval.facets import Faceter
 
     faceter = faceter or Faceter()
@@ -159,6 +162,10 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
             ),
         )[0]
         relevant = np.asarray(found.row_ids, np.int64)
+        words = _word_matches(engine, job, vector, results)
+        if words is not None:
+            mode, rows = words
+            relevant = rows if mode == "lexical" else np.union1d(relevant, rows)
     counts = faceter.count(
         engine,
         job.facets,
@@ -169,6 +176,34 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
     timings = dict(results.timings)
     timings["facets"] = round((time.perf_counter() - t0) * 1000, 3)
     return FacetedResults(results=dataclasses.replace(results, timings=timings), facets=counts)
+
+
+def _word_matches(
+    engine: Any, job: SearchJob, vector: Any, results: Any
+) -> tuple[str, np.ndarray] | None:
+    """``(mode, row ids)`` of the rows an answer in lexical or hybrid mode lists as
+    matching the query's words, whatever their photo scores: in lexical mode every row
+    holding a word (that is what Words mode lists), in hybrid mode the rows holding every
+    word (ranked first, shown as word matches). None for a vector answer (its hits carry
+    no ``explain``) or a query without text. At most RELEVANT_ROWS rows."""
+    mode = next((h.explain.get("mode") for h in results.hits if h.explain), None)
+    text = query_text(job.query)
+    if mode not in ("lexical", "hybrid") or not text:
+        return None
+    opts = job.options
+    found = engine.search_batch(
+        [vector],
+        SearchOptions(
+            k=RELEVANT_ROWS,
+            where=opts.where,
+            modality=opts.modality,
+            mode=mode,
+            all_words_first=True,  # marks (and ranks first) the rows holding every word
+        ),
+        texts=[text],
+    )[0]
+    rows = [h.row_id for h in found.hits if mode == "lexical" or (h.explain or {}).get("all_words")]
+    return mode, np.asarray(rows, np.int64)
 
 
 def _encode_all(engine: Any, jobs: list[SearchJob]) -> tuple[Any, float]:

@@ -89,3 +89,25 @@ def test_bad_facet_columns_are_422_naming_the_field(make_client: Any) -> None:
     schema = client.get("/openapi.json").json()["components"]["schemas"]["SearchRequest"]
     facets = [b for b in schema["properties"]["facets"]["anyOf"] if b.get("type") == "array"]
     assert set(facets[0]["items"]["enum"]) == {"category", "colour", "price", "in_stock", "title"}
+
+
+def test_word_matches_are_counted_under_a_relevance_cutoff(
+    make_client: Any, catalog: Catalog
+) -> None:
+    """A SKU search lists the product holding the words even when no photo reaches the
+    cutoff; the facets and the product count must count what is listed (hybrid: rows
+    holding every word; lexical: the word matches), and a vector answer only photos."""
+    client = make_client(relevance_cutoff=0.99)  # no photo is that close to a text
+    colour = catalog.products["SKU-21"]["colour"]
+    for mode in ("hybrid", "lexical"):
+        r = client.post("/search", json={"text": "SKU-21", "facets": ["colour"], "mode": mode})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["hits"][0]["doc_id"] == "SKU-21", (mode, body["hits"])
+        assert body["facets_scope"] == "relevant"
+        assert body["total_products"] == 1, mode
+        assert _counts(body, "colour") == {colour: 1}, mode
+    body = client.post(
+        "/search", json={"text": "SKU-21", "facets": ["colour"], "mode": "vector"}
+    ).json()
+    assert body["total_products"] == 0
