@@ -101,14 +101,15 @@ def fuse(
     row_starts: Sequence[int],
     complete: frozenset[tuple[int, int]] = frozenset(),
     limit: int | None = None,
+    explain: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[Ranked, dict[tuple[int, int], dict[str, Any]]]:
     """Fuse one query's two lists (see the module docstring): the best ``limit`` rows
     of the fused list (None: all of it), best first, and per (shard position, local row)
-    of those, what its score is made of. ``complete``: the lexical rows holding every
-    query word.
+    of those (or of ``explain``'s rows, each in one of the lists, when given), what its
+    score is made of. ``complete``: the lexical rows holding every query word.
 
     Computed on arrays (the same float64 operations, in the same order, as the formula
-    row by row); only the rows kept get an explanation."""
+    row by row); only the rows kept (or named) get an explanation."""
     starts = np.asarray(row_starts, np.int64)
     sides = [_as_arrays(ranked, starts) for ranked in (vector, lexical)]
     gids = np.concatenate([g for g, _, _, _ in sides])
@@ -142,8 +143,10 @@ def fuse(
         scores.append(value)
     whole = np.zeros(n, bool)
     if complete:
-        done = np.fromiter((starts[si] + j for si, j in complete), np.int64, len(complete))
-        whole = np.isin(uniq, done)
+        pairs = np.asarray(list(complete), np.int64).reshape(-1, 2)
+        done = starts[pairs[:, 0]] + pairs[:, 1]
+        at_uniq = np.minimum(np.searchsorted(uniq, done), n - 1)  # uniq is sorted
+        whole[at_uniq[uniq[at_uniq] == done]] = True
     if opts.all_words_first:
         fused = np.where(whole, fused + (opts.vector_weight + opts.lexical_weight), fused)
     big = np.iinfo(np.int64).max
@@ -152,6 +155,9 @@ def fuse(
     order = np.lexsort((uniq, no_lexical, best, -fused))
     order = order[:limit]
     out = [(float(fused[i]), int(shard_of[i]), int(local_of[i])) for i in order.tolist()]
+    if explain is not None:
+        gid = np.fromiter((starts[si] + j for si, j in explain), np.int64, len(explain))
+        order = np.searchsorted(uniq, gid)
     parts: dict[tuple[int, int], dict[str, Any]] = {}
     for i in order.tolist():
         e: dict[str, Any] = {
@@ -293,17 +299,18 @@ class HybridSearch:
                 out.append(v[:pool])
                 self.explains[qi] = {}
                 continue
-            # Explanations for the rows returned (the whole list where it is not the
-            # fused order: lexical mode, or no lexical match).
-            keep = pool if self.mode == "hybrid" and lex else None
-            fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi], keep)
-            if self.mode == "lexical":
-                fused = lex
-            elif not lex:  # no row matches a word: the vector ranking, cosine scores kept
-                fused = v
+            # Explanations for the rows returned only: where the list returned is not
+            # the fused order (lexical mode, or no lexical match), its first `pool` rows.
+            shown = lex if self.mode == "lexical" else v if not lex else None
+            if shown is None:
+                fused, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi], pool)
+            else:
+                fused = shown[:pool]
+                rows = [(si, local) for _, si, local in fused]
+                _, parts = fuse(v, lex, self.opts, self.row_starts, complete[qi], 0, rows)
+            if self.mode != "lexical" and not lex:  # the vector ranking, cosine scores kept
                 for e in parts.values():
                     e["fused"], e["fusion"] = e["vector"]["score"], "none"
-            fused = fused[:pool]
             self.explains[qi] = {
                 self.row_starts[si] + local: self._explain(qi, si, local, parts[(si, local)])
                 for _, si, local in fused

