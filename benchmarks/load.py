@@ -22,8 +22,10 @@ synthetic index is built), then the script
    ``mean_batch_at_2x`` (>= 4), ``overload_other_5xx`` (0), and ``goals_met``.
 
 The server runs as one process (``clipsearch serve`` default): on a 2-core box one
-process already keeps both cores busy (event loop + encode stage + search stage);
-more processes would each hold the index and the model and compete for the same cores.
+process already keeps both cores busy (event loop + encode workers, one per core by
+default, + search stage); more processes would each hold the index and the model and
+compete for the same cores. ``--encode-workers N`` sets the server's
+``ServiceConfig.encode_workers`` (1 reproduces the single encode thread of before).
 The load average before and after is recorded: the box is shared.
 
 Every loop is bounded by a count and a time limit; only loopback is used.
@@ -507,6 +509,8 @@ def bench_index(
         "max_queue": 64,
         "request_timeout_s": 10.0,
     }
+    if args.encode_workers is not None:
+        config["encode_workers"] = args.encode_workers
     proc, base = start_server(index, work, config)
     try:
         run_rate(base, bodies, 10, 2)  # warm-up
@@ -565,6 +569,8 @@ def bench_index(
     }
     return {
         "p99_budget_ms": _budget(args, name),
+        # Micro-batches the server encoded at once (ServiceConfig.encode_workers, as resolved).
+        "encode_workers": int(_metric(metrics, "clipsearch_encode_workers")) or None,
         "library_before": lib_before,
         "library_after": lib_after,
         "ratios": ratios,
@@ -653,7 +659,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"Server stack: {results.get('server_stack', 'uvicorn')}.  ",
         "Server: one process (the default of `clipsearch serve`; see the script's "
         "docstring for why on this box), micro-batches of up to 16, pipelined (the next "
-        f"batch is encoded while one is searched), max_batch_wait_ms "
+        "batches are encoded, on the encode workers, while one is searched), max_batch_wait_ms "
         f"{results.get('batch_wait_ms', 5.0)}.",
         "",
         *results.get("notes", []),
@@ -663,7 +669,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += [
             f"## {name} ({r['rows']:,} rows, encoder: {r.get('encoder', results['encoder'])})",
             "",
-            f"- Capacity budget: p99 < {r.get('p99_budget_ms', P99_BUDGET_MS)} ms, no errors.",
+            f"- Capacity budget: p99 < {r.get('p99_budget_ms', P99_BUDGET_MS)} ms, no errors. "
+            f"Encode workers: {r.get('encode_workers') or 1} (micro-batches encoded at once).",
             f"- Library before / after the HTTP runs: one at a time "
             f"{r['library_before']['single_query_qps']} / {r['library_after']['single_query_qps']} q/s, "
             f"batch-16 {r['library_before']['batch16_qps']} / {r['library_after']['batch16_qps']} q/s "
@@ -723,6 +730,13 @@ def main() -> None:
         type=float,
         default=0.0,
         help="ServiceConfig.max_batch_wait_ms of the server under test",
+    )
+    ap.add_argument(
+        "--encode-workers",
+        type=int,
+        default=None,
+        help="ServiceConfig.encode_workers of the server under test (default: its own, "
+        "one per CPU core up to 4)",
     )
     ap.add_argument(
         "--encoder-budget",

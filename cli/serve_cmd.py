@@ -81,6 +81,12 @@ def serve(
         help="CPU threads that encode a micro-batch of up to 4 queries (larger batches "
         "use every core); 1 keeps latency steady when the machine is busy.",
     ),
+    encode_workers: int | None = typer.Option(
+        None,
+        help="Micro-batches of queries encoded at once, one thread each (default: one "
+        "per CPU core up to 4, 1 on a GPU). With N > 1 each encode call gets cores/N "
+        "threads, so the cores are never oversubscribed.",
+    ),
     decode_pixel_budget: int = typer.Option(
         80_000_000,
         help="Decoded image pixels in flight across all requests (bounds memory; requests "
@@ -109,6 +115,7 @@ def serve(
             relevance_cutoff=relevance_cutoff,
             decode_pixel_budget=decode_pixel_budget,
             query_threads=query_threads,
+            encode_workers=encode_workers,
         )
         if ray is not None and workers != 1:
             raise ConfigError(

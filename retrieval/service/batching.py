@@ -7,12 +7,15 @@ takes up to ``max_batch_size`` of them once the oldest has waited ``max_wait_s``
 once when a full batch is waiting), runs them in one dedicated worker thread, and
 resolves each job's future with its own result.
 
-Pipelined (``prepare`` given): a batch runs in two stages on two worker threads,
-``prepare`` (encode the queries) then ``run_batch`` (search them). While one batch is
-searched, the next one is gathered and encoded, so the encoder and the index work at
-the same time, and everything that arrived while a stage was busy forms the next batch
-at once (no extra wait): under load, batches grow with the queue up to
-``max_batch_size``. At most one batch waits between the stages, so memory stays bounded.
+Pipelined (``prepare`` given): a batch runs in two stages, ``prepare`` (encode the
+queries) on one of ``prepare_workers`` threads, then ``run_batch`` (search them) on one
+search thread. While one batch is searched, the next ones are gathered and encoded, so
+the encoder and the index work at the same time, and everything that arrived while the
+workers were busy forms the next batch at once (no extra wait): under load, batches grow
+with the queue up to ``max_batch_size``. With N prepare workers, up to N batches are
+encoded at once (a small batch on one core each, instead of one batch on one core while
+the other cores idle), and at most N + 1 batches are in flight (N encoding or waiting
+for the search thread, one searched), so memory stays bounded.
 
 The queue bound is the service's admission control: when it is full, :meth:`submit`
 raises :class:`QueueFullError` at once (the HTTP layer turns it into a fast 429), and a
@@ -55,7 +58,8 @@ class _Job(Generic[P, R]):
 
 
 class MicroBatcher(Generic[P, R]):
-    """Bounded queue + dispatcher running ``run_batch`` on batches in one worker thread."""
+    """Bounded queue + dispatcher running ``run_batch`` on batches in one worker thread
+    (pipelined: ``prepare`` on ``prepare_workers`` threads first)."""
 
     def __init__(
         self,
@@ -67,6 +71,7 @@ class MicroBatcher(Generic[P, R]):
         max_queue_delay_s: float | None = None,
         on_batch: Callable[[int], None] | None = None,
         prepare: Callable[[Sequence[P]], object] | None = None,
+        prepare_workers: int = 1,
     ) -> None:
         """
         Args:
@@ -82,7 +87,14 @@ class MicroBatcher(Generic[P, R]):
             prepare: first stage (payloads -> anything), run in its own thread; then
                 ``run_batch`` receives its output instead of the payloads. An exception
                 from it fails the batch's jobs with that exception.
+            prepare_workers: most ``prepare`` calls running at once, each on its own
+                thread (pipelined only). ``prepare`` must then be safe to call from
+                several threads at once.
         """
+        if isinstance(prepare_workers, bool) or not (
+            isinstance(prepare_workers, int) and prepare_workers >= 1
+        ):
+            raise ValueError(f"prepare_workers must be an integer >= 1, got {prepare_workers!r}")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -91,16 +103,46 @@ class MicroBatcher(Generic[P, R]):
         self._on_batch = on_batch
         self._prepare = prepare
         self._pending: collections.deque[_Job[P, R]] = collections.deque()
+        self._prepare_workers = prepare_workers
         self._running = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._prepare_executor: ThreadPoolExecutor | None = None
-        # One batch searching + one waiting between the stages, at most.
-        self._stage_slots: asyncio.Semaphore | None = None
-        self._finishing: set[asyncio.Task[None]] = set()
+        # Pipelined: batches in the prepare stage now, and batches in flight (preparing,
+        # waiting for the search thread or searched); set when either drops.
+        self._preparing = 0
+        self._in_flight = 0
+        self._stage_freed = asyncio.Event()
+        self._in_flight_tasks: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self.jobs_run = 0
+
+    @property
+    def prepare_workers(self) -> int:
+        """Most ``prepare`` calls running at once (pipelined)."""
+        return self._prepare_workers
+
+    @prepare_workers.setter
+    def prepare_workers(self, n: int) -> None:
+        """Change the worker count; takes effect for the next batch. Once started, it
+        can only go down (the threads were made at :meth:`start`): e.g. to 1 when the
+        engine turns out to encode on a GPU, where concurrent calls would only queue."""
+        started = self._prepare_executor is not None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"prepare_workers must be an integer >= 1, got {n!r}")
+        if started and n > self._prepare_workers:
+            raise ValueError(
+                f"prepare_workers can only go down once the batcher has started "
+                f"({self._prepare_workers} -> {n}); stop() it first"
+            )
+        self._prepare_workers = n
+        self._stage_freed.set()
+
+    @property
+    def preparing(self) -> int:
+        """Batches in the prepare (encode) stage now."""
+        return self._preparing
 
     @property
     def depth(self) -> int:
@@ -132,22 +174,21 @@ class MicroBatcher(Generic[P, R]):
             )
             if self._prepare is not None:
                 self._prepare_executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="clipsearch-prepare"
+                    max_workers=self._prepare_workers, thread_name_prefix="clipsearch-prepare"
                 )
-                self._stage_slots = asyncio.Semaphore(2)
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
     async def stop(self) -> None:
-        """Stop the dispatcher; pending jobs fail with CancelledError."""
+        """Stop the dispatcher and drain: jobs not yet in a batch fail with
+        CancelledError, batches already started run to the end and answer their jobs,
+        then the worker threads are joined."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for task in list(self._finishing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._in_flight_tasks:
+            await asyncio.gather(*self._in_flight_tasks, return_exceptions=True)
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
@@ -184,20 +225,26 @@ class MicroBatcher(Generic[P, R]):
             future.cancel()  # the client went away: drop the work if not started
             raise
 
+    def _stage_room(self) -> bool:
+        """A free prepare worker, and room for one more batch in flight (N + 1)."""
+        return self._preparing < self._prepare_workers and self._in_flight <= self._prepare_workers
+
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
-        pipelined = self._stage_slots is not None
+        pipelined = self._prepare is not None
         while True:
-            if pipelined and self._stage_slots is not None:
-                # Both stages busy (one batch searched, one waiting): keep gathering.
-                await self._stage_slots.acquire()
+            while pipelined and not self._stage_room():
+                # Every worker busy (or N batches wait for the search thread): keep
+                # gathering; whatever arrives meanwhile makes the next batch.
+                self._stage_freed.clear()
+                await self._stage_freed.wait()
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Let the oldest job wait up to max_wait_s for company, unless a full batch
             # is already there (then waiting would only add latency). Pipelined, an idle
             # batcher starts at once: company is only worth waiting for while an earlier
-            # batch still occupies the index.
+            # batch still occupies the encoder or the index.
             oldest = self._pending[0]
             patience = self.max_wait_s if not pipelined or self._running else 0.0
             wait = oldest.enqueued_at + patience - time.monotonic()
@@ -211,11 +258,9 @@ class MicroBatcher(Generic[P, R]):
             batch = self._take_batch()
             del oldest
             if batch and pipelined:
-                await self._run_pipelined(loop, batch)
+                self._start_pipelined(loop, batch)
             elif batch:
                 await self._run(loop, batch)
-            elif self._stage_slots is not None:
-                self._stage_slots.release()
             # Drop the batch before waiting for the next one: its payloads (decoded
             # query images, tens of MB each) must not outlive their requests.
             del batch
@@ -228,38 +273,38 @@ class MicroBatcher(Generic[P, R]):
             self._running -= len(batch)
         self._resolve(batch, results)
 
-    async def _run_pipelined(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]
-    ) -> None:
-        """Stage 1 now (the dispatcher waits for it), stage 2 in a task, so the
-        dispatcher gathers and prepares the next batch while this one runs. The caller
-        holds a stage slot; stage 2 gives it back."""
-        assert self._stage_slots is not None and self._prepare is not None
+    def _start_pipelined(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]) -> None:
+        """Run both stages of ``batch`` in a task, so the dispatcher gathers (and hands
+        to another prepare worker) the next batch meanwhile."""
         self._running += len(batch)
-        try:
-            prepared: object = await loop.run_in_executor(
-                self._prepare_executor, self._prepare, [j.payload for j in batch]
-            )
-        except Exception as e:
-            log.exception("preparing a batch of %d failed", len(batch))
-            self._running -= len(batch)
-            self._stage_slots.release()
-            self._resolve(batch, [e] * len(batch))
-            return
-        task = loop.create_task(self._finish(loop, batch, prepared))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._preparing += 1
+        self._in_flight += 1
+        task = loop.create_task(self._pipeline(loop, batch))
+        self._in_flight_tasks.add(task)
+        task.add_done_callback(self._in_flight_tasks.discard)
 
-    async def _finish(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]], prepared: object
-    ) -> None:
-        assert self._stage_slots is not None
+    async def _pipeline(self, loop: asyncio.AbstractEventLoop, batch: list[_Job[P, R]]) -> None:
+        assert self._prepare is not None
         try:
+            try:
+                prepared: object = await loop.run_in_executor(
+                    self._prepare_executor, self._prepare, [j.payload for j in batch]
+                )
+            except Exception as e:
+                log.exception("preparing a batch of %d failed", len(batch))
+                self._resolve(batch, [e] * len(batch))
+                return
+            finally:
+                self._preparing -= 1
+                self._stage_freed.set()
+            # Several prepared batches may queue for the one search thread (at most N).
             results = await self._call(loop, self._executor, self._run_batch, batch, prepared)
+            del prepared
             self._resolve(batch, results)
         finally:
             self._running -= len(batch)
-            self._stage_slots.release()
+            self._in_flight -= 1
+            self._stage_freed.set()
 
     async def _call(
         self,

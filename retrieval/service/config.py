@@ -5,9 +5,28 @@ Kept free of FastAPI imports so the CLI can build and validate it cheaply.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from clipsearch.retrieval.errors import ConfigError
+
+# encode_workers=None uses one worker per usable core, up to this many: past a few
+# concurrent micro-batches the queue rarely holds enough queries to feed more, and each
+# worker holds a batch's activations.
+MAX_AUTO_ENCODE_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; cgroup quotas not counted)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_encode_workers() -> int:
+    """The default ``encode_workers`` on a CPU: one per usable core, capped."""
+    return min(usable_cores(), MAX_AUTO_ENCODE_WORKERS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +115,14 @@ class ServiceConfig:
     # batches use every core): 1 keeps latency steady on a busy machine, see
     # SearchEngine.open. Ignored when the app is given an encoder.
     query_threads: int = 1
+    # Micro-batches encoded at once, each on its own thread (the search stage stays one
+    # thread). None = every usable CPU core (os.sched_getaffinity) up to
+    # MAX_AUTO_ENCODE_WORKERS, or 1 when the encoder runs on a GPU. A CPU micro-batch
+    # of 1-4 queries runs on query_threads (one core), so a single encode worker left the
+    # other cores idle under load. With N > 1 workers the engine's encoder gets
+    # cores // N threads per call (so N calls at once never oversubscribe the cores) and
+    # query_threads is capped at that. See docs/INTERNALS.md ("Encode workers").
+    encode_workers: int | None = None
 
     def __post_init__(self) -> None:
         positive_ints = {
@@ -158,6 +185,15 @@ class ServiceConfig:
         ):
             raise ConfigError(
                 f"ServiceConfig.query_threads must be an integer >= 1, got {self.query_threads!r}"
+            )
+        if self.encode_workers is not None and (
+            isinstance(self.encode_workers, bool)
+            or not isinstance(self.encode_workers, int)
+            or not 1 <= self.encode_workers <= 64
+        ):
+            raise ConfigError(
+                "ServiceConfig.encode_workers must be an integer from 1 to 64 (or None: "
+                f"one per CPU core, up to {MAX_AUTO_ENCODE_WORKERS}), got {self.encode_workers!r}"
             )
         if self.relevance_cutoff is not None and not -1.0 <= self.relevance_cutoff <= 1.0:
             raise ConfigError(
