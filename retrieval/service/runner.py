@@ -152,15 +152,7 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
     opts = job.options
     relevant = None
     if job.relevance_cutoff is not None:
-        found = engine.search_batch(
-            [vector],
-            SearchOptions(
-                k=RELEVANT_ROWS,
-                where=opts.where,
-                modality=opts.modality,
-                min_score=job.relevance_cutoff,
-            ),
-        )[0]
+        found = _best_rows(engine, vector, opts, min_score=job.relevance_cutoff)
         relevant = np.asarray(found.row_ids, np.int64)
         words = _word_matches(engine, job, vector, results)
         if words is not None:
@@ -178,6 +170,16 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
     return FacetedResults(results=dataclasses.replace(results, timings=timings), facets=counts)
 
 
+def _best_rows(
+    engine: Any, vector: Any, opts: SearchOptions, texts: list[str] | None = None, **kw: Any
+) -> Any:
+    """The best RELEVANT_ROWS rows for ``vector`` (and ``texts``) under ``opts``'s filter
+    and modality, with the options ``kw`` (no rerank, no paging): facets' view of an
+    answer."""
+    options = SearchOptions(k=RELEVANT_ROWS, where=opts.where, modality=opts.modality, **kw)
+    return engine.search_batch([vector], options, texts=texts)[0]
+
+
 def _word_matches(
     engine: Any, job: SearchJob, vector: Any, results: Any
 ) -> tuple[str, np.ndarray] | None:
@@ -190,18 +192,8 @@ def _word_matches(
     text = query_text(job.query)
     if mode not in ("lexical", "hybrid") or not text:
         return None
-    opts = job.options
-    found = engine.search_batch(
-        [vector],
-        SearchOptions(
-            k=RELEVANT_ROWS,
-            where=opts.where,
-            modality=opts.modality,
-            mode=mode,
-            all_words_first=True,  # marks (and ranks first) the rows holding every word
-        ),
-        texts=[text],
-    )[0]
+    # all_words_first marks (and ranks first) the rows holding every word.
+    found = _best_rows(engine, vector, job.options, [text], mode=mode, all_words_first=True)
     rows = [h.row_id for h in found.hits if mode == "lexical" or (h.explain or {}).get("all_words")]
     return mode, np.asarray(rows, np.int64)
 

@@ -3,6 +3,7 @@ deterministic fake encoder (colour-aware: "red" text ranks red photos first)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import Iterator
@@ -238,3 +239,16 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict[st
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+def later(seconds: float) -> float:
+    """A ``time.monotonic()`` deadline ``seconds`` from now."""
+    return time.monotonic() + seconds
+
+
+async def until(condition: Any, timeout_s: float = 10.0) -> None:
+    """Yield to the loop until ``condition()`` holds (a deadline bounds a broken run)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.001)

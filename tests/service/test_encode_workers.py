@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from service_fixtures import later, until
 from typer.testing import CliRunner
 
 from clipsearch.retrieval.errors import ConfigError
@@ -23,18 +23,6 @@ from clipsearch.retrieval.service.batching import DeadlineExceededError, MicroBa
 from clipsearch.retrieval.service.config import ServiceConfig
 
 WORKERS = 3
-
-
-def _later(seconds: float) -> float:
-    return time.monotonic() + seconds
-
-
-async def _until(condition: Any, timeout_s: float = 10.0) -> None:
-    """Yield to the loop until ``condition()`` holds (a deadline bounds a broken run)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.001)
 
 
 async def _yield(times: int = 20) -> None:
@@ -90,9 +78,9 @@ async def _fill_workers(
     of one) and wait until all N encode calls have met at the barrier."""
     futures = []
     for i in range(WORKERS):
-        futures.append(asyncio.ensure_future(batcher.submit(i, deadline=_later(20))))
-        await _until(lambda i=i: prepare.calls == i + 1)
-    await _until(lambda: prepare.met == WORKERS)
+        futures.append(asyncio.ensure_future(batcher.submit(i, deadline=later(20))))
+        await until(lambda i=i: prepare.calls == i + 1)
+    await until(lambda: prepare.met == WORKERS)
     return futures
 
 
@@ -116,7 +104,7 @@ def test_n_batches_encode_at_once_and_never_more() -> None:
             # Every worker is busy: these queue one by one, and must wait.
             rest = []
             for i in range(WORKERS, WORKERS + 6):
-                rest.append(asyncio.ensure_future(batcher.submit(i, deadline=_later(20))))
+                rest.append(asyncio.ensure_future(batcher.submit(i, deadline=later(20))))
                 await _yield()
             assert prepare.calls == WORKERS and batcher.preparing == WORKERS
             prepare.release.set()
@@ -156,10 +144,10 @@ def test_each_job_gets_its_own_result_when_batches_finish_out_of_order() -> None
         )
         batcher.start()
         try:
-            a = asyncio.ensure_future(batcher.submit(0, deadline=_later(20)))
-            await _until(lambda: batcher.preparing == 1)
+            a = asyncio.ensure_future(batcher.submit(0, deadline=later(20)))
+            await until(lambda: batcher.preparing == 1)
             b = [
-                asyncio.ensure_future(batcher.submit(p, deadline=_later(20)))
+                asyncio.ensure_future(batcher.submit(p, deadline=later(20)))
                 for p in (100, 101, 102)
             ]
             return list(await asyncio.gather(a, *b, return_exceptions=True))
@@ -182,8 +170,8 @@ def test_jobs_whose_deadline_passes_while_workers_are_busy_are_never_encoded() -
         try:
             first = await _fill_workers(batcher, prepare)
             with pytest.raises(DeadlineExceededError):
-                await batcher.submit(99, deadline=_later(0.05))
-            alive = asyncio.ensure_future(batcher.submit(7, deadline=_later(20)))
+                await batcher.submit(99, deadline=later(0.05))
+            alive = asyncio.ensure_future(batcher.submit(7, deadline=later(20)))
             await _yield()
             prepare.release.set()
             return [await f for f in first], await alive
@@ -205,7 +193,7 @@ def test_stop_drains_batches_in_flight_and_cancels_the_rest() -> None:
         batcher = _batcher(prepare, ref)
         batcher.start()
         first = await _fill_workers(batcher, prepare)
-        queued = asyncio.ensure_future(batcher.submit(50, deadline=_later(20)))
+        queued = asyncio.ensure_future(batcher.submit(50, deadline=later(20)))
         await _yield()
         stopping = asyncio.ensure_future(batcher.stop())
         await _yield()
@@ -234,7 +222,7 @@ def test_prepare_workers_can_only_go_down_once_started() -> None:
             with pytest.raises(ValueError, match="only go down"):
                 batcher.prepare_workers = 3
             batcher.prepare_workers = 1
-            assert await batcher.submit(4, deadline=_later(10)) == 41
+            assert await batcher.submit(4, deadline=later(10)) == 41
         finally:
             await batcher.stop()
 

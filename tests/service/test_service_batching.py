@@ -6,27 +6,15 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
+from service_fixtures import later, until
 
 from clipsearch.retrieval.service.batching import (
     DeadlineExceededError,
     MicroBatcher,
     QueueFullError,
 )
-
-
-def _later(seconds: float) -> float:
-    return time.monotonic() + seconds
-
-
-async def _until(condition: Any, timeout_s: float = 10.0) -> None:
-    """Yield to the loop until ``condition()`` holds (a deadline bounds a broken run)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.001)
 
 
 def test_concurrent_jobs_share_batches_and_get_their_own_answers() -> None:
@@ -41,7 +29,7 @@ def test_concurrent_jobs_share_batches_and_get_their_own_answers() -> None:
         batcher: MicroBatcher[int, int] = MicroBatcher(square, max_batch_size=8, max_wait_s=0.02)
         batcher.start()
         try:
-            return await asyncio.gather(*(batcher.submit(i, deadline=_later(5)) for i in range(40)))
+            return await asyncio.gather(*(batcher.submit(i, deadline=later(5)) for i in range(40)))
         finally:
             await batcher.stop()
 
@@ -60,7 +48,7 @@ def test_an_exception_goes_to_its_own_job_only() -> None:
         batcher.start()
         try:
             return await asyncio.gather(
-                *(batcher.submit(i, deadline=_later(5)) for i in range(4)), return_exceptions=True
+                *(batcher.submit(i, deadline=later(5)) for i in range(4)), return_exceptions=True
             )
         finally:
             await batcher.stop()
@@ -86,19 +74,19 @@ def test_full_queue_refuses_at_once_and_expired_jobs_are_never_run() -> None:
         )
         batcher.start()
         try:
-            first = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
-            await _until(lambda: ran == [1])  # job 1 is running and blocks the worker
-            doomed = asyncio.ensure_future(batcher.submit(2, deadline=_later(0.1)))
-            await _until(lambda: batcher.depth == 2)
+            first = asyncio.ensure_future(batcher.submit(1, deadline=later(5)))
+            await until(lambda: ran == [1])  # job 1 is running and blocks the worker
+            doomed = asyncio.ensure_future(batcher.submit(2, deadline=later(0.1)))
+            await until(lambda: batcher.depth == 2)
             with pytest.raises(QueueFullError):
-                await batcher.submit(3, deadline=_later(5))
+                await batcher.submit(3, deadline=later(5))
             assert not first.done()  # refused while the worker was still blocked
             with pytest.raises(DeadlineExceededError):
                 await doomed
             release.set()
             assert await first == 1
             # The queue has room again once answers went out.
-            assert await batcher.submit(4, deadline=_later(5)) == 4
+            assert await batcher.submit(4, deadline=later(5)) == 4
         finally:
             release.set()
             await batcher.stop()
@@ -121,8 +109,8 @@ def test_a_crashing_batch_function_fails_that_batch_not_the_batcher() -> None:
         batcher.start()
         try:
             with pytest.raises(RuntimeError, match="blew up"):
-                await batcher.submit(1, deadline=_later(5))
-            assert await batcher.submit(2, deadline=_later(5)) == 2
+                await batcher.submit(1, deadline=later(5))
+            assert await batcher.submit(2, deadline=later(5)) == 2
         finally:
             await batcher.stop()
 
@@ -145,20 +133,20 @@ def test_queue_delay_bound_refuses_while_the_oldest_job_has_waited_too_long() ->
         )
         batcher.start()
         try:
-            running = asyncio.ensure_future(batcher.submit(1, deadline=_later(5)))
-            await _until(lambda: started == [1])  # job 1 is running and blocks the worker
-            waiting = asyncio.ensure_future(batcher.submit(2, deadline=_later(5)))
-            await _until(lambda: batcher.depth == 2)
+            running = asyncio.ensure_future(batcher.submit(1, deadline=later(5)))
+            await until(lambda: started == [1])  # job 1 is running and blocks the worker
+            waiting = asyncio.ensure_future(batcher.submit(2, deadline=later(5)))
+            await until(lambda: batcher.depth == 2)
             # Job 2 has just arrived (its queue time is set, not slept): a newcomer is admitted.
             batcher._pending[0].enqueued_at = time.monotonic()
-            third = asyncio.ensure_future(batcher.submit(3, deadline=_later(5)))
-            await _until(lambda: batcher.depth == 3)
+            third = asyncio.ensure_future(batcher.submit(3, deadline=later(5)))
+            await until(lambda: batcher.depth == 3)
             batcher._pending[0].enqueued_at -= 1.0  # now job 2 has waited a second
             with pytest.raises(QueueFullError, match="limit 50 ms"):
-                await batcher.submit(4, deadline=_later(5))
+                await batcher.submit(4, deadline=later(5))
             release.set()
             assert (await running, await waiting, await third) == (1, 2, 3)
-            assert await batcher.submit(5, deadline=_later(5)) == 5  # drained: admitted again
+            assert await batcher.submit(5, deadline=later(5)) == 5  # drained: admitted again
         finally:
             release.set()
             await batcher.stop()
@@ -191,11 +179,11 @@ def test_pipelined_batches_encode_the_next_batch_while_one_is_searched() -> None
         )
         batcher.start()
         try:
-            first = asyncio.ensure_future(batcher.submit(0, deadline=_later(10)))
-            await _until(searching.is_set)
+            first = asyncio.ensure_future(batcher.submit(0, deadline=later(10)))
+            await until(searching.is_set)
             # Queued while batch 1 is searched: they form batch 2 together.
             rest = [
-                asyncio.ensure_future(batcher.submit(i, deadline=_later(10))) for i in range(1, 11)
+                asyncio.ensure_future(batcher.submit(i, deadline=later(10))) for i in range(1, 11)
             ]
             return [await first, *[await r for r in rest]]
         finally:
@@ -218,7 +206,7 @@ def test_an_idle_pipelined_batcher_does_not_wait_for_company() -> None:
         )
         batcher.start()
         try:
-            return await batcher.submit(41, deadline=_later(10))
+            return await batcher.submit(41, deadline=later(10))
         finally:
             await batcher.stop()
 
