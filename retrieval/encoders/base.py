@@ -210,6 +210,21 @@ def load_image_for(encoder: Encoder | None, source: ImageInput) -> Image.Image:
     return load_image(source, min_side=decode_side(encoder))
 
 
+def truncated_texts(n_tokens: np.ndarray, context_length: int, model: str) -> np.ndarray:
+    """Which texts (token counts ``n_tokens``) exceed ``context_length`` and are cut to it;
+    logs one warning naming how many, for every backend's ``encode_texts_detailed``."""
+    truncated = n_tokens > context_length
+    if truncated.any():
+        log.warning(
+            "%d of %d texts exceed the %d-token context of %s and were truncated",
+            int(truncated.sum()),
+            len(n_tokens),
+            context_length,
+            model,
+        )
+    return truncated
+
+
 def check_prepared(batch: np.ndarray, size: int) -> np.ndarray:
     """``batch`` as contiguous float32 ``[n, 3, size, size]``; ConfigError for any other shape
     (what every backend's ``encode_prepared`` takes)."""

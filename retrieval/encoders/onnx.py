@@ -37,6 +37,7 @@ from clipsearch.retrieval.encoders.base import (
     TextEncoding,
     check_prepared,
     l2_normalize,
+    truncated_texts,
 )
 from clipsearch.retrieval.encoders.bpe import ClipTokenizer
 from clipsearch.retrieval.encoders.hf_tokenizer import HfTokenizer
@@ -379,15 +380,7 @@ class OnnxEncoder(BaseEncoder):
         if isinstance(texts, str):
             raise TypeError("encode_texts_detailed takes a sequence of strings, not one string")
         tokens, n_tokens = self.tokenizer.tokenize(list(texts))
-        truncated = n_tokens > self.context_length
-        if truncated.any():
-            log.warning(
-                "%d of %d texts exceed the %d-token context of %s and were truncated",
-                int(truncated.sum()),
-                len(texts),
-                self.context_length,
-                self._fingerprint.arch,
-            )
+        truncated = truncated_texts(n_tokens, self.context_length, self._fingerprint.arch)
         return TextEncoding(
             vectors=self._run("text", tokens), truncated=truncated, n_tokens=n_tokens
         )

@@ -25,6 +25,7 @@ from clipsearch.retrieval.encoders.base import (
     EncoderFingerprint,
     TextEncoding,
     check_prepared,
+    truncated_texts,
 )
 from clipsearch.retrieval.encoders.weights import ResolvedWeights, file_sha256, resolve_weights
 from clipsearch.retrieval.errors import ConfigError, ModelNotFoundError
@@ -214,15 +215,7 @@ class OpenClipEncoder(BaseEncoder):
             raise TypeError("encode_texts_detailed takes a sequence of strings, not one string")
         texts = list(texts)
         n_tokens = np.array([self.count_tokens(t) for t in texts], dtype=np.int64)
-        truncated = n_tokens > self.context_length
-        if truncated.any():
-            log.warning(
-                "%d of %d texts exceed the %d-token context of %s and were truncated",
-                int(truncated.sum()),
-                len(texts),
-                self.context_length,
-                self._fingerprint.arch,
-            )
+        truncated = truncated_texts(n_tokens, self.context_length, self._fingerprint.arch)
         out = [np.zeros((0, self.dim), np.float32)]
         with self._threads(len(texts)):
             for start in range(0, len(texts), self.batch_size):
