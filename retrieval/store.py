@@ -531,7 +531,11 @@ def _load_lexical(root: Path, s: ShardRecord, level: VerifyLevel) -> LexicalInde
     try:
         return open_lexical(root, record)
     except IndexFormatError as e:
-        raise _FileProblem(f"shard {s.name}:", str(e)) from e
+        # tantivy opens the folder after the check above: a compaction that removed this
+        # version's files in between is a replaced version (the open retries on the new
+        # one), not damage.
+        gone = any(not (root / f.path).exists() for f in record.files)
+        raise _FileProblem(f"shard {s.name}:", str(e), missing=gone) from e
 
 
 def load_shard(

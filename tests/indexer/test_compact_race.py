@@ -61,6 +61,30 @@ def test_compaction_between_reading_current_and_the_files(
     assert snap.manifest.n_rows == N_DOCS - 1
 
 
+def test_compaction_between_checking_and_opening_a_lexical_part(
+    index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tantivy opens a shard's lexical folder after its files were checked: compaction
+    removing them in between is a replaced version (the open continues on the new one),
+    not damage (seen once in CI as "version 8 cannot be served")."""
+    from clipsearch.retrieval import lexical
+
+    assert store.read_current(index).shards[0].lexical is not None
+    real = lexical.open_lexical
+    fired = []
+
+    def racing(root: Path, record: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            _delete_and_compact(index, "d000")
+        return real(root, record)
+
+    monkeypatch.setattr(lexical, "open_lexical", racing)
+    snap = open_snapshot(index)
+    assert fired and snap.version == 3  # build, delete, compact
+    assert snap.manifest.n_rows == N_DOCS - 1
+
+
 def test_engine_reload_during_compaction(index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with SearchEngine.open(index) as engine:
         real = store.read_manifest
