@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from _synthetic import clustered_vectors
 
 DIM = 512
 K = 10
@@ -203,15 +204,7 @@ def make_titles(n: int, vocab: str, seed: int) -> dict[str, list[str]]:
 
 def make_rows(n: int, seed: int, vocab: str) -> tuple[np.ndarray, pa.Table, dict[str, list[str]]]:
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, DIM)).astype(np.float32)
-    labels = rng.integers(0, 1000, n)
-    xb = np.empty((n, DIM), np.float32)
-    for start in range(0, n, 100_000):
-        end = min(n, start + 100_000)
-        block = centres[labels[start:end]] + 0.6 * rng.standard_normal((end - start, DIM)).astype(
-            np.float32
-        )
-        xb[start:end] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    _centres, xb = clustered_vectors(rng, n, DIM)
     titles = make_titles(n, vocab, seed)
     skus = [f"SKU-{i:07d}" for i in range(n)]
     table = pa.table(

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from _synthetic import clustered_vectors
 
 DIM = 512
 K = 10
@@ -55,15 +56,7 @@ def log(message: str) -> None:
 def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vectors float32 [n, DIM], bucket int32 [n], queries float32 [q, DIM])."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, DIM)).astype(np.float32)
-    labels = rng.integers(0, 1000, n)
-    xb = np.empty((n, DIM), np.float32)
-    for start in range(0, n, 100_000):
-        end = min(n, start + 100_000)
-        block = centres[labels[start:end]] + 0.6 * rng.standard_normal((end - start, DIM)).astype(
-            np.float32
-        )
-        xb[start:end] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    centres, xb = clustered_vectors(rng, n, DIM)
     bucket = rng.integers(0, 1000, n).astype(np.int32)
     q = centres[rng.integers(0, 1000, 256)] + 0.6 * rng.standard_normal((256, DIM)).astype(
         np.float32
