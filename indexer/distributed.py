@@ -130,9 +130,17 @@ def build_on_ray(
             encoder=encoder,
             options=options,
             progress=progress,
-            embedder=RayEmbedder(encoder, ray_options),
-            shard_writer=RayShardWriter(ray_options) if ray_options.remote_writes else None,
+            **_on_ray(encoder, ray_options),
         )
+
+
+def _on_ray(encoder: Encoder, ray_options: RayOptions) -> dict[str, Any]:
+    """The ``embedder`` / ``shard_writer`` arguments that put a build's or add's work on
+    Ray (shards are written by the driver unless ``remote_writes``)."""
+    return {
+        "embedder": RayEmbedder(encoder, ray_options),
+        "shard_writer": RayShardWriter(ray_options) if ray_options.remote_writes else None,
+    }
 
 
 def add_on_ray(
@@ -158,8 +166,7 @@ def add_on_ray(
             encoder=encoder,
             options=options,
             progress=progress,
-            embedder=RayEmbedder(encoder, ray_options),
-            shard_writer=RayShardWriter(ray_options) if ray_options.remote_writes else None,
+            **_on_ray(encoder, ray_options),
         )
 
 
