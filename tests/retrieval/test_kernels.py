@@ -88,6 +88,24 @@ def test_rescore_and_masked_exact_search_match_numpy() -> None:
     assert np.array_equal(i, oracle(xq, xb, np.flatnonzero(mask), 10))
 
 
+def test_rescore_scores_repeated_ids_alike_in_place_and_gathered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Candidate lists repeat a row where the index returned nothing (the planner
+    # rescores row 0 there); both rescoring kernels score every position.
+    xb = data(np.float16)
+    xq = data(np.float32, 2, seed=5)
+    ids = np.random.default_rng(6).integers(0, len(xb), (2, 100))
+    ids[:, 60:] = 0
+    in_place = rescore(xq, xb, ids)
+    monkeypatch.setattr(kernels, "RESCORE_SCAN_FROM", 10**9)
+    gathered = rescore(xq, xb, ids)
+    expected = np.einsum("qd,qmd->qm", xq.astype(np.float64), xb[ids].astype(np.float64))
+    assert np.allclose(in_place, expected, atol=1e-5)
+    assert np.allclose(in_place, gathered, atol=1e-6)
+    assert np.all(in_place[:, 60:] == in_place[:, 60:61])
+
+
 def test_out_of_range_rows_raise_instead_of_clipping() -> None:
     xb = data(np.float16, 100)
     xq = data(np.float32, 1)
