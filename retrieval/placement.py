@@ -24,6 +24,7 @@ Rules (DESIGN.md "GPU"):
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -122,6 +123,14 @@ def assign_devices(shards: Sequence[tuple[str, bool]], devices: Sequence[int]) -
         counters[modality] = n + 1
         out.append(devices[n % len(devices)])
     return out
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; cgroup quotas not counted)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

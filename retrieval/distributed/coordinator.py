@@ -503,7 +503,10 @@ class DistributedSearchEngine:
         position = {s.name: i for i, s in enumerate(shards)}
         counts: dict[str, int] = {}
 
-        def search(pool: int) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
+        def search(
+            pool: int, least: int | None = None
+        ) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
+            # (Hosts search every shard to `pool` rows: `least` is for local shards.)
             answers = self._fanout(
                 layout,
                 shards,

@@ -5,23 +5,15 @@ Kept free of FastAPI imports so the CLI can build and validate it cheaply.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from clipsearch.retrieval.errors import ConfigError
+from clipsearch.retrieval.placement import usable_cores
 
 # encode_workers=None uses one worker per usable core, up to this many: past a few
 # concurrent micro-batches the queue rarely holds enough queries to feed more, and each
 # worker holds a batch's activations.
 MAX_AUTO_ENCODE_WORKERS = 4
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; cgroup quotas not counted)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def auto_encode_workers() -> int:
