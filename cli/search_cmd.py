@@ -18,7 +18,7 @@ from rich.table import Table
 from clipsearch.cli.common import cli_errors, console, print_json
 from clipsearch.cli.render import default_fields, parse_fields, results_json, results_table
 from clipsearch.retrieval.errors import QueryError
-from clipsearch.retrieval.options import AUTO, MinScore, SearchOptions
+from clipsearch.retrieval.options import AUTO, DEFAULT_FUSION_DEPTH, MinScore, SearchOptions
 
 _DEVICE = typer.Option(
     "auto", "--device", help="auto, cpu, cuda, cuda:N: where the encoder and shards run."
@@ -143,6 +143,11 @@ def search_cmd(
     lexical_weight: float = typer.Option(
         1.0, "--lexical-weight", help="Weight of the lexical list."
     ),
+    fusion_depth: int = typer.Option(
+        DEFAULT_FUSION_DEPTH,
+        "--fusion-depth",
+        help="Hybrid: rows each list contributes to the fusion (at least offset + k).",
+    ),
     device: str = _DEVICE,
     backend: str = _BACKEND,
     query_threads: int = _QUERY_THREADS,
@@ -178,6 +183,7 @@ def search_cmd(
             rrf_k=rrf_k,
             vector_weight=vector_weight,
             lexical_weight=lexical_weight,
+            fusion_depth=fusion_depth,
         )
         encoder = _index_encoder(index, device=device, backend=backend, query_threads=query_threads)
         with SearchEngine.open(

@@ -8,7 +8,8 @@ after fusion unchanged. Both lists are taken under the same :class:`AllowedRows`
 (filter and tombstones), so a filtered hybrid query returns min(k, matching rows)
 results: the vector list alone already holds that many.
 
-Fusion (``SearchOptions.fusion``), over each list's best ``max(pool, FUSION_DEPTH)``:
+Fusion (``SearchOptions.fusion``), over each list's best ``max(pool, fusion_depth)``
+(``SearchOptions.fusion_depth``, default 50):
 
 * ``rrf``: score = vector_weight / (rrf_k + vector rank) + lexical_weight /
   (rrf_k + lexical rank); a list a row is absent from adds 0;
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +52,6 @@ if TYPE_CHECKING:
     from clipsearch.retrieval.options import SearchOptions
     from clipsearch.retrieval.planner import AllowedRows, ShardSearcher
     from clipsearch.retrieval.results import SearchResults
-
-# Each list contributes at least this many rows to the fusion (a k=10 query still fuses
-# the best 100 of each side: a product ranked 30th by both beats one ranked 5th by one).
-FUSION_DEPTH = 100
 
 # One query's rows, best first: (score, shard position, local row).
 Ranked = list[tuple[float, int, int]]
@@ -181,6 +177,33 @@ def _as_arrays(
     return starts[si] + local, si, local, score
 
 
+ShardLists = tuple[list[tuple[int, list[LexicalHits | None]]], float]
+
+
+class _Lexical:
+    """Lexical search tasks in the lexical pool, searched while the caller does other
+    work (tantivy releases the GIL while it searches); tasks still queued when the
+    caller collects them (the pool busy with other queries) run in the caller."""
+
+    def __init__(self, run: Callable[[Sequence[int]], ShardLists], tasks: list[list[int]]):
+        self.run = run
+        self.tasks = tasks
+        self.tick = time.perf_counter()
+        self.pending = [_executor().submit(run, ids) for ids in tasks]
+
+    def collect(self) -> list[ShardLists]:
+        """Every task's answer, in task order."""
+        stolen: dict[int, ShardLists] = {}
+        for j in reversed(range(len(self.tasks))):  # the pool takes tasks from the front
+            if self.pending[j].cancel():
+                stolen[j] = self.run(self.tasks[j])
+        return [stolen[j] if j in stolen else f.result() for j, f in enumerate(self.pending)]
+
+    def cancel(self) -> None:
+        for f in self.pending:
+            f.cancel()
+
+
 class HybridSearch:
     """The ``search(pool)`` step of a lexical or hybrid query (see the module docstring)."""
 
@@ -193,7 +216,7 @@ class HybridSearch:
         shards: Sequence[ShardSearcher],
         lexical: Sequence[LexicalIndex | None],
         allowed: Sequence[AllowedRows | None],
-        xq: np.ndarray,
+        xq: np.ndarray | None,
         timings: dict[str, float],
         where: Node | None = None,
     ) -> None:
@@ -209,10 +232,10 @@ class HybridSearch:
         self.row_starts = [s.record.row_id_start for s in shards]
         # Per query: global row id -> explanation (filled by the last search).
         self.explains: list[dict[int, dict[str, Any]]] = [{} for _ in terms]
+        # Lexical searches submitted ahead of the vector search (start): their depth.
+        self._started: tuple[int, _Lexical] | None = None
 
-    def shard_lists(
-        self, shard_ids: Sequence[int], depth: int
-    ) -> tuple[list[tuple[int, list[LexicalHits | None]]], float]:
+    def shard_lists(self, shard_ids: Sequence[int], depth: int) -> ShardLists:
         """Per shard of ``shard_ids`` (one after the other) and query, the best ``depth``
         allowed rows by BM25 (see :meth:`LexicalIndex.search`; None for a query without
         text), and when done. The filter is passed to local lexical indexes only (other
@@ -269,30 +292,61 @@ class HybridSearch:
             )
         return out, complete
 
-    def search(
-        self, vector_search: Callable[[int], tuple[Merged, dict[str, str]]], pool: int
-    ) -> tuple[Merged, dict[str, str]]:
-        depth = max(pool, FUSION_DEPTH)
-        tick = time.perf_counter()
-        # Each shard's lexical lists are searched in a thread of their own while the
-        # vector search runs (tantivy and faiss release the GIL while they search).
+    def start(self, pool: int) -> None:
+        """Submit the lexical searches of a first ``search(pool)`` now: the engine calls
+        this before it encodes the queries, so the lexical side runs while the encoder
+        does (a text encoder releases the GIL for milliseconds, longer than the lexical
+        side takes). A later ``search`` with another depth searches again."""
+        if self._started is None:
+            depth = max(pool, self.opts.fusion_depth)
+            self._started = (depth, self._submit(depth))
+
+    def cancel(self) -> None:
+        """Drop searches :meth:`start` submitted (the query failed before searching)."""
+        started, self._started = self._started, None
+        if started is not None:
+            started[1].cancel()
+
+    def _submit(self, depth: int) -> _Lexical:
+        """Every shard's lexical search to ``depth``, submitted to the lexical pool: the
+        local shards spread over as many tasks as the pool has threads, other stand-ins
+        (the distributed engine's, which answer every shard from one fan-out) in one."""
         from clipsearch.retrieval.lexical import LexicalIndex
 
-        # Local shards get a task each; other stand-ins (the distributed engine's, which
-        # answer every shard from one fan-out) are asked in one task, in order.
-        own = [[si] for si, x in enumerate(self.lexical) if isinstance(x, LexicalIndex)]
+        own = [si for si, x in enumerate(self.lexical) if isinstance(x, LexicalIndex)]
         rest = [si for si, x in enumerate(self.lexical) if x and not isinstance(x, LexicalIndex)]
-        pending = [_executor().submit(self.shard_lists, ids, depth) for ids in [*own, rest] if ids]
+        groups = min(len(own), _lexical_threads())
+        tasks = [ids for ids in [*(own[g::groups] for g in range(groups)), rest] if ids]
+        run = functools.partial(self.shard_lists, depth=depth)
+        return _Lexical(run, tasks)
+
+    def search(
+        self, vector_search: Callable[[int, int], tuple[Merged, dict[str, str]]], pool: int
+    ) -> tuple[Merged, dict[str, str]]:
+        """Per query, the best ``pool`` rows of the fused lists (or of the lexical list,
+        in lexical mode), and the per-shard plans. ``vector_search(depth, least)``: the
+        merged best ``depth`` vector rows per query, of which ``least`` are needed
+        (:meth:`~clipsearch.retrieval.planner.ShardSearcher.search`)."""
+        depth = max(pool, self.opts.fusion_depth)
+        started, self._started = self._started, None
+        if started is not None and started[0] == depth:
+            lexical_side = started[1]
+        else:
+            if started is not None:
+                started[1].cancel()
+            lexical_side = self._submit(depth)
         names = [s.record.name for s, x in zip(self.shards, self.lexical, strict=True) if x]
         if self.mode == "lexical":
             vector: Merged = [[] for _ in self.terms]
             plans = dict.fromkeys(names, "lexical")
         else:
-            vector, plans = vector_search(depth)
-        done = [f.result() for f in pending]
+            vector, plans = vector_search(depth, pool)
+        done = lexical_side.collect()
         lexical, complete = self.merge_lists([x for hits, _ in done for x in hits], depth)
-        finished = max((end for _, end in done), default=tick)
-        self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(tick, finished)
+        finished = max((end for _, end in done), default=lexical_side.tick)
+        self.timings["lexical"] = self.timings.get("lexical", 0.0) + _ms(
+            lexical_side.tick, finished
+        )
         out: Merged = []
         for qi, (v, lex) in enumerate(zip(vector, lexical, strict=True)):
             if self.terms[qi] is None:  # an image or vector query in hybrid mode
@@ -321,6 +375,7 @@ class HybridSearch:
     def _explain(self, qi: int, si: int, local: int, parts: dict[str, Any]) -> dict[str, Any]:
         out = dict(parts)
         if out["vector"] is None:  # outside the vector list: its cosine, unranked
+            assert self.xq is not None  # set once the queries are encoded
             row = np.asarray(self.shards[si].vectors[local], np.float32)
             out["vector"] = {"score": float(row @ self.xq[qi]), "rank": None}
         if self.mode == "lexical":
@@ -346,7 +401,7 @@ def plan_hybrid(
     shards: Sequence[ShardSearcher],
     allowed: Sequence[AllowedRows | None],
     lexical_by_shard: dict[str, LexicalIndex | None],
-    xq: np.ndarray,
+    xq: np.ndarray | None,
     timings: dict[str, float],
     modality: str,
 ) -> HybridSearch | None:
@@ -401,9 +456,19 @@ def _parse(where: str) -> Node:
 
 
 @functools.cache
+def _lexical_threads() -> int:
+    """Threads of the lexical searches: half the usable cores (at least one, at most 4),
+    the other half left to the vector side. On 2 cores one thread searches every shard
+    in one task: per-shard tasks cost more in thread hand-offs than they overlapped."""
+    from clipsearch.retrieval.placement import usable_cores
+
+    return max(1, min(4, usable_cores() // 2))
+
+
+@functools.cache
 def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
-        max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="clipsearch-lexical"
+        max_workers=_lexical_threads(), thread_name_prefix="clipsearch-lexical"
     )
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from clipsearch.retrieval.options import Mode, SearchOptions
+from clipsearch.retrieval.options import (
+    DEFAULT_FUSION_DEPTH,
+    MAX_FUSION_DEPTH,
+    Mode,
+    SearchOptions,
+)
 
 
 class QueryTerm(BaseModel):
@@ -84,7 +89,7 @@ class SearchRequest(BaseModel):
         "server has neither. A min_score makes the default mode 'vector'; 'auto' refuses "
         "mode 'lexical' / 'hybrid' (their scores are not cosines).",
     )
-    boosts: dict[str, float] | None = Field(
+    boosts: dict[Annotated[str, StringConstraints(min_length=1)], float] | None = Field(
         default=None,
         description="Linear score boosts over numeric metadata columns: score += weight * "
         'value (null = 0), e.g. {"rating": 0.01}.',
@@ -105,6 +110,12 @@ class SearchRequest(BaseModel):
     all_words_first: bool = Field(
         default=True,
         description="Hybrid: rows holding every query word rank first (in fused order).",
+    )
+    fusion_depth: int = Field(
+        default=DEFAULT_FUSION_DEPTH,
+        ge=1,
+        le=MAX_FUSION_DEPTH,
+        description="Hybrid: rows each list contributes to the fusion (at least offset + k).",
     )
     facets: list[str] | None = Field(
         default=None,

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from clipsearch.cli.app import app
 from clipsearch.retrieval.engine import SearchEngine
 from clipsearch.retrieval.errors import InvalidOptionError, QueryError
-from clipsearch.retrieval.hybrid import FUSION_DEPTH
 from clipsearch.retrieval.lexical import analyze
+from clipsearch.retrieval.options import DEFAULT_FUSION_DEPTH as FUSION_DEPTH
 from clipsearch.retrieval.options import SearchOptions
 from clipsearch.retrieval.queries import ComposedQuery
 
@@ -197,8 +197,53 @@ def test_mode_defaults_and_errors(index: Path) -> None:
     for bad in ({"mode": "bm25"}, {"fusion": "sum"}, {"rrf_k": 0}, {"vector_weight": -1.0}):
         with pytest.raises(InvalidOptionError):
             SearchOptions(**bad)  # type: ignore[arg-type]
+    for depth in (0, True, 2.5, 10_001):
+        with pytest.raises(InvalidOptionError, match="fusion_depth") as e:
+            SearchOptions(fusion_depth=depth)  # type: ignore[arg-type]
+        assert e.value.option == "fusion_depth"
     with pytest.raises(InvalidOptionError):
         SearchOptions(vector_weight=0.0, lexical_weight=0.0)
+
+
+@pytest.mark.parametrize("depth", [3, 12])
+def test_fusion_depth_is_the_window_each_list_contributes(index: Path, depth: int) -> None:
+    # Each list's best max(offset + k, fusion_depth) rows are fused: a row below that in
+    # both lists is not in the answer, however well it would have fused.
+    k = 5
+    window = max(k, depth)
+    with SearchEngine.open(index) as engine:
+        for query in QUERIES:
+            vec, lex = _lists(engine, query)
+            got = engine.search(
+                query, k=k, mode="hybrid", fusion_depth=depth, all_words_first=False
+            )
+            want = _by_hand(vec[:window], lex[:window], fusion="rrf", k=k, wv=1.0, wl=1.0)
+            assert got.row_ids == [r for r, _ in want]
+            assert [h.score for h in got] == pytest.approx([s for _, s in want], rel=1e-5)
+            assert all(
+                (h.explain["vector"] or {}).get("rank") in (None, *range(1, window + 1))
+                for h in got
+            )
+
+
+def test_a_query_that_fails_to_encode_leaves_hybrid_search_working(
+    index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lexical side starts before the query is encoded; an encoder error still
+    # reaches the caller, and the next query is answered in full.
+    with SearchEngine.open(index) as engine:
+        want = engine.search("Northwind mug", k=5, mode="hybrid").row_ids
+        encoder = engine.encoder
+        assert encoder is not None
+
+        def broken(texts: object) -> object:
+            raise QueryError("the encoder failed")
+
+        with monkeypatch.context() as m:
+            m.setattr(encoder, "encode_texts", broken)
+            with pytest.raises(QueryError, match="encoder failed"):
+                engine.search("Northwind mug", k=5, mode="hybrid")
+        assert engine.search("Northwind mug", k=5, mode="hybrid").row_ids == want
 
 
 def test_grouping_and_sort_run_after_fusion(index: Path) -> None:
@@ -236,6 +281,13 @@ def test_cli_search_mode_and_build_text_fields(tmp_path: Path) -> None:
     assert hits[0]["explain"]["lexical"]["rank"] == 1
     r = runner.invoke(app, ["search", str(tmp_path / "idx"), "--text", "x", "--mode", "bm25"])
     assert r.exit_code != 0 and "mode must be one of" in r.output
+    idx = str(tmp_path / "idx")
+    r = runner.invoke(app, ["search", idx, "--text", "mug", "--fusion-depth", "0"])
+    assert r.exit_code != 0 and "fusion_depth must be between 1 and" in r.output
+    r = runner.invoke(app, ["search", idx, "--text", "mug", "--fusion-depth", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    ranks = [h["explain"]["vector"]["rank"] for h in json.loads(r.stdout)["hits"]]
+    assert all(rank is None or rank <= 10 for rank in ranks)  # max(k = 10, depth 5)
     r = runner.invoke(
         app,
         ["index", "build", str(catalog), "--out", str(tmp_path / "bad"), "--model", "fake-32",
