@@ -65,6 +65,15 @@ def test_lexical_results_equal_brute_force_bm25(catalog, query: str) -> None:
         assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_a_shards_lexical_part_is_one_segment(catalog) -> None:
+    # Every query searches each segment of a part: a shard's rows go to one.
+    root, rows = catalog
+    with SearchEngine.open(root) as engine:
+        parts = [s.lexical for s in engine.snapshot.shards if s.lexical is not None]
+    assert parts and sum(p.docs for p in parts) == len(rows)
+    assert all(p.searcher.num_segments == 1 for p in parts)
+
+
 def test_common_terms_only_score_rows_matching_a_rare_one(catalog) -> None:
     root, _ = catalog
     with SearchEngine.open(root) as engine:
