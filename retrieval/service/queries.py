@@ -134,7 +134,8 @@ def search_options(
         raise _option_error(e, body.k, body.offset, config) from e
     if options.k > config.max_k:
         raise _k_out_of_range(options.k, config)
-    if options.offset + options.k > config.max_page_depth:
+    depth = min(config.max_page_depth, MAX_POOL)
+    if options.offset > depth - min(config.max_k, MAX_K) or options.offset + options.k > depth:
         raise _offset_out_of_range(options.offset, options.k, config)
     if not config.expose_source:
         _refuse_hidden_columns(options)
@@ -224,12 +225,15 @@ def _k_out_of_range(k: int, config: ServiceConfig) -> ApiError:
 
 
 def _offset_out_of_range(offset: int, k: int, config: ServiceConfig) -> ApiError:
+    """The documented range (OpenAPI: 0..max_page_depth - max_k) and the page depth."""
     depth = min(config.max_page_depth, MAX_POOL)
+    top = depth - min(config.max_k, MAX_K)
     return ApiError(
         422,
         "offset_out_of_range",
-        f"offset must be >= 0 and offset + k <= {depth}, got offset {offset} with k {k}",
-        details={"field": "offset", "max_depth": depth},
+        f"offset must be between 0 and {top}, and offset + k at most {depth}; got offset "
+        f"{offset} with k {k}",
+        details={"field": "offset", "max": top, "max_depth": depth},
     )
 
 

@@ -56,7 +56,8 @@ def test_boosts_need_numeric_columns_and_finite_weights(make_client: Any) -> Non
     err = assert_error(
         client.post("/search", json={"text": "red", "boosts": {"": 1.0}}), 422, "invalid_request"
     )
-    assert err["details"]["field"] == "boosts"
+    # Refused by the request model (its schema says names are non-empty), naming the key.
+    assert err["details"]["problems"][0]["location"].startswith("body.boosts")
     assert_error(
         client.post("/search", json={"text": "red", "boosts": {"price": "lots"}}),
         422,
@@ -108,6 +109,16 @@ def test_k_and_offset_errors_keep_their_codes_and_the_tighter_limit(make_client:
         client.post("/search", json={"text": "red", "offset": -1}), 422, "offset_out_of_range"
     )
     assert err["details"]["max_depth"] == 1000
+    # The documented range (OpenAPI: offset <= max_page_depth - max_k) is the enforced one.
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["SearchRequest"]
+    assert schema["properties"]["offset"]["maximum"] == 800
+    err = assert_error(
+        client.post("/search", json={"text": "red", "offset": 801, "k": 10}),
+        422,
+        "offset_out_of_range",
+    )
+    assert err["details"]["max"] == 800 and "between 0 and 800" in err["message"]
+    assert client.post("/search", json={"text": "red", "offset": 800, "k": 10}).status_code == 200
     assert_error(
         client.post("/search", json={"text": "red", "filter": "price <"}),
         400,
@@ -223,3 +234,16 @@ def test_lexical_and_hybrid_modes_rank_exact_words_over_http(make_client: Any) -
         assert explain["mode"] == mode and explain["lexical"]["rank"] == 1
     plain = client.post("/search", json={"text": "SKU-21", "k": 3, "mode": "vector"}).json()
     assert all("explain" not in h for h in plain["hits"])
+
+
+def test_fusion_depth_over_http_bounds_the_fused_lists(make_client: Any) -> None:
+    client = make_client()
+    r = client.post("/search", json={"text": "SKU-21", "k": 3, "fusion_depth": 0})
+    err = assert_error(r, 422, "invalid_request")
+    assert "fusion_depth" in str(err["details"]), err
+    body = client.post(
+        "/search", json={"text": "red mug", "k": 3, "mode": "hybrid", "fusion_depth": 4}
+    ).json()
+    explains = [h["explain"] for h in body["hits"]]
+    ranks = [(e[side] or {}).get("rank") for e in explains for side in ("vector", "lexical")]
+    assert all(rank is None or rank <= 4 for rank in ranks), body["hits"]

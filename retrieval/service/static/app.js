@@ -13,7 +13,7 @@
 
 // Products per page (?per_page=N in the address, 1..200).
 const PAGE = Math.min(200, Math.max(1, Number(new URLSearchParams(location.search).get("per_page")) || 24));
-const MAX_DEPTH = 1000;          // the server's max_page_depth default
+const MAX_OFFSET = 800;          // the server's largest offset: max_page_depth - max_k (defaults)
 const ORDER = ["category", "kind", "colour", "color", "price", "rating", "in_stock", "brand", "pattern", "material"];
 const HIDDEN_FACETS = new Set(["view", "image_path", "title", "name", "caption", "description", "sku"]);
 const MAX_MENU = 30;             // string columns with more distinct values are not menus
@@ -569,7 +569,7 @@ function renderResults(body, append, keep) {
   if (!all.length) $("empty-text").innerHTML = `No products match ${describeQuery(true)}${filtered ? " with these filters" : ""}.`;
   // Paging ends: a short page, every counted product shown, the server's depth limit,
   // or (relevant results only) the first product below the cutoff.
-  const limit = total != null && (state.scope !== "relevant" || !(state.showWeak || noGood)) ? Math.min(total, MAX_DEPTH) : MAX_DEPTH;
+  const limit = total != null && (state.scope !== "relevant" || !(state.showWeak || noGood)) ? Math.min(total, MAX_OFFSET + 1) : MAX_OFFSET + 1;
   const full = body.hits.length === PAGE && state.offset < limit;
   const more = full && (state.showWeak || noGood || weak === 0);
   $("pager").hidden = all.length === 0;
