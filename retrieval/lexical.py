@@ -505,6 +505,15 @@ class LexicalIndex:
             return need, complete
         return tantivy.Query.boolean_query([(must, need), *((should, q) for q in common)]), complete
 
+    def postings(self, terms: QueryTerms) -> int:
+        """Documents in the posting lists a search of ``terms`` walks on this shard:
+        every term's, except common terms beside a rarer one (they only score the rarer
+        one's rows; see :meth:`_query`). A hybrid query's lexical side weighs it."""
+        fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
+        df = [int(self.searcher.doc_freq(field, token)) for field, token in fields]
+        rare = [n for n in df if n <= COMMON_TERM_SHARE * self.docs]
+        return sum(rare) if rare else sum(df)
+
     def _fuzzy(self, stem: str, word: str) -> Any:
         """Indexed words within one edit of the misspelt ``word`` (two edits from
         ``FUZZY_TWO_EDITS_CHARS`` characters on), matched from its surface form and its

@@ -11,7 +11,7 @@ from lexical_fixtures import bm25_oracle, build_catalog, doc_text, products, wri
 from clipsearch.indexer.maintenance import compact, delete
 from clipsearch.retrieval.engine import SearchEngine
 from clipsearch.retrieval.errors import IndexFormatError, QueryError
-from clipsearch.retrieval.lexical import FUZZY_SCORE
+from clipsearch.retrieval.lexical import FUZZY_SCORE, analyze
 from clipsearch.retrieval.manifest import read_current
 from clipsearch.retrieval.store import open_snapshot, verify_index
 
@@ -72,6 +72,24 @@ def test_a_shards_lexical_part_is_one_segment(catalog) -> None:
         parts = [s.lexical for s in engine.snapshot.shards if s.lexical is not None]
     assert parts and sum(p.docs for p in parts) == len(rows)
     assert all(p.searcher.num_segments == 1 for p in parts)
+
+
+def test_postings_count_what_a_search_walks(catalog) -> None:
+    root, rows = catalog
+    texts = [analyze(doc_text(r, FIELDS)) for r in rows]
+    with SearchEngine.open(root) as engine:
+        parts = [s.lexical for s in engine.snapshot.shards if s.lexical is not None]
+
+        def postings(query: str) -> int:
+            return sum(p.postings(analyze(query)) for p in parts)
+
+        mugs = sum("mug" in t.words for t in texts)
+        reds = sum("red" in t.words for t in texts)
+        assert 0 < mugs < len(rows) // 2 and postings("mug") == mugs
+        assert postings("red mug") == mugs + reds
+        # "sku" is in every row: only the rows of the rarer "000017" are walked.
+        assert postings("SKU-000017") == 1
+        assert postings("zzzz") == 0
 
 
 def test_common_terms_only_score_rows_matching_a_rare_one(catalog) -> None:

@@ -141,3 +141,37 @@ def test_the_caller_runs_lexical_tasks_the_busy_pool_has_not_started(
     done = out[0]
     assert [[si for si, _ in d[0]] for d in done] == [[0, 1], [2], [3]]
     assert set(ran_in.values()) == {"caller"}
+
+
+def test_a_query_heavy_on_postings_is_split_for_the_caller_to_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tantivy")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lexical_fixtures import build_catalog, products, write_catalog
+
+    index = build_catalog(tmp_path / "index", write_catalog(tmp_path, products(120)), shard_size=30)
+    pool = ThreadPoolExecutor(max_workers=1)
+    submitted: list[int] = []
+
+    class Recording:
+        def submit(self, fn: Callable[..., object], *args: object) -> object:
+            submitted.append(1)
+            return pool.submit(fn, *args)
+
+    monkeypatch.setattr(hybrid, "_executor", lambda: Recording())
+    monkeypatch.setattr(hybrid, "_lexical_threads", lambda: 1)
+    answers = []
+    try:
+        with SearchEngine.open(index) as engine:
+            for split in (10**9, 0):  # never / always heavy
+                monkeypatch.setattr(hybrid, "SPLIT_POSTINGS", split)
+                submitted.clear()
+                res = engine.search("red mug", k=8, mode="hybrid")
+                answers.append((res.row_ids, [h.score for h in res], len(submitted)))
+    finally:
+        pool.shutdown(wait=True)
+    (light_rows, light_scores, light_tasks), (heavy_rows, heavy_scores, heavy_tasks) = answers
+    assert (light_tasks, heavy_tasks) == (1, 2)  # 4 shards: one task, or two halves
+    assert heavy_rows == light_rows and heavy_scores == light_scores
