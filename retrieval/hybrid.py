@@ -480,10 +480,10 @@ def _parse(where: str) -> Node:
 @functools.cache
 def _lexical_threads() -> int:
     """Threads of the lexical searches: half the usable cores (at least one, at most 4),
-    the other half left to the vector side. On 2 cores: one thread, and two tasks (see
-    ``HybridSearch._submit``); a task per shard cost more in thread hand-offs than it
-    overlapped (1M rows, 4 shards: hybrid p50 3.98 against 3.74 ms for one task, two
-    tasks 3.62 ms with p99 6.1 against 9.2 ms on the dense titles)."""
+    the other half left to the vector side. On 2 cores: one thread, given one task, or two
+    for a query heavy on postings (``HybridSearch._submit``); a task per shard cost more
+    in thread hand-offs than it overlapped (1M rows, 4 shards: hybrid p50 3.98 against
+    3.74 ms for one task)."""
     from clipsearch.retrieval.placement import usable_cores
 
     return max(1, min(4, usable_cores() // 2))

@@ -45,7 +45,7 @@ DEFAULT_RRF_K = 60
 # both lists beat one ranked 1st by one list alone (2 / 110 > 1 / 61). Measured against
 # 100: the same top 10 for 198 of 200 queries at 1M rows, nDCG@10 0.885 against 0.894
 # on the demo catalog's brand + kind queries ungrouped (grouped: the same), and 10% less
-# time per hybrid query on 2 cores (docs/INTERNALS.md "Hybrid search").
+# time per hybrid query on 2 cores (docs/INTERNALS.md "Hybrid latency, third pass").
 DEFAULT_FUSION_DEPTH = 50
 MAX_FUSION_DEPTH = MAX_POOL
 # ``min_score="auto"``: the model's calibrated relevance threshold for the query's
