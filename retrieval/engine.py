@@ -8,9 +8,10 @@ parameters are passed per call, masks are fresh arrays. The exception is a GPU s
 (:mod:`clipsearch.retrieval.placement`), whose index takes no per-call parameters: nprobe is set on
 it and the search run under that GPU's lock.
 
-The query path (DESIGN.md): encode -> compile the filter to per-shard masks (tombstones
-always removed) -> search every shard of the target modality in parallel with its plan
-(:mod:`clipsearch.retrieval.planner`) -> merge the per-shard top lists with a heap -> rerank
+The query path (DESIGN.md): compile the filter to per-shard masks (tombstones always
+removed) -> start a hybrid query's lexical side -> encode -> search every shard of the
+target modality with its plan (:mod:`clipsearch.retrieval.planner`; in parallel from
+``SHARD_THREADS_FROM_CORES`` cores) -> merge the per-shard top lists -> rerank
 (:mod:`clipsearch.retrieval.rerank`) -> page -> :class:`SearchResults`.
 """
 
