@@ -66,8 +66,8 @@ log = logging.getLogger(__name__)
 RERANK_WINDOW = 100
 # Filter masks kept per version (a product site repeats a handful of filters).
 MASK_CACHE_SIZE = 32
-# Usable cores from which CPU ANN shards are searched in the engine's pool, one thread
-# per shard (see SearchEngine._search_shards); below, one after the other.
+# Usable cores from which CPU ANN shards are searched in a pool, one thread per shard
+# (see search_shards); below, one after the other.
 SHARD_THREADS_FROM_CORES = 4
 
 
@@ -377,28 +377,7 @@ class SearchEngine:
     ) -> tuple[list[list[tuple[float, int, int]]], dict[str, str]]:
         """Per query, the merged best ``pool`` as (score, shard position, local row);
         ``least``: see :meth:`ShardSearcher.search`."""
-
-        def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
-            return shards[i].search(xq, pool, allowed[i], least=least)
-
-        # With SHARD_THREADS_FROM_CORES cores or more, CPU ANN shards run in the engine's
-        # pool, whose threads run faiss with one OpenMP thread each (faiss's 2-thread
-        # path for one query is 1.6x slower than 1 thread on small CPUs; shards give the
-        # parallelism instead). On fewer cores they run one after the other in this
-        # thread, faiss on one OpenMP thread: handing 4 shards to the pool cost more
-        # than the second core gave, and the pool's threads fought a hybrid query's
-        # lexical side (module docstring of clipsearch.retrieval.hybrid). Flat scans are
-        # memory-bound and BLAS already uses every core, so they run inline. GPU shards
-        # run in the pool: shards on different GPUs search concurrently.
-        pooled = [
-            i
-            for i, s in enumerate(shards)
-            if s.placement != "cpu" or (s.kind != "flat" and self._shard_threads)
-        ]
-        futures = {i: self._pool.submit(one, i) for i in pooled}
-        # (A batch keeps faiss's threads: they split its queries.)
-        with one_faiss_thread() if xq.shape[0] <= SMALL_NQ else contextlib.nullcontext():
-            results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
+        results = search_shards(self._pool, self._shard_threads, shards, allowed, xq, pool, least)
         plans = {s.record.name: r[2] for s, r in zip(shards, results, strict=True)}
         starts = [s.record.row_id_start for s in shards]
         merged = merge_shard_tops(starts, [(r[0], r[1]) for r in results], xq.shape[0], pool)
@@ -533,6 +512,43 @@ def allowed_rows(
         cached = tuple(out)
         masks.put(key, cached)
     return cached
+
+
+def search_shards(
+    pool: ThreadPoolExecutor,
+    threads: bool,
+    shards: Sequence[ShardSearcher],
+    allowed: Sequence[AllowedRows | None],
+    xq: np.ndarray,
+    k: int,
+    least: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """Every shard's (scores, local rows, plan) for the best ``k`` allowed rows of each
+    query (:meth:`ShardSearcher.search`; ``least`` likewise), for the local engine and
+    the distributed hosts alike.
+
+    With ``threads`` (``SHARD_THREADS_FROM_CORES`` usable cores or more) and more than
+    one of them, CPU ANN shards run in ``pool``, whose threads run faiss with one OpenMP
+    thread each (faiss's 2-thread path for one query is 1.6x slower than 1 thread on
+    small CPUs; shards give the parallelism instead). Otherwise they run one after the
+    other in this thread, faiss on one OpenMP thread for up to ``SMALL_NQ`` queries (a
+    batch keeps faiss's threads: they split its queries): on 2 cores, handing 4 shards to
+    the pool cost more than the second core gave, and its threads fought a hybrid
+    query's lexical side. Flat scans are memory-bound and BLAS already uses every core,
+    so they run inline. GPU shards run in the pool: shards on different GPUs search
+    concurrently.
+    """
+
+    def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        return shards[i].search(xq, k, allowed[i], least=least)
+
+    ann = [i for i, s in enumerate(shards) if s.kind != "flat" and s.placement == "cpu"]
+    pooled = [i for i, s in enumerate(shards) if s.placement != "cpu"]
+    if threads and len(ann) > 1:
+        pooled += ann
+    futures = {i: pool.submit(one, i) for i in pooled}
+    with one_faiss_thread() if xq.shape[0] <= SMALL_NQ else contextlib.nullcontext():
+        return [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
 
 
 def merge_shard_tops(

@@ -65,6 +65,9 @@ class ShardHost:
     """Hosts some shards of an index for the distributed coordinator (a Ray actor)."""
 
     def __init__(self, root: str, config: PlannerConfig | None = None) -> None:
+        from clipsearch.retrieval.engine import SHARD_THREADS_FROM_CORES
+        from clipsearch.retrieval.placement import usable_cores
+
         logging.getLogger("clipsearch").setLevel(logging.WARNING)
         self.root = Path(root)
         self.config = config or PlannerConfig()
@@ -74,6 +77,7 @@ class ShardHost:
             thread_name_prefix="clipsearch-host",
             initializer=single_threaded_worker,
         )
+        self._shard_threads = usable_cores() >= SHARD_THREADS_FROM_CORES
         self._versions: dict[int, _Version] = {}
         # Shard name -> (CPU index, fp16 vectors, metadata as stored, lexical index or
         # None): files read once.
@@ -173,20 +177,13 @@ class ShardHost:
     ) -> list[tuple[np.ndarray, np.ndarray, str, int]]:
         """Per shard of ``names``: the planner's (scores, local rows, plan) for the best
         ``pool`` allowed rows of every query, and how many rows the filter allows."""
-        from clipsearch.retrieval.engine import allowed_rows
+        from clipsearch.retrieval.engine import allowed_rows, search_shards
 
         ver, shards = self._shards(version, names)
         allowed = allowed_rows(shards, where, ver.schema, ver.masks)
         xq = np.asarray(xq, np.float32)
 
-        def one(i: int) -> tuple[np.ndarray, np.ndarray, str]:
-            return shards[i].search(xq, pool, allowed[i])
-
-        # As SearchEngine._search_shards: ANN shards in the pool (one OpenMP thread
-        # each), flat scans inline (BLAS already uses every core).
-        ann = [i for i, s in enumerate(shards) if s.kind != "flat"]
-        futures = {i: self._pool.submit(one, i) for i in ann} if len(ann) > 1 else {}
-        results = [futures[i].result() if i in futures else one(i) for i in range(len(shards))]
+        results = search_shards(self._pool, self._shard_threads, shards, allowed, xq, pool)
         return [
             (d, i, plan, s.rows if a is None else a.count)
             for s, a, (d, i, plan) in zip(shards, allowed, results, strict=True)
