@@ -128,6 +128,10 @@ def test_concurrent_query_and_indexing_calls_do_not_mix_counts(
 
     def run(name: str, n: int) -> None:
         try:
+            # This thread's first torch op copies the process-wide count (which the other
+            # thread may be switching); the caller's own count is set after it, as a
+            # thread that uses torch does (OpenClipEncoder._threads: "Not guaranteed").
+            torch.get_num_threads()
             torch.set_num_threads(CALLER)
             enc.encode_texts([f"text {i}" for i in range(n)])
             results[name] = torch.get_num_threads()
