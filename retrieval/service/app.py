@@ -177,15 +177,12 @@ def _document_limits(app: FastAPI, config: ServiceConfig, state: ServiceState) -
     """Put this server's limits into its OpenAPI schema (ranges of k and offset, text
     lengths, list sizes), so schema-driven clients and testers generate requests it
     accepts. Documentation only: SearchOptions and the service's checks enforce them."""
-    from clipsearch.retrieval.options import MAX_K, MAX_POOL
-
     original = app.openapi
-    k_max = min(config.max_k, MAX_K)
-    depth = min(config.max_page_depth, MAX_POOL)
+    k_max, _, max_offset = queries.page_limits(config)
     nonblank: dict[str, Any] = {"minLength": 1, "pattern": r"\S"}
     search: dict[str, dict[str, Any]] = {
         "k": {"minimum": 1, "maximum": k_max},
-        "offset": {"minimum": 0, "maximum": depth - k_max},
+        "offset": {"minimum": 0, "maximum": max_offset},
         "text": {**nonblank, "maxLength": config.max_text_chars},
         "terms": {"maxItems": config.max_terms, "minItems": 1},
         "modality": {"enum": ["image", "text"]},

@@ -134,8 +134,8 @@ def search_options(
         raise _option_error(e, body.k, body.offset, config) from e
     if options.k > config.max_k:
         raise _k_out_of_range(options.k, config)
-    depth = min(config.max_page_depth, MAX_POOL)
-    if options.offset > depth - min(config.max_k, MAX_K) or options.offset + options.k > depth:
+    _, depth, max_offset = page_limits(config)
+    if options.offset > max_offset or options.offset + options.k > depth:
         raise _offset_out_of_range(options.offset, options.k, config)
     if not config.expose_source:
         _refuse_hidden_columns(options)
@@ -214,8 +214,17 @@ def _option_error(e: InvalidOptionError, k: int, offset: int, config: ServiceCon
     return ApiError(422, "invalid_request", str(e), details={"field": field})
 
 
+def page_limits(config: ServiceConfig) -> tuple[int, int, int]:
+    """(largest k, largest offset + k, largest offset) of this server: the service's
+    limits within the library's. The OpenAPI schema documents them, requests are checked
+    against them, so the two never disagree."""
+    k_max = min(config.max_k, MAX_K)
+    depth = min(config.max_page_depth, MAX_POOL)
+    return k_max, depth, depth - k_max
+
+
 def _k_out_of_range(k: int, config: ServiceConfig) -> ApiError:
-    top = min(config.max_k, MAX_K)
+    top, _, _ = page_limits(config)
     return ApiError(
         422,
         "k_out_of_range",
@@ -226,8 +235,7 @@ def _k_out_of_range(k: int, config: ServiceConfig) -> ApiError:
 
 def _offset_out_of_range(offset: int, k: int, config: ServiceConfig) -> ApiError:
     """The documented range (OpenAPI: 0..max_page_depth - max_k) and the page depth."""
-    depth = min(config.max_page_depth, MAX_POOL)
-    top = depth - min(config.max_k, MAX_K)
+    _, depth, top = page_limits(config)
     return ApiError(
         422,
         "offset_out_of_range",
