@@ -6,8 +6,8 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, redirect_stdout
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
@@ -135,10 +135,23 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {task.fields.get('unit', '')}/s")
 
 
-def print_json(obj: Any) -> None:
-    """Write ``obj`` as JSON to stdout (no rich markup, so scripts can parse it)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+@contextmanager
+def stdout_for_result() -> Iterator[TextIO]:
+    """The command's stdout, kept for its result: whatever else the body writes to
+    stdout goes to stderr. Ray's driver prints the lines it forwards from raylets and
+    workers (a raylet's disk-space warning, a worker's print) on sys.stdout, and one
+    such line breaks a ``--json`` result piped into a parser."""
+    out = sys.stdout
+    with redirect_stdout(sys.stderr):
+        yield out
+
+
+def print_json(obj: Any, file: TextIO | None = None) -> None:
+    """Write ``obj`` as JSON to ``file`` (default stdout; no rich markup, so scripts can
+    parse it)."""
+    out = sys.stdout if file is None else file
+    out.write(json.dumps(obj, indent=2, default=str) + "\n")
+    out.flush()
 
 
 def setup_logging(verbose: int) -> None:

@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clipsearch.cli.common import cli_errors, console, err_console, print_json, progress_bars
+from clipsearch.cli.common import (
+    cli_errors,
+    console,
+    err_console,
+    print_json,
+    progress_bars,
+    stdout_for_result,
+)
 
 if TYPE_CHECKING:
     from clipsearch.indexer.build import BuildOptions, IngestSummary
@@ -108,7 +116,7 @@ def _extensions(text: str | None) -> tuple[str, ...] | None:
     return tuple(e if e.startswith(".") else f".{e}" for e in exts)
 
 
-def _render_summary(s: IngestSummary) -> None:
+def _render_summary(s: IngestSummary, out: Console) -> None:
     t = Table(title=f"{s.operation}: {s.root} -> version {s.version}", show_header=False)
     t.add_column("", style="bold")
     t.add_column("", justify="right")
@@ -131,7 +139,7 @@ def _render_summary(s: IngestSummary) -> None:
             f"{f['fetched']:,} / {f['cached']:,} / {f['failed']:,}",
         )
     t.add_row("time", f"{s.seconds:.1f} s ({s.items_per_second:,.1f} items/s)")
-    console.print(t)
+    out.print(t)
     if s.skipped:
         err_console.print(f"[yellow]{s.skipped:,} items skipped; most common reasons:[/]")
         for stage, reason, n in s.top_reasons:
@@ -264,7 +272,7 @@ def build_cmd(
     from clipsearch.indexer.build import build
     from clipsearch.retrieval.encoders import load_encoder
 
-    with cli_errors():
+    with cli_errors(), stdout_for_result() as result_out:
         opts = _options(
             shard_size=shard_size, index=index, target_recall=target_recall,
             max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
@@ -294,10 +302,11 @@ def build_cmd(
                 summary = build(
                     list(sources), out, encoder=encoder, options=opts, progress=progress
                 )
-    if as_json:
-        print_json(summary.to_dict())
-    else:
-        _render_summary(summary)
+        # Inside the redirect: a line Ray forwards late still goes to stderr.
+        if as_json:
+            print_json(summary.to_dict(), file=result_out)
+        else:
+            _render_summary(summary, Console(file=result_out))
 
 
 @index_app.command("add")
@@ -331,7 +340,7 @@ def add_cmd(
     from clipsearch.retrieval.encoders import encoder_from_fingerprint
     from clipsearch.retrieval.manifest import read_current
 
-    with cli_errors():
+    with cli_errors(), stdout_for_result() as result_out:
         opts = _options(
             shard_size=shard_size, index=index, target_recall=target_recall,
             max_memory=max_memory, batch_size=batch_size, workers=workers, device=device,
@@ -356,10 +365,11 @@ def add_cmd(
                 summary = add(
                     index_dir, list(sources), encoder=encoder, options=opts, progress=progress
                 )
-    if as_json:
-        print_json(summary.to_dict())
-    else:
-        _render_summary(summary)
+        # Inside the redirect: a line Ray forwards late still goes to stderr.
+        if as_json:
+            print_json(summary.to_dict(), file=result_out)
+        else:
+            _render_summary(summary, Console(file=result_out))
 
 
 @index_app.command("delete")

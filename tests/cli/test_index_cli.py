@@ -68,6 +68,34 @@ def test_human_build_output_shows_summary(tmp_path: Path) -> None:
     assert "indexed" in r.output and "skipped (errors)" in r.output and "errors report" in r.output
 
 
+def test_build_stdout_holds_only_the_result_whatever_else_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray's driver prints the lines it forwards from raylets and workers (a disk-space
+    # warning, a worker's print) on sys.stdout while a build runs; stand in for it with
+    # a build that prints.
+    import clipsearch.indexer.build as build_module
+
+    real_build = build_module.build
+
+    def noisy_build(*args: object, **kwargs: object) -> object:
+        print("(raylet) file_system_monitor.cc:116: /tmp/ray is over 95% full")
+        return real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build_module, "build", noisy_build)
+    csv = write_products(tmp_path, 3)
+    args = ["index", "build", str(csv), "--model", "fake-32", "--image-col", "image_path",
+            "--text-col", "title", "--id-col", "sku"]  # fmt: skip
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["indexed"] == 6  # the whole of stdout is the JSON
+    assert "over 95% full" in r.stderr
+
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "over 95% full" not in r.stdout and "indexed" in r.stdout
+
+
 def test_progress_renderer_shows_every_stage_and_json_stays_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
