@@ -48,7 +48,7 @@ from clipsearch.retrieval.errors import QueryError
 
 if TYPE_CHECKING:
     from clipsearch.retrieval.filters import Node
-    from clipsearch.retrieval.lexical import LexicalIndex, QueryTerms
+    from clipsearch.retrieval.lexical import LexicalIndex, PreparedQuery, QueryTerms
     from clipsearch.retrieval.options import SearchOptions
     from clipsearch.retrieval.planner import AllowedRows, ShardSearcher
     from clipsearch.retrieval.results import SearchResults
@@ -242,16 +242,23 @@ class HybridSearch:
         self.explains: list[dict[int, dict[str, Any]]] = [{} for _ in terms]
         # Lexical searches submitted ahead of the vector search (start): their depth.
         self._started: tuple[int, _Lexical] | None = None
+        # Per local shard position, the queries prepared on it (None: a query without
+        # text), made in the calling thread before the first search is submitted.
+        self._prepared: dict[int, list[PreparedQuery | None]] = {}
 
-    def _postings(self, shard_ids: Sequence[int]) -> int:
-        """Postings the queries' terms have on those (local) shards."""
-        return sum(
-            index.postings(terms)
-            for si in shard_ids
-            if (index := self.lexical[si]) is not None
-            for terms in self.terms
-            if terms is not None
-        )
+    def _prepare(self, shard_ids: Sequence[int]) -> int:
+        """Prepare the queries on those (local) shards (:meth:`LexicalIndex.prepare`,
+        in the calling thread: the lexical pool's tasks then only search); the postings
+        their terms have there."""
+        postings = 0
+        for si in shard_ids:
+            index = self.lexical[si]
+            if index is None:
+                continue
+            if si not in self._prepared:
+                self._prepared[si] = [None if t is None else index.prepare(t) for t in self.terms]
+            postings += sum(p.postings for p in self._prepared[si] if p is not None)
+        return postings
 
     def shard_lists(self, shard_ids: Sequence[int], depth: int) -> ShardLists:
         """Per shard of ``shard_ids`` (one after the other) and query, the best ``depth``
@@ -267,11 +274,13 @@ class HybridSearch:
             if index is None:
                 continue
             kw: dict[str, Any] = {"with_complete": whole}
+            queries: Sequence[Any] = self.terms
             if isinstance(index, LexicalIndex):
                 kw["where"] = self.where
+                queries = self._prepared.get(si) or self.terms
             hits: list[LexicalHits | None] = [
-                None if terms is None else index.search(terms, depth, self.allowed[si], **kw)
-                for terms in self.terms
+                None if q is None else index.search(q, depth, self.allowed[si], **kw)
+                for q in queries
             ]
             out.append((si, hits))
         return out, time.perf_counter()
@@ -336,7 +345,7 @@ class HybridSearch:
 
         own = [si for si, x in enumerate(self.lexical) if isinstance(x, LexicalIndex)]
         rest = [si for si, x in enumerate(self.lexical) if x and not isinstance(x, LexicalIndex)]
-        per_thread = 2 if self._postings(own) > SPLIT_POSTINGS else 1
+        per_thread = 2 if self._prepare(own) > SPLIT_POSTINGS else 1
         groups = min(len(own), per_thread * _lexical_threads())
         tasks = [ids for ids in [*(own[g::groups] for g in range(groups)), rest] if ids]
         run = functools.partial(self.shard_lists, depth=depth)

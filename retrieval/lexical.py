@@ -379,6 +379,18 @@ class QueryTerms:
         return bool(self.words or self.cjk)
 
 
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A query's tantivy queries on one shard (:meth:`LexicalIndex.prepare`): the
+    search's (None: nothing can match), the rows holding every term's (None: no row
+    can), and the postings the search walks."""
+
+    terms: QueryTerms
+    query: Any | None
+    every: Any | None
+    postings: int
+
+
 @functools.cache
 def _surface_analyzer() -> Any:
     """``ANALYZER``'s words analysis without stemming (same tokens, same order)."""
@@ -465,10 +477,24 @@ class LexicalIndex:
                 f"{record.rows}"
             )
 
-    def _query(self, terms: QueryTerms) -> tuple[Any | None, Any | None]:
-        """The tantivy query of ``terms`` on this shard (see the module docstring), or
-        None when nothing can match; and the query of rows holding every term (a
-        misspelt one within its edits), or None when no row can."""
+    def prepare(self, terms: QueryTerms) -> PreparedQuery:
+        """``terms``' queries on this shard (see the module docstring) and the postings
+        a search of them walks, from one lookup of each term's document frequency.
+
+        A hybrid query prepares in the calling thread and searches in the lexical pool:
+        each lookup releases the GIL, and a thread taking the GIL back while the vector
+        side holds it waits for a hand-off (~40 us where the cores are virtual)."""
+        fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
+        if not fields or not self.docs:
+            return PreparedQuery(terms, None, None, 0)
+        df = [int(self.searcher.doc_freq(field, token)) for field, token in fields]
+        query, every = self._query(terms, df)
+        return PreparedQuery(terms, query, every, self._postings(df))
+
+    def _query(self, terms: QueryTerms, df: Sequence[int]) -> tuple[Any | None, Any | None]:
+        """The tantivy query of ``terms`` (document frequencies ``df``, words then CJK
+        terms) on this shard, or None when nothing can match; and the query of rows
+        holding every term (a misspelt one within its edits), or None when no row can."""
         import tantivy
 
         rare: list[Any] = []
@@ -478,9 +504,8 @@ class LexicalIndex:
         surface = terms.surface or terms.words
         fields = [(FIELD_WORDS, t, w) for t, w in zip(terms.words, surface, strict=True)]
         fields += [(FIELD_CJK, t, t) for t in terms.cjk]
-        for field, token, word in fields:
-            df = int(self.searcher.doc_freq(field, token))
-            if df == 0:
+        for (field, token, word), n in zip(fields, df, strict=True):
+            if n == 0:
                 unknown += 1
                 if field == FIELD_WORDS and len(word) >= FUZZY_MIN_CHARS and not word.isdigit():
                     fuzzy = self._fuzzy(token, word)
@@ -490,7 +515,7 @@ class LexicalIndex:
                     every = None
                 continue
             q = tantivy.Query.term_query(self.schema, field, token, index_option="freq")
-            (common if df > COMMON_TERM_SHARE * self.docs else rare).append(q)
+            (common if n > COMMON_TERM_SHARE * self.docs else rare).append(q)
             every = None if every is None else [*every, q]
         should, must = tantivy.Occur.Should, tantivy.Occur.Must
         complete = tantivy.Query.boolean_query([(must, q) for q in every]) if every else None
@@ -506,11 +531,13 @@ class LexicalIndex:
         return tantivy.Query.boolean_query([(must, need), *((should, q) for q in common)]), complete
 
     def postings(self, terms: QueryTerms) -> int:
-        """Documents in the posting lists a search of ``terms`` walks on this shard:
-        every term's, except common terms beside a rarer one (they only score the rarer
-        one's rows; see :meth:`_query`). A hybrid query's lexical side weighs it."""
-        fields = [(FIELD_WORDS, t) for t in terms.words] + [(FIELD_CJK, t) for t in terms.cjk]
-        df = [int(self.searcher.doc_freq(field, token)) for field, token in fields]
+        """Documents in the posting lists a search of ``terms`` walks on this shard."""
+        return self.prepare(terms).postings
+
+    def _postings(self, df: Sequence[int]) -> int:
+        """Every term's postings, except common terms beside a rarer one (they only
+        score the rarer one's rows; see :meth:`_query`). A hybrid query's lexical side
+        weighs it."""
         rare = [n for n in df if n <= COMMON_TERM_SHARE * self.docs]
         return sum(rare) if rare else sum(df)
 
@@ -529,14 +556,15 @@ class LexicalIndex:
 
     def search(
         self,
-        terms: QueryTerms,
+        terms: QueryTerms | PreparedQuery,
         limit: int,
         allowed: AllowedRows | None = None,
         *,
         with_complete: bool = False,
         where: Node | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The best ``limit`` allowed rows for ``terms``: (float32 BM25 scores descending,
+        """The best ``limit`` allowed rows for ``terms`` (or their queries on this shard,
+        :meth:`prepare`): (float32 BM25 scores descending,
         int64 local rows, bool "holds every query term"), ties by row. With ``allowed``,
         rows outside its mask are skipped and the search widens until ``limit`` allowed
         rows are found or no matching row is left, so a filter never costs results.
@@ -544,7 +572,8 @@ class LexicalIndex:
         the search inside tantivy; the results are the same without it).
         ``with_complete=False`` leaves the third array all False (one search less)."""
         empty = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
-        query, every = self._query(terms) if terms and self.docs else (None, None)
+        prepared = terms if isinstance(terms, PreparedQuery) else self.prepare(terms)
+        query, every, terms = prepared.query, prepared.every, prepared.terms
         if query is None or limit < 1:
             return empty
         import tantivy
