@@ -309,8 +309,12 @@ class SearchEngine:
         if hybrid is not None:
             hybrid.start(first_pool(opts))
         tick = time.perf_counter()
+        dim = state.snapshot.dim
         try:
-            xq = encode_queries(self.encoder, list(queries), state.snapshot.dim)
+            if hybrid is None or hybrid.needs_vectors:
+                xq = encode_queries(self.encoder, list(queries), dim)
+            else:  # BM25 alone ranks: no encoder pass (no stage reads the query vector)
+                xq = np.zeros((len(queries), dim), np.float32)
         except BaseException:
             if hybrid is not None:
                 hybrid.cancel()
@@ -318,7 +322,7 @@ class SearchEngine:
         timings["encode"] = _ms(tick)
         search = functools.partial(self._search_shards, shards, allowed, xq)
         if hybrid is not None:
-            hybrid.xq = xq
+            hybrid.xq = xq if hybrid.needs_vectors else None
             search = functools.partial(hybrid.search, search)
         ranked, plans = rank_queries(
             opts,

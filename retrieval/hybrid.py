@@ -403,10 +403,16 @@ class HybridSearch:
             out.append(fused)
         return out, plans
 
+    @property
+    def needs_vectors(self) -> bool:
+        """Whether the queries must be encoded: always but in lexical mode without MMR,
+        where BM25 alone ranks (a SKU lookup runs no text encoder; explanations then
+        carry no vector score)."""
+        return self.mode != "lexical" or self.opts.mmr is not None
+
     def _explain(self, qi: int, si: int, local: int, parts: dict[str, Any]) -> dict[str, Any]:
         out = dict(parts)
-        if out["vector"] is None:  # outside the vector list: its cosine, unranked
-            assert self.xq is not None  # set once the queries are encoded
+        if out["vector"] is None and self.xq is not None:  # its cosine, unranked
             row = np.asarray(self.shards[si].vectors[local], np.float32)
             out["vector"] = {"score": float(row @ self.xq[qi]), "rank": None}
         if self.mode == "lexical":

@@ -492,13 +492,22 @@ class DistributedSearchEngine:
             return search_auto(self.search_batch, queries, opts, texts, layout.manifest, target)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
-        xq = encode_queries(self.encoder, list(queries), layout.manifest.dim)
-        timings["encode"] = _ms(tick)
-        tick = time.perf_counter()
         if opts.where is not None:
             compile_filter(opts.where, layout.schema)  # bad filters fail here, not remotely
         shards = [s for s in layout.manifest.shards if s.modality == layout.target(opts.modality)]
         timings["filter"] = _ms(tick)
+        if texts is not None and len(texts) != len(queries):
+            raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
+        hybrid = self._hybrid(layout, opts, queries if texts is None else texts, shards, timings)
+        tick = time.perf_counter()
+        dim = layout.manifest.dim
+        if hybrid is None or hybrid.needs_vectors:
+            xq = encode_queries(self.encoder, list(queries), dim)
+        else:  # BM25 alone ranks (SearchEngine.search_batch): no encoder pass
+            xq = np.zeros((len(queries), dim), np.float32)
+        timings["encode"] = _ms(tick)
+        if hybrid is not None:
+            hybrid.xq = xq if hybrid.needs_vectors else None
         starts = [s.row_id_start for s in shards]
         position = {s.name: i for i, s in enumerate(shards)}
         counts: dict[str, int] = {}
@@ -531,11 +540,6 @@ class DistributedSearchEngine:
                 for qi, m in enumerate(merged)
             ]
 
-        if texts is not None and len(texts) != len(queries):
-            raise QueryError(f"{len(texts)} texts for {len(queries)} queries")
-        hybrid = self._hybrid(
-            layout, opts, queries if texts is None else texts, shards, xq, timings
-        )
         step: Callable[[int], Any] = search
         if hybrid is not None:
             step = functools.partial(hybrid.search, search)
@@ -589,14 +593,14 @@ class DistributedSearchEngine:
         opts: SearchOptions,
         queries: Sequence[Any],
         shards: list[ShardRecord],
-        xq: np.ndarray,
         timings: dict[str, float],
     ) -> Any:
         """The hybrid module's search step over the hosts' BM25 lists, or None for
-        vector mode (decided by the local engine's rule)."""
+        vector mode (decided by the local engine's rule); its ``xq`` is set once the
+        queries are encoded."""
         from clipsearch.retrieval.distributed.lexical import remote_hybrid
 
-        return remote_hybrid(self, layout, opts, queries, shards, xq, timings)
+        return remote_hybrid(self, layout, opts, queries, shards, timings)
 
     def _fetch_rows(
         self,

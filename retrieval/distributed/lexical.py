@@ -111,10 +111,10 @@ def remote_hybrid(
     opts: SearchOptions,
     queries: Sequence[Any],
     records: list[ShardRecord],
-    xq: np.ndarray,
     timings: dict[str, float],
 ) -> Any:
-    """``plan_hybrid`` over the hosts' shards; None for vector mode."""
+    """``plan_hybrid`` over the hosts' shards; None for vector mode. The caller sets
+    its ``xq`` once the queries are encoded."""
     from clipsearch.retrieval.hybrid import plan_hybrid, query_text
     from clipsearch.retrieval.lexical import analyze, have_tantivy
 
@@ -131,4 +131,4 @@ def remote_hybrid(
         if has_lexical and r.lexical is not None
     }
     target = records[0].modality if records else "image"
-    return plan_hybrid(opts, queries, shards, [None] * len(shards), lexical, xq, timings, target)
+    return plan_hybrid(opts, queries, shards, [None] * len(shards), lexical, None, timings, target)

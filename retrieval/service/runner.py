@@ -2,8 +2,10 @@
 
 Two stages, so the batcher can pipeline them (:mod:`clipsearch.retrieval.service.batching`):
 :func:`encode_jobs` (the encoder) and :func:`search_encoded` (the index, facets);
-:func:`run_jobs` is both in one call. Every query of the batch is encoded in one pass (all texts in one encoder call, all
-images in another, whatever their options), then the vectors of queries with equal
+:func:`run_jobs` is both in one call. Every query of the batch is encoded in one pass
+(all texts in one encoder call, all images in another, whatever their options), except
+lexical-mode queries without MMR, which BM25 alone ranks (no encoder pass: the engine
+gets their texts). Then the queries with equal
 :class:`~clipsearch.retrieval.options.SearchOptions` (same ``key()``) go to one
 ``engine.search_batch`` call each, which scans every shard once for the whole group.
 Vector queries search the same rows as the text/image queries they came from (the
@@ -67,8 +69,9 @@ Job = SearchJob | ClassifyJob
 
 @dataclass(eq=False)
 class EncodedBatch:
-    """Stage 1's output: the jobs, their query vectors (or the error that stopped the
-    batch encode), and the answers already known (classify jobs)."""
+    """Stage 1's output: the jobs, their query vectors (per search, None for a job that
+    is not encoded: lexical mode without MMR), or the error that stopped the batch
+    encode, and the answers already known (classify jobs)."""
 
     jobs: Sequence[Job]
     searches: list[tuple[int, SearchJob]]
@@ -94,13 +97,27 @@ def encode_jobs(engine: Any, jobs: Sequence[Job]) -> EncodedBatch:
         else:
             searches.append((i, job))
     batch = EncodedBatch(jobs=jobs, searches=searches, results=results)
-    if searches:
+    encode = [pos for pos, (_, job) in enumerate(searches) if _needs_vector(job)]
+    if encode:
         try:
-            batch.vectors, batch.encode_ms = _encode_all(engine, [job for _, job in searches])
+            vectors, batch.encode_ms = _encode_all(engine, [searches[pos][1] for pos in encode])
         except Exception as e:
             log.debug("batch encode failed (%s); answering its queries one by one", e)
             batch.error = e
+        else:
+            batch.vectors = [None] * len(searches)
+            for row, pos in enumerate(encode):
+                batch.vectors[pos] = vectors[row]
+    elif searches:
+        batch.vectors = [None] * len(searches)
     return batch
+
+
+def _needs_vector(job: SearchJob) -> bool:
+    """Whether a search job's query is encoded: all but lexical-mode jobs without MMR
+    (BM25 alone ranks them, and their facets count the word matches), which the engine
+    answers from the query text without an encoder pass."""
+    return job.options.mode != "lexical" or job.options.mmr is not None
 
 
 def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> list[Any]:
@@ -119,11 +136,16 @@ def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> lis
     for members in groups.values():
         options = searches[members[0]][1].options
         try:
-            # The query texts ride along: lexical / hybrid modes match them by BM25.
-            texts = [query_text(searches[pos][1].query) for pos in members]
-            answers = engine.search_batch(list(vectors[members]), options, texts=texts)
+            if vectors[members[0]] is None:  # lexical mode: the engine reads the texts
+                answers = engine.search_batch([searches[pos][1].query for pos in members], options)
+            else:
+                # The query texts ride along: lexical / hybrid modes match them by BM25.
+                texts = [query_text(searches[pos][1].query) for pos in members]
+                queries = [vectors[pos] for pos in members]
+                answers = engine.search_batch(queries, options, texts=texts)
+                answers = [_with_encode_time(a, batch.encode_ms) for a in answers]
             for pos, answer in zip(members, answers, strict=True):
-                results[searches[pos][0]] = _with_encode_time(answer, batch.encode_ms)
+                results[searches[pos][0]] = answer
         except Exception as e:
             # The options are shared by the whole group (a bad filter fails every query
             # of it alike), so each query gets the same error.
@@ -152,12 +174,15 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
     opts = job.options
     relevant = None
     if job.relevance_cutoff is not None:
-        found = _best_rows(engine, vector, opts, min_score=job.relevance_cutoff)
-        relevant = np.asarray(found.row_ids, np.int64)
-        words = _word_matches(engine, job, vector, results)
-        if words is not None:
-            mode, rows = words
-            relevant = rows if mode == "lexical" else np.union1d(relevant, rows)
+        query = job.query if vector is None else vector  # None: a lexical job, not encoded
+        words = _word_matches(engine, job, query, results)
+        if words is not None and words[0] == "lexical":
+            relevant = words[1]
+        else:
+            found = _best_rows(engine, query, opts, min_score=job.relevance_cutoff)
+            relevant = np.asarray(found.row_ids, np.int64)
+            if words is not None:
+                relevant = np.union1d(relevant, words[1])
     counts = faceter.count(
         engine,
         job.facets,
@@ -171,17 +196,17 @@ def _faceted(engine: Any, faceter: Any, job: SearchJob, vector: Any, results: An
 
 
 def _best_rows(
-    engine: Any, vector: Any, opts: SearchOptions, texts: list[str] | None = None, **kw: Any
+    engine: Any, query: Any, opts: SearchOptions, texts: list[str] | None = None, **kw: Any
 ) -> Any:
-    """The best RELEVANT_ROWS rows for ``vector`` (and ``texts``) under ``opts``'s filter
-    and modality, with the options ``kw`` (no rerank, no paging): facets' view of an
-    answer."""
+    """The best RELEVANT_ROWS rows for ``query`` (its vector, or the query itself; and
+    ``texts``) under ``opts``'s filter and modality, with the options ``kw`` (no rerank,
+    no paging): facets' view of an answer."""
     options = SearchOptions(k=RELEVANT_ROWS, where=opts.where, modality=opts.modality, **kw)
-    return engine.search_batch([vector], options, texts=texts)[0]
+    return engine.search_batch([query], options, texts=texts)[0]
 
 
 def _word_matches(
-    engine: Any, job: SearchJob, vector: Any, results: Any
+    engine: Any, job: SearchJob, query: Any, results: Any
 ) -> tuple[str, np.ndarray] | None:
     """``(mode, row ids)`` of the rows an answer in lexical or hybrid mode lists as
     matching the query's words, whatever their photo scores: in lexical mode every row
@@ -193,7 +218,7 @@ def _word_matches(
     if mode not in ("lexical", "hybrid") or not text:
         return None
     # all_words_first marks (and ranks first) the rows holding every word.
-    found = _best_rows(engine, vector, job.options, [text], mode=mode, all_words_first=True)
+    found = _best_rows(engine, query, job.options, [text], mode=mode, all_words_first=True)
     rows = [h.row_id for h in found.hits if mode == "lexical" or (h.explain or {}).get("all_words")]
     return mode, np.asarray(rows, np.int64)
 

@@ -246,6 +246,33 @@ def test_a_query_that_fails_to_encode_leaves_hybrid_search_working(
         assert engine.search("Northwind mug", k=5, mode="hybrid").row_ids == want
 
 
+def test_lexical_mode_runs_no_encoder_unless_mmr_needs_the_query_vector(
+    index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BM25 alone ranks a lexical query: a SKU lookup must not pay for a text tower.
+    with SearchEngine.open(index) as engine:
+        want = engine.search("Northwind mug", k=5, mode="lexical")
+        encoder = engine.encoder
+        assert encoder is not None
+        with monkeypatch.context() as m:
+            m.setattr(encoder, "encode_texts", lambda texts: pytest.fail("encoded"))
+            got = engine.search("Northwind mug", k=5, mode="lexical")
+            [sku] = engine.search_batch(["SKU-000017"], k=1, mode="lexical")
+        assert [(h.row_id, h.score) for h in got] == [(h.row_id, h.score) for h in want]
+        assert sku.doc_ids == ["SKU-000017"] and got.timings["encode"] < 1.0
+        for h in got:
+            assert h.explain is not None and h.explain["mode"] == "lexical"
+            assert h.explain["vector"] is None  # no query vector, so no cosine
+            assert h.explain["lexical"]["score"] == pytest.approx(h.score)
+        # MMR compares rows with the query vector: then the query is encoded.
+        calls: list[object] = []
+        real = encoder.encode_texts
+        with monkeypatch.context() as m:
+            m.setattr(encoder, "encode_texts", lambda texts: calls.append(texts) or real(texts))
+            diverse = engine.search("Northwind mug", k=5, mode="lexical", mmr=0.5)
+        assert calls and len(diverse) == 5
+
+
 def test_grouping_and_sort_run_after_fusion(index: Path) -> None:
     with SearchEngine.open(index) as engine:
         fused = engine.search("Northwind mug", k=FUSION_DEPTH, mode="hybrid")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_fixtures import assert_error
+from service_fixtures import Catalog, assert_error
 
 from clipsearch.retrieval.options import MAX_K, SearchOptions
 from clipsearch.retrieval.results import SearchResults
@@ -221,6 +221,35 @@ def test_batches_group_queries_by_equal_search_options() -> None:
     assert sorted(n for n, _ in engine.calls) == [1, 2]
     assert {o.k for _, o in engine.calls} == {3, 4}
     assert all(isinstance(a, SearchResults) and "encode" in a.timings for a in answers)
+
+
+def test_a_batch_encodes_no_lexical_query_unless_mmr_needs_its_vector(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lexical queries are ranked by BM25 alone: the batch's encoder pass leaves them
+    out (a SKU lookup runs no text tower), and they are still answered in full."""
+    from clipsearch.retrieval.encoders import load_encoder
+    from clipsearch.retrieval.engine import SearchEngine
+
+    encoder = load_encoder("fake")
+    encoded: list[str] = []
+    real = encoder.encode_texts
+    monkeypatch.setattr(encoder, "encode_texts", lambda t: encoded.extend(t) or real(t))
+    lexical = SearchOptions(k=3, mode="lexical")
+    jobs = [
+        SearchJob(query="SKU-21", options=lexical),
+        SearchJob(query="SKU-10", options=SearchOptions(k=3, mode="hybrid")),
+        SearchJob(query="SKU-11", options=lexical.replace(mmr=0.5)),
+        SearchJob(query="SKU-20", options=lexical),
+    ]
+    with SearchEngine.open(catalog.index, encoder=encoder) as engine:
+        answers = run_jobs(engine, jobs)
+    assert sorted(encoded) == ["SKU-10", "SKU-11"]
+    for answer, sku in zip(answers, ("SKU-21", "SKU-10", "SKU-11", "SKU-20"), strict=True):
+        assert isinstance(answer, SearchResults), answer
+        assert answer.hits[0].doc_id == sku
+    assert answers[0].hits[0].explain["vector"] is None  # type: ignore[index]
+    assert answers[1].hits[0].explain["vector"] is not None  # type: ignore[index]
 
 
 def test_lexical_and_hybrid_modes_rank_exact_words_over_http(make_client: Any) -> None:
