@@ -442,10 +442,18 @@ def test_search_modes_find_brands_and_skus_and_explain_themselves(
         assert _cards(page)[0] != "SKU-21"
         assert page.locator(".card details.why").count() == 0  # nothing fused to explain
 
-        # Words (lexical): only the product holding those words.
+        # Words (lexical): only the product holding those words, ranked by BM25 alone.
         _choose_mode(page, "lexical")
         assert sent[-1]["mode"] == "lexical"
         assert _cards(page) == ["SKU-21"]
+        why = page.locator(".card").first.locator("details.why")
+        why.locator("summary").click()
+        rows = why.evaluate(
+            "d => Object.fromEntries([...d.querySelectorAll('dt')].map("
+            "dt => [dt.innerText, dt.nextElementSibling.innerText]))"
+        )
+        assert rows["Looks"] == "not used" and rows["Combined"] == "words only", rows
+        assert rows["Words"].endswith("· #1") and "Mode: Words (lexical)" in why.inner_text()
 
         # A brand and a kind, back in Smart: the Northwind shoes.
         _choose_mode(page, "")

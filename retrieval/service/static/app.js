@@ -598,12 +598,15 @@ function explainBox(hit) {
   if (!x) return null;
   const num = (v, d) => (typeof v === "number" ? v.toFixed(d) : "–");
   const side = (e, d) => (e ? `${num(e.score, d)} · ${e.rank != null ? `#${e.rank}` : "not listed"}` : "no match");
+  // Words mode ranks by BM25 alone and encodes no query: no looks score to show.
   const rows = [
-    ["Looks", "Vector search: cosine similarity and rank in the vector list", side(x.vector, 3)],
+    ["Looks", "Vector search: cosine similarity and rank in the vector list",
+      x.mode === "lexical" && !x.vector ? "not used" : side(x.vector, 3)],
     ["Words", "Lexical search: BM25 score and rank in the word list",
       x.mode === "vector" ? "not used" : side(x.lexical, 2)],
     ["Combined", "Fused score that orders the results",
-      x.fusion === "none" ? "looks only" : `${num(x.fused, 4)} (${x.fusion === "rrf" ? "RRF" : "weighted"})`],
+      x.fusion !== "none" ? `${num(x.fused, 4)} (${x.fusion === "rrf" ? "RRF" : "weighted"})`
+        : x.mode === "lexical" ? "words only" : "looks only"],
   ];
   if (x.all_words) rows.push(["All words", "The product's text holds every word of the query: ranked first", "yes"]);
   const det = document.createElement("details");
