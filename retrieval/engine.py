@@ -37,7 +37,7 @@ from clipsearch.retrieval.arrow_convert import numpy_to_arrow, table_to_pylist
 from clipsearch.retrieval.encoders import QUERY_THREADS, Encoder, encoder_from_fingerprint
 from clipsearch.retrieval.errors import FingerprintMismatchError, InvalidOptionError, QueryError
 from clipsearch.retrieval.filters import CompiledFilter, compile_filter, to_text
-from clipsearch.retrieval.hybrid import plan_hybrid
+from clipsearch.retrieval.hybrid import plan_hybrid, query_vectors
 from clipsearch.retrieval.kernels import (
     SMALL_NQ,
     configure_faiss,
@@ -311,10 +311,9 @@ class SearchEngine:
         tick = time.perf_counter()
         dim = state.snapshot.dim
         try:
-            if hybrid is None or hybrid.needs_vectors:
-                xq = encode_queries(self.encoder, list(queries), dim)
-            else:  # BM25 alone ranks: no encoder pass (no stage reads the query vector)
-                xq = np.zeros((len(queries), dim), np.float32)
+            xq = query_vectors(
+                hybrid, lambda: encode_queries(self.encoder, list(queries), dim), len(queries), dim
+            )
         except BaseException:
             if hybrid is not None:
                 hybrid.cancel()
@@ -322,7 +321,6 @@ class SearchEngine:
         timings["encode"] = _ms(tick)
         search = functools.partial(self._search_shards, shards, allowed, xq)
         if hybrid is not None:
-            hybrid.xq = xq if hybrid.needs_vectors else None
             search = functools.partial(hybrid.search, search)
         ranked, plans = rank_queries(
             opts,

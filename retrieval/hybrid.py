@@ -470,6 +470,21 @@ def plan_hybrid(
     )
 
 
+def query_vectors(
+    hybrid: HybridSearch | None, encode: Callable[[], np.ndarray], n: int, dim: int
+) -> np.ndarray:
+    """The queries' vectors, ``encode()``; float32 zeros, not read by any stage, where
+    BM25 alone ranks (lexical mode without MMR: no encoder pass). Sets ``hybrid.xq``
+    (None then: no cosine to explain)."""
+    if hybrid is not None and not hybrid.needs_vectors:
+        hybrid.xq = None
+        return np.zeros((n, dim), np.float32)
+    xq = encode()
+    if hybrid is not None:
+        hybrid.xq = xq
+    return xq
+
+
 def filter_node(where: str | dict[str, Any] | None) -> Node | None:
     """The parsed filter of a query (parsed once per filter text), for the lexical side
     to narrow its search with; None without one (or one it cannot read: the engine has

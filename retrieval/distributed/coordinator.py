@@ -480,6 +480,7 @@ class DistributedSearchEngine:
             search_auto,
         )
         from clipsearch.retrieval.filters import compile_filter
+        from clipsearch.retrieval.hybrid import query_vectors
         from clipsearch.retrieval.queries import encode_queries
 
         t0 = time.perf_counter()
@@ -501,13 +502,10 @@ class DistributedSearchEngine:
         hybrid = self._hybrid(layout, opts, queries if texts is None else texts, shards, timings)
         tick = time.perf_counter()
         dim = layout.manifest.dim
-        if hybrid is None or hybrid.needs_vectors:
-            xq = encode_queries(self.encoder, list(queries), dim)
-        else:  # BM25 alone ranks (SearchEngine.search_batch): no encoder pass
-            xq = np.zeros((len(queries), dim), np.float32)
+        xq = query_vectors(
+            hybrid, lambda: encode_queries(self.encoder, list(queries), dim), len(queries), dim
+        )
         timings["encode"] = _ms(tick)
-        if hybrid is not None:
-            hybrid.xq = xq if hybrid.needs_vectors else None
         starts = [s.row_id_start for s in shards]
         position = {s.name: i for i, s in enumerate(shards)}
         counts: dict[str, int] = {}
