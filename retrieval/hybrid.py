@@ -405,10 +405,8 @@ class HybridSearch:
 
     @property
     def needs_vectors(self) -> bool:
-        """Whether the queries must be encoded: always but in lexical mode without MMR,
-        where BM25 alone ranks (a SKU lookup runs no text encoder; explanations then
-        carry no vector score)."""
-        return self.mode != "lexical" or self.opts.mmr is not None
+        """Whether the queries must be encoded (:func:`needs_query_vectors`)."""
+        return needs_query_vectors(self.opts)
 
     def _explain(self, qi: int, si: int, local: int, parts: dict[str, Any]) -> dict[str, Any]:
         out = dict(parts)
@@ -468,6 +466,13 @@ def plan_hybrid(
         timings=timings,
         where=filter_node(opts.where),
     )
+
+
+def needs_query_vectors(opts: SearchOptions) -> bool:
+    """Whether queries searched with ``opts`` must be encoded: always but in lexical
+    mode without MMR, where BM25 alone ranks (a SKU lookup runs no text encoder; its
+    explanations then carry no vector score). Lexical mode is only ever asked for."""
+    return opts.mode != "lexical" or opts.mmr is not None
 
 
 def query_vectors(

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.retrieval.hybrid import query_text
+from clipsearch.retrieval.hybrid import needs_query_vectors, query_text
 from clipsearch.retrieval.options import SearchOptions
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ def encode_jobs(engine: Any, jobs: Sequence[Job]) -> EncodedBatch:
 
 
 def _needs_vector(job: SearchJob) -> bool:
-    """Whether a search job's query is encoded: all but lexical-mode jobs without MMR
-    (BM25 alone ranks them, and their facets count the word matches), which the engine
-    answers from the query text without an encoder pass."""
-    return job.options.mode != "lexical" or job.options.mmr is not None
+    """Whether a search job's query is encoded (:func:`needs_query_vectors`): not for
+    lexical-mode jobs without MMR, which the engine answers from the query text (their
+    facets count the word matches)."""
+    return needs_query_vectors(job.options)
 
 
 def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> list[Any]:
