@@ -530,10 +530,6 @@ class LexicalIndex:
             return need, complete
         return tantivy.Query.boolean_query([(must, need), *((should, q) for q in common)]), complete
 
-    def postings(self, terms: QueryTerms) -> int:
-        """Documents in the posting lists a search of ``terms`` walks on this shard."""
-        return self.prepare(terms).postings
-
     def _postings(self, df: Sequence[int]) -> int:
         """Every term's postings, except common terms beside a rarer one (they only
         score the rarer one's rows; see :meth:`_query`). A hybrid query's lexical side

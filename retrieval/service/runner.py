@@ -97,7 +97,10 @@ def encode_jobs(engine: Any, jobs: Sequence[Job]) -> EncodedBatch:
         else:
             searches.append((i, job))
     batch = EncodedBatch(jobs=jobs, searches=searches, results=results)
-    encode = [pos for pos, (_, job) in enumerate(searches) if _needs_vector(job)]
+    # Lexical-mode jobs without MMR are not encoded: the engine answers them from the
+    # query text (their facets count the word matches).
+    encode = [pos for pos, (_, job) in enumerate(searches) if needs_query_vectors(job.options)]
+    batch.vectors = [None] * len(searches)
     if encode:
         try:
             vectors, batch.encode_ms = _encode_all(engine, [searches[pos][1] for pos in encode])
@@ -105,19 +108,9 @@ def encode_jobs(engine: Any, jobs: Sequence[Job]) -> EncodedBatch:
             log.debug("batch encode failed (%s); answering its queries one by one", e)
             batch.error = e
         else:
-            batch.vectors = [None] * len(searches)
             for row, pos in enumerate(encode):
                 batch.vectors[pos] = vectors[row]
-    elif searches:
-        batch.vectors = [None] * len(searches)
     return batch
-
-
-def _needs_vector(job: SearchJob) -> bool:
-    """Whether a search job's query is encoded (:func:`needs_query_vectors`): not for
-    lexical-mode jobs without MMR, which the engine answers from the query text (their
-    facets count the word matches)."""
-    return needs_query_vectors(job.options)
 
 
 def search_encoded(engine: Any, batch: EncodedBatch, faceter: Any = None) -> list[Any]:

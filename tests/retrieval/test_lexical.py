@@ -81,7 +81,7 @@ def test_postings_count_what_a_search_walks(catalog) -> None:
         parts = [s.lexical for s in engine.snapshot.shards if s.lexical is not None]
 
         def postings(query: str) -> int:
-            return sum(p.postings(analyze(query)) for p in parts)
+            return sum(p.prepare(analyze(query)).postings for p in parts)
 
         mugs = sum("mug" in t.words for t in texts)
         reds = sum("red" in t.words for t in texts)
