@@ -21,7 +21,8 @@ may be returned (filter matches minus tombstones):
   ``SearchParameters`` (never mutating the shared index, so concurrent queries are
   safe); with a filter (HNSW, IVF behind a pre-transform), an ``IDSelectorBitmap`` and
   nprobe / efSearch raised in proportion to 1 / selectivity. Candidates are rescored
-  exactly from the fp16 vectors.
+  exactly from the fp16 vectors, except where the index's own scores are already exact
+  (CPU IVF-Flat and HNSW-Flat hold the same vectors; see ``exact_scores``).
 * ``ann->exact``: when the index (or the probed lists) return fewer than ``min(k, allowed rows)`` results,
   the shard is re-searched exactly over the allowed rows. A filtered query therefore
   never returns fewer results because of the index.
@@ -309,6 +310,12 @@ class ShardSearcher:
     fp16: bool = False
     # Inverted lists of a CPU IVF index searched directly (not behind a pre-transform).
     lists: IvfLists | None = None
+    # Whether the ANN index's scores are exact inner products (a CPU IVF-Flat or
+    # HNSW-Flat: its codes are the shard's vectors, which the writer builds it from after
+    # rounding them to fp16), so its top k is taken as is: no over-fetch, and no
+    # rescoring, which would read the fp16 copy to compute the same scores. 1M rows in
+    # 4 IVF-Flat shards: 0.28 ms of a 2.2 ms query.
+    exact_scores: bool = False
 
     @classmethod
     def create(
@@ -345,10 +352,14 @@ class ShardSearcher:
                 live[tombstones[dead] - record.row_id_start] = False
         where = placed or Placed(index=index, placement=CPU)
         lists = None
-        if kind == "ivf" and not where.on_gpu:
-            top = faiss.downcast_index(index)
-            if isinstance(top, faiss.IndexIVF):
-                lists = IvfLists(top)
+        top = faiss.downcast_index(index)
+        if kind == "ivf" and not where.on_gpu and isinstance(top, faiss.IndexIVF):
+            lists = IvfLists(top)
+        exact_scores = (
+            not where.on_gpu
+            and isinstance(top, (faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
+            and top.metric_type == faiss.METRIC_INNER_PRODUCT
+        )
         return cls(
             record=record,
             index=where.index,
@@ -366,6 +377,7 @@ class ShardSearcher:
             lock=where.lock,
             fp16=where.fp16,
             lists=lists,
+            exact_scores=exact_scores,
         )
 
     @property
@@ -467,13 +479,7 @@ class ShardSearcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best ``k`` candidates per query by exact score from ``source``: ``safe`` holds
         candidate rows (any row where ``valid`` is False), ties broken by row."""
-        scores = rescore(xq, source, safe)
-        scores[~valid] = -np.inf
-        order = np.lexsort((safe, -scores), axis=1)[:, :k]
-        return (
-            np.take_along_axis(scores, order, axis=1).astype(np.float32),
-            np.take_along_axis(safe, order, axis=1).astype(np.int64),
-        )
+        return _best(rescore(xq, source, safe), safe, valid, k)
 
     def _subset(
         self, xq: np.ndarray, allowed: AllowedRows, k: int
@@ -530,7 +536,8 @@ class ShardSearcher:
         ESCALATION): fewer than ``least`` (default ``k``) rows, whatever the knob."""
         need = k if least is None else max(1, min(least, k))
         selectivity = n_allowed / max(1, self.rows)
-        fetch = min(n_allowed, k * max(1, self.params.get("k_factor", 1)))
+        k_factor = 1 if self.exact_scores else max(1, self.params.get("k_factor", 1))
+        fetch = min(n_allowed, k * k_factor)
         bitmap = None
         selector = None
         if allowed is not None:
@@ -541,7 +548,7 @@ class ShardSearcher:
         for raise_by in ESCALATION:
             search_params, keep, knob = self._search_params(selector, selectivity, fetch, raise_by)
             try:
-                _, ids = self.index.search(xq, fetch, params=search_params)
+                scores, ids = self.index.search(xq, fetch, params=search_params)
             except RuntimeError as e:  # an index type that rejects selectors / parameters
                 log.debug("shard %s: ANN search failed (%s); exact fallback", self.record.name, e)
                 return None
@@ -556,7 +563,11 @@ class ShardSearcher:
             return None
         del bitmap, selector
         k = min(k, found)  # every query's best k are valid rows
-        d, i = self._best_rescored(xq, self.vectors, np.where(valid, ids, 0), valid, k)
+        safe = np.where(valid, ids, 0)
+        if self.exact_scores:  # faiss's own order, with ties by row as everywhere
+            d, i = _best(np.asarray(scores, np.float32), safe, valid, k)
+        else:
+            d, i = self._best_rescored(xq, self.vectors, safe, valid, k)
         return d, i, "ann" if allowed is None else "ann-filtered"
 
     def _search_params(
@@ -672,3 +683,16 @@ class ShardSearcher:
         if self.placement == CPU:
             return faiss.ParameterSpace()
         return faiss.GpuParameterSpace()
+
+
+def _best(
+    scores: np.ndarray, safe: np.ndarray, valid: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` candidates per query by ``scores`` (float32 ``[nq, m]``, one per row of
+    ``safe``; rows where ``valid`` is False are dropped), ties broken by row."""
+    scores = np.where(valid, scores, -np.inf)
+    order = np.lexsort((safe, -scores), axis=1)[:, :k]
+    return (
+        np.take_along_axis(scores, order, axis=1).astype(np.float32),
+        np.take_along_axis(safe, order, axis=1).astype(np.int64),
+    )

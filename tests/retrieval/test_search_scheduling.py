@@ -1,5 +1,6 @@
 """How a query's work is scheduled: shards in the caller's thread or the engine's pool
-(same answers), an ANN shard asked for more rows than it needs (no wider retry), the
+(same answers), an ANN shard asked for more rows than it needs (no wider retry), ANN
+scores taken from the index where they are exact (no fp16 rescoring), the
 per-call faiss thread count, the shard merge, and the lexical tasks a caller runs itself
 when the lexical pool is busy."""
 
@@ -70,6 +71,41 @@ def test_an_ann_shard_asked_for_more_rows_than_it_needs_is_not_searched_wider(
     # Lists holding k rows still give k: least only spares the wider retry.
     _, i10, _ = searcher.search(xq, 10, None, least=5)
     assert i10.shape == (1, 10)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_ann_scores_are_the_index_own_where_its_codes_are_the_vectors(
+    built_index: Callable[[str], Path], kind: str
+) -> None:
+    """IVF-Flat and HNSW-Flat hold the shard's vectors: their scores are exact and are
+    kept, and the fp16 copy is not read (rescoring would compute the same scores, and on
+    a cold page cache read a scattered row per candidate). A PQ index's approximate
+    scores are still replaced by the fp16 vectors' exact ones."""
+    import faiss
+
+    snap = open_snapshot(built_index(kind))
+    shard = next(s for s in snap.shards if s.record.modality == "text")
+    searcher = ShardSearcher.create(
+        shard.record, shard.index, shard.vectors, shard.metadata, snap.tombstones
+    )
+    xq = noisy_queries(Oracle.load(built_index(kind), "text"), 4, seed=5)
+    if kind == "ivfpq":
+        assert not searcher.exact_scores
+        d, i, plan = searcher.search(xq, 10, None)
+        fp16 = np.asarray(shard.vectors, np.float32)
+        np.testing.assert_allclose(d, np.einsum("qkd,qd->qk", fp16[i], xq), atol=1e-5)
+        return
+    assert searcher.exact_scores
+    unreadable = np.full(shard.vectors.shape, np.nan, np.float16)  # any read shows as NaN
+    d, i, plan = dataclasses.replace(searcher, vectors=unreadable).search(xq, 10, None)
+    assert plan == "ann" and i.shape == (4, 10)
+    copy = faiss.clone_index(shard.index)
+    if kind == "ivf":
+        faiss.extract_index_ivf(copy).make_direct_map()
+    stored = copy.reconstruct_n(0, copy.ntotal)  # the float32 vectors the index holds
+    np.testing.assert_allclose(d, np.einsum("qkd,qd->qk", stored[i], xq), atol=1e-6)
+    assert all(np.all(np.diff(row) <= 0) for row in d)
+    assert [r.tolist() for r in i] == [r.tolist() for r in searcher.search(xq, 10, None)[1]]
 
 
 def test_one_faiss_thread_restores_the_callers_count() -> None:
