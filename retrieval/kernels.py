@@ -268,8 +268,8 @@ def rescore(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray) -> np.ndarray:
     digits, enough to reorder the candidates of a compressed (PQ) index correctly.
     From :data:`RESCORE_SCAN_FROM` candidates on, they are scored in place by the exact
     subset scan's kernel (:func:`_scan_gathered`: float16 read as is, no cast): 100 fp16
-    rows of d=512 in 31 us instead of 89 us gathered, widened by numpy and scored (the
-    deep vector list of a hybrid query rescores 100 per shard). Same scores either way.
+    rows of d=512 in 31 us instead of 89 us gathered, widened by numpy and scored (an
+    IVF-PQ shard rescores ``k * k_factor`` candidates per query). Same scores either way.
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     out = np.empty(ids.shape, np.float32)

@@ -473,14 +473,6 @@ class ShardSearcher:
         rows = np.arange(self.rows) if allowed is None else np.flatnonzero(allowed)
         return subset_search(xq, self.vectors, rows, k)
 
-    @staticmethod
-    def _best_rescored(
-        xq: np.ndarray, source: np.ndarray, safe: np.ndarray, valid: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``k`` candidates per query by exact score from ``source``: ``safe`` holds
-        candidate rows (any row where ``valid`` is False), ties broken by row."""
-        return _best(rescore(xq, source, safe), safe, valid, k)
-
     def _subset(
         self, xq: np.ndarray, allowed: AllowedRows, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -564,10 +556,9 @@ class ShardSearcher:
         del bitmap, selector
         k = min(k, found)  # every query's best k are valid rows
         safe = np.where(valid, ids, 0)
-        if self.exact_scores:  # faiss's own order, with ties by row as everywhere
-            d, i = _best(np.asarray(scores, np.float32), safe, valid, k)
-        else:
-            d, i = self._best_rescored(xq, self.vectors, safe, valid, k)
+        if not self.exact_scores:  # approximate (PQ) scores: the fp16 vectors' exact ones
+            scores = rescore(xq, self.vectors, safe)
+        d, i = _best(scores, safe, valid, k)
         return d, i, "ann" if allowed is None else "ann-filtered"
 
     def _search_params(
@@ -674,7 +665,7 @@ class ShardSearcher:
         if (valid.sum(axis=1) < k).any():
             return None
         source = self.codes if self.codes is not None else self.vectors
-        d, i = self._best_rescored(xq, source, safe, valid, k)
+        d, i = _best(rescore(xq, source, safe), safe, valid, k)
         return d, i, "index" if allowed is None else "index-overfetch"
 
     def _parameter_space(self) -> Any:
@@ -688,8 +679,9 @@ class ShardSearcher:
 def _best(
     scores: np.ndarray, safe: np.ndarray, valid: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` candidates per query by ``scores`` (float32 ``[nq, m]``, one per row of
-    ``safe``; rows where ``valid`` is False are dropped), ties broken by row."""
+    """Best ``k`` candidates per query by ``scores`` (``[nq, m]``, one per row of
+    ``safe``; rows where ``valid`` is False are dropped), ties broken by row: as float32
+    scores and int64 rows."""
     scores = np.where(valid, scores, -np.inf)
     order = np.lexsort((safe, -scores), axis=1)[:, :k]
     return (
